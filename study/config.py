@@ -1,0 +1,92 @@
+"""One trial's configuration: a frozen, validated dataclass (DESIGN §1)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+
+from study.model import NOISY_VARIANTS, NORM_VARIANTS
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is meant for the user as is."""
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything that determines one trial's numbers (the seed preset's values by default)."""
+
+    norm: str = "batch"
+    noise: float = 0.0
+    noise_scope: str = "channel"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    batch_size: int = 16
+    epochs: int = 10
+    seed: int = 0
+    grad_every: int = 1
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    hist_bins: int = 128
+    hist_range: float = 8.0
+    eval_batch_size: int = 1000
+    probe_every: int = 0
+    probe_etas: tuple[float, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"{name}={getattr(self, name)!r}: {why}")
+
+        if self.norm not in NORM_VARIANTS:
+            raise bad("norm", f"unknown norm; known: {', '.join(NORM_VARIANTS)}")
+        if not (math.isfinite(self.noise) and self.noise >= 0):
+            raise bad("noise", "must be a finite number >= 0")
+        if self.noise and self.norm not in NOISY_VARIANTS:
+            raise bad("noise", f"only {', '.join(sorted(NOISY_VARIANTS))} takes a noise magnitude")
+        if self.noise_scope not in ("channel", "layer"):
+            raise bad("noise_scope", "must be 'channel' or 'layer'")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise bad("lr", "must be a finite number > 0")
+        if not (0 <= self.momentum < 1):
+            raise bad("momentum", "must be in [0, 1)")
+        for name in ("batch_size", "epochs", "grad_every", "hist_bins", "eval_batch_size"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise bad(name, "must be an integer >= 1")
+        if not (isinstance(self.seed, int) and self.seed >= 0):
+            raise bad("seed", "must be an integer >= 0")
+        if not (0 < self.val_fraction < 1):
+            raise bad("val_fraction", "must be in (0, 1)")
+        if not self.hist_range > 0:
+            raise bad("hist_range", "must be > 0")
+        if not (isinstance(self.probe_every, int) and self.probe_every >= 0):
+            raise bad("probe_every", "must be an integer >= 0 (0 = off)")
+        if any(not (math.isfinite(e) and e > 0) for e in self.probe_etas):
+            raise bad("probe_etas", "step sizes must be > 0")
+        object.__setattr__(self, "noise", float(self.noise))
+        object.__setattr__(self, "lr", float(self.lr))
+        object.__setattr__(self, "probe_etas", tuple(float(e) for e in self.probe_etas))
+
+    @property
+    def trial_id(self) -> str:
+        """A readable, unique key of the grid point: the results file name and Tune's trial name."""
+        noise = f"-noise{self.noise:g}" if self.norm in NOISY_VARIANTS else ""
+        return f"{self.norm}{noise}-lr{self.lr:g}-seed{self.seed}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrialConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown trial settings: {', '.join(sorted(unknown))}")
+        d = dict(d)
+        if "probe_etas" in d:
+            d["probe_etas"] = tuple(d["probe_etas"])
+        return cls(**d)

@@ -1,0 +1,118 @@
+"""The seed's CNN (DESIGN §1) with a registry of norm variants, noisy BatchNorm included."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def noise_constants(noise: float) -> tuple[float, float, float, float]:
+    """(n_mu, n_sigma, r_mu, r_sigma) at noise magnitude ``noise``; 1 is Santurkar et al.'s."""
+    return 0.5 * noise, 1.0 + 0.25 * noise, 0.1 * noise, 0.1 * noise
+
+
+class NoisyBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose output is distorted as ``s * a + m`` in training mode.
+
+    Per step, per channel j (``scope="channel"``, Algorithm 1 of the paper) or once per
+    layer (``scope="layer"``, the seed's notebook): mu ~ U(-n_mu, n_mu), sigma ~ U(1, n_sigma);
+    then per element m ~ U(mu - r_mu, mu + r_mu) and s ~ N(sigma, r_sigma). All draws come
+    from ``self.generator`` (the trial's own, on the training device), never the global RNG.
+    ``freeze_noise`` keeps reusing the last sample, so probes can replay a step exactly.
+    """
+
+    def __init__(self, num_features: int, noise: float = 1.0, scope: str = "channel") -> None:
+        super().__init__(num_features)
+        if scope not in ("channel", "layer"):
+            raise ValueError(f"noise scope must be 'channel' or 'layer', not {scope!r}")
+        self.noise, self.scope = float(noise), scope
+        self.generator: torch.Generator | None = None
+        self.freeze_noise = False
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def draw(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One noise sample (scale s, shift m), shaped like ``a``."""
+        n_mu, n_sigma, r_mu, r_sigma = noise_constants(self.noise)
+        g, dev, dt = self.generator, a.device, a.dtype
+        c = a.shape[1] if self.scope == "channel" else 1
+        u = torch.rand(2, 1, c, 1, 1, generator=g, device=dev, dtype=dt)
+        mu, sigma = (2 * u[0] - 1) * n_mu, 1 + u[1] * (n_sigma - 1)
+        m = mu + (2 * torch.rand(a.shape, generator=g, device=dev, dtype=dt) - 1) * r_mu
+        s = sigma + torch.randn(a.shape, generator=g, device=dev, dtype=dt) * r_sigma
+        return s, m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = super().forward(x)
+        if not self.training:
+            return a
+        if self.generator is None:
+            raise RuntimeError("NoisyBatchNorm2d needs its generator set (model.set_noise_generator)")
+        if not (self.freeze_noise and self._last is not None):
+            self._last = self.draw(a)
+        s, m = self._last
+        return s * a + m
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, noise={self.noise}, scope={self.scope}"
+
+
+#: norm variant name -> factory(num_channels, noise, noise_scope) -> module (or None for no norm).
+NORM_VARIANTS: dict[str, Callable[[int, float, str], nn.Module | None]] = {
+    "none": lambda c, noise, scope: None,
+    "batch": lambda c, noise, scope: nn.BatchNorm2d(c),
+    "noisy_batch": lambda c, noise, scope: NoisyBatchNorm2d(c, noise, scope),
+}
+#: Variants whose output depends on the noise magnitude (the sweep only varies noise for these).
+NOISY_VARIANTS = frozenset({"noisy_batch"})
+
+
+class SeedCNN(nn.Module):
+    """conv(3→16→32→64, 3×3) → [norm] → ReLU → maxpool ×3 → dropout → fc 1024→500 → fc 500→10.
+
+    ``forward(x, taps)`` appends ``(conv_output, relu_input)`` of each conv block to
+    ``taps`` when a list is given, which is how statistics are recorded without hooks.
+    """
+
+    conv_layers = ("conv1", "conv2", "conv3")
+
+    def __init__(self, norm: str = "batch", noise: float = 0.0, noise_scope: str = "channel"):
+        super().__init__()
+        if norm not in NORM_VARIANTS:
+            raise ValueError(f"unknown norm {norm!r}; known: {', '.join(NORM_VARIANTS)}")
+        widths = (3, 16, 32, 64)
+        for i, name in enumerate(self.conv_layers):
+            setattr(self, name, nn.Conv2d(widths[i], widths[i + 1], 3, padding=1))
+            setattr(self, f"norm{i + 1}", NORM_VARIANTS[norm](widths[i + 1], noise, noise_scope))
+        self.dropout = nn.Dropout(0.25)
+        self.fc1 = nn.Linear(64 * 4 * 4, 500)
+        self.fc2 = nn.Linear(500, 10)
+
+    def forward(self, x: torch.Tensor, taps: list | None = None) -> torch.Tensor:
+        for i, name in enumerate(self.conv_layers):
+            c = getattr(self, name)(x)
+            norm = getattr(self, f"norm{i + 1}")
+            p = c if norm is None else norm(c)
+            if taps is not None:
+                taps.append((c, p))
+            x = F.max_pool2d(F.relu(p), 2)
+        x = self.dropout(torch.flatten(x, 1))
+        x = self.dropout(F.relu(self.fc1(x)))
+        return self.fc2(x)
+
+    def noisy_layers(self) -> list[NoisyBatchNorm2d]:
+        return [m for m in self.modules() if isinstance(m, NoisyBatchNorm2d)]
+
+    def set_noise_generator(self, generator: torch.Generator) -> None:
+        for m in self.noisy_layers():
+            m.generator = generator
+
+    def weight_layers(self) -> dict[str, nn.Module]:
+        """The layers whose weight-gradient norm is recorded, by name."""
+        return {n: getattr(self, n) for n in ("conv1", "conv2", "conv3", "fc1", "fc2")}
+
+
+def build_model(norm: str, noise: float = 0.0, noise_scope: str = "channel") -> SeedCNN:
+    return SeedCNN(norm, noise, noise_scope)

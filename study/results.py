@@ -1,0 +1,230 @@
+"""The Parquet results schema and writer: the one contract between training and analysis.
+
+Layout of a results folder (DESIGN §5)::
+
+    RESULTS/study.json                 the study's grid and settings (written by the sweep)
+    RESULTS/<table>/<trial_id>.parquet one file per trial per table
+
+Every non-``trials`` table has an ``epoch`` column, and writing rows for an epoch
+*replaces* the rows of that epoch already in the trial's file, so a retried or
+resumed trial never duplicates rows. Files are written to a temporary name and
+renamed, so a crash never leaves a half-written file under a real name.
+
+This module imports only pyarrow and the standard library, so the analysis side
+can use it without torch or Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+VERSION_KEY = b"bnstudy.schema_version"
+TABLE_KEY = b"bnstudy.table"
+TMP_SUFFIX = ".tmp"
+
+#: Layers whose weight-gradient norm is recorded every step (the CNN of DESIGN §1).
+GRAD_LAYERS: tuple[str, ...] = ("conv1", "conv2", "conv3", "fc1", "fc2")
+#: Conv layers whose activations are recorded, and the two sites per layer.
+ACT_LAYERS: tuple[str, ...] = ("conv1", "conv2", "conv3")
+SITES: tuple[str, ...] = ("conv", "preact")
+#: Probe layers (weights whose gradient the ICS probe compares).
+PROBE_LAYERS: tuple[str, ...] = GRAD_LAYERS
+STATUSES: tuple[str, ...] = ("running", "done", "diverged", "error")
+
+_f64, _f32, _i64, _str, _bool = pa.float64(), pa.float32(), pa.int64(), pa.string(), pa.bool_()
+
+TABLES: dict[str, pa.Schema] = {
+    "trials": pa.schema(
+        [
+            ("trial_id", _str),
+            ("study", _str),
+            ("norm", _str),
+            ("noise", _f64),
+            ("noise_scope", _str),
+            ("lr", _f64),
+            ("momentum", _f64),
+            ("batch_size", _i64),
+            ("epochs", _i64),
+            ("seed", _i64),
+            ("grad_every", _i64),
+            ("probe_every", _i64),
+            ("dataset", _str),
+            ("train_size", _i64),
+            ("val_size", _i64),
+            ("test_size", _i64),
+            ("status", _str),
+            ("error", _str),
+            ("epochs_done", _i64),
+            ("final_train_loss", _f64),
+            ("final_train_acc", _f64),
+            ("final_val_loss", _f64),
+            ("final_val_acc", _f64),
+            ("final_test_loss", _f64),
+            ("final_test_acc", _f64),
+            ("wall_s", _f64),
+            ("host", _str),
+            ("device", _str),
+            ("config_json", _str),
+        ]
+    ),
+    "epochs": pa.schema(
+        [
+            ("trial_id", _str),
+            ("epoch", _i64),
+            ("train_loss", _f64),
+            ("train_acc", _f64),
+            ("val_loss", _f64),
+            ("val_acc", _f64),
+            ("test_loss", _f64),
+            ("test_acc", _f64),
+            ("lr", _f64),
+            ("steps", _i64),
+            ("wall_s", _f64),
+            ("images_per_s", _f64),
+            ("diverged", _bool),
+            ("grad_norm_mean", _f64),
+            ("grad_norm_std", _f64),
+            ("grad_norm_max", _f64),
+        ]
+    ),
+    "layers": pa.schema(
+        [
+            ("trial_id", _str),
+            ("epoch", _i64),
+            ("layer", _str),
+            ("site", _str),
+            ("count", _i64),
+            ("mean", _f64),
+            ("var", _f64),
+            ("batch_mean_std", _f64),
+            ("batch_var_std", _f64),
+            ("hist_lo", _f64),
+            ("hist_hi", _f64),
+            ("hist", pa.list_(_i64)),
+        ]
+    ),
+    "steps": pa.schema(
+        [("trial_id", _str), ("step", _i64), ("epoch", _i64), ("loss", _f32), ("grad_norm", _f32)]
+        + [(f"grad_norm_{name}", _f32) for name in GRAD_LAYERS]
+    ),
+    "probes": pa.schema(
+        [
+            ("trial_id", _str),
+            ("step", _i64),
+            ("epoch", _i64),
+            ("layer", _str),
+            ("ics_l2", _f64),
+            ("ics_cos", _f64),
+            ("loss_min", _f64),
+            ("loss_max", _f64),
+            ("grad_pred", _f64),
+            ("beta_smooth", _f64),
+        ]
+    ),
+}
+
+
+class SchemaVersionError(ValueError):
+    """A Parquet file was written by an unknown version of this schema."""
+
+
+def table_path(out_dir: str | os.PathLike, table: str, trial_id: str) -> Path:
+    """Where the rows of ``trial_id`` for ``table`` live."""
+    return Path(out_dir) / table / f"{trial_id}.parquet"
+
+
+def to_arrow(table: str, rows: Mapping[str, Sequence] | Iterable[Mapping]) -> pa.Table:
+    """Build a table of ``table``'s schema from column lists or an iterable of row dicts.
+
+    Missing columns are filled with nulls; unknown columns are an error (a typo in a
+    column name must not silently drop data).
+    """
+    schema = TABLES[table]
+    if isinstance(rows, Mapping):
+        columns = dict(rows)
+    else:
+        rows = list(rows)
+        columns = {name: [r.get(name) for r in rows] for name in schema.names}
+        unknown = {k for r in rows for k in r} - set(schema.names)
+        if unknown:
+            raise KeyError(f"unknown columns for table {table!r}: {sorted(unknown)}")
+    unknown = set(columns) - set(schema.names)
+    if unknown:
+        raise KeyError(f"unknown columns for table {table!r}: {sorted(unknown)}")
+    n = len(next(iter(columns.values()))) if columns else 0
+    arrays = [
+        pa.array(columns[f.name], type=f.type) if f.name in columns else pa.nulls(n, f.type)
+        for f in schema
+    ]
+    meta = {VERSION_KEY: str(SCHEMA_VERSION).encode(), TABLE_KEY: table.encode()}
+    return pa.Table.from_arrays(arrays, schema=schema.with_metadata(meta))
+
+
+def check_version(path: str | os.PathLike, metadata: Mapping[bytes, bytes] | None) -> None:
+    """Refuse a file whose schema version this code does not know."""
+    version = (metadata or {}).get(VERSION_KEY)
+    if version is None:
+        raise SchemaVersionError(f"{path}: not a bnstudy results file (no schema version)")
+    if version.decode() != str(SCHEMA_VERSION):
+        raise SchemaVersionError(
+            f"{path}: schema version {version.decode()}, but this code reads version "
+            f"{SCHEMA_VERSION}; use the matching version of the analysis"
+        )
+
+
+def read_table_file(path: str | os.PathLike) -> pa.Table:
+    """Read one results file, checking its schema version."""
+    table = pq.read_table(path)
+    check_version(path, table.schema.metadata)
+    return table
+
+
+def write_atomic(table: pa.Table, path: str | os.PathLike) -> None:
+    """Write ``table`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=TMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def upsert_epoch_rows(out_dir: str | os.PathLike, table: str, trial_id: str, new: pa.Table) -> None:
+    """Write ``new`` into the trial's file, replacing rows of the epochs ``new`` covers."""
+    path = table_path(out_dir, table, trial_id)
+    if path.exists() and new.num_rows:
+        old = read_table_file(path)
+        epochs = pa.array(sorted(set(new.column("epoch").to_pylist())), type=_i64)
+        keep = pc.invert(pc.is_in(old.column("epoch"), value_set=epochs))
+        new = pa.concat_tables([old.filter(keep), new])
+        new = new.sort_by([(k, "ascending") for k in _sort_keys(table)])
+    elif path.exists():
+        return
+    write_atomic(new, path)
+
+
+def write_trial_row(out_dir: str | os.PathLike, row: Mapping) -> None:
+    """Write (replace) the one-row ``trials`` file of a trial."""
+    write_atomic(to_arrow("trials", [row]), table_path(out_dir, "trials", row["trial_id"]))
+
+
+def _sort_keys(table: str) -> list[str]:
+    return {
+        "epochs": ["epoch"],
+        "layers": ["epoch", "layer", "site"],
+        "steps": ["step"],
+        "probes": ["step", "layer"],
+    }[table]
+

@@ -1,0 +1,102 @@
+"""On-device accumulators for one epoch's activation and gradient statistics (DESIGN §2).
+
+Nothing here waits for the device during an epoch: each step writes into preallocated
+device buffers, and ``finish()`` moves them to the host once, at the end of the epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from study.results import ACT_LAYERS, GRAD_LAYERS, SITES
+
+
+class ActivationMoments:
+    """Per-batch mean and variance of each (layer, site), and a fixed-bin histogram.
+
+    The epoch's mean and variance are merged from the per-batch moments in float64
+    (Chan et al.'s parallel formula), which also gives the spread of the per-batch
+    moments across the epoch. Histogram bins are equal over [-range, range]; values
+    outside land in the first or last bin.
+    """
+
+    def __init__(self, n_steps: int, bins: int, value_range: float, device: torch.device):
+        self.n_taps = len(ACT_LAYERS) * len(SITES)
+        self.bins, self.lo, self.hi = bins, -float(value_range), float(value_range)
+        self.moments = torch.zeros(n_steps, self.n_taps, 2, dtype=torch.float64, device=device)
+        self.counts = np.zeros((n_steps, self.n_taps), dtype=np.int64)
+        self.hist = torch.zeros(self.n_taps, bins, dtype=torch.int64, device=device)
+        edges = torch.linspace(self.lo, self.hi, bins + 1, dtype=torch.float64)[1:-1]
+        self.edges = edges.to(device=device, dtype=torch.float32)
+        self.steps = 0
+
+    @torch.no_grad()
+    def record(self, taps: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Add one batch; ``taps`` is the model's list of (conv output, ReLU input) per layer."""
+        flat = [t.detach() for pair in taps for t in pair]
+        rows = [torch.stack(torch.var_mean(t.double(), correction=0)[::-1]) for t in flat]
+        self.moments[self.steps] = torch.stack(rows)
+        for i, t in enumerate(flat):
+            self.counts[self.steps, i] = t.numel()
+            idx = torch.bucketize(t.reshape(-1), self.edges)
+            self.hist[i].index_add_(0, idx, torch.ones_like(idx))
+        self.steps += 1
+
+    def finish(self) -> list[dict]:
+        """One row per (layer, site) for the ``layers`` table (without trial_id and epoch)."""
+        k = self.steps
+        mv = self.moments[:k].cpu().numpy()
+        hist = self.hist.cpu().numpy()
+        n = self.counts[:k].astype(np.float64)
+        rows = []
+        for i in range(self.n_taps):
+            layer, site = ACT_LAYERS[i // len(SITES)], SITES[i % len(SITES)]
+            m_b, v_b, n_b = mv[:, i, 0], mv[:, i, 1], n[:, i]
+            total = n_b.sum()
+            mean = float((n_b * m_b).sum() / total) if k else float("nan")
+            var = float((n_b * (v_b + (m_b - mean) ** 2)).sum() / total) if k else float("nan")
+            rows.append(
+                dict(
+                    layer=layer,
+                    site=site,
+                    count=int(total),
+                    mean=mean,
+                    var=var,
+                    batch_mean_std=float(m_b.std()) if k else float("nan"),
+                    batch_var_std=float(v_b.std()) if k else float("nan"),
+                    hist_lo=self.lo,
+                    hist_hi=self.hi,
+                    hist=hist[i].tolist(),
+                )
+            )
+        return rows
+
+
+class GradientNorms:
+    """Per recorded step: loss, global gradient l2 norm and each layer's weight-gradient norm."""
+
+    columns = ("loss", "grad_norm") + tuple(f"grad_norm_{n}" for n in GRAD_LAYERS)
+
+    def __init__(self, n_rows: int, device: torch.device):
+        self.buf = torch.zeros(n_rows, len(self.columns), dtype=torch.float32, device=device)
+        self.step_index = np.zeros(n_rows, dtype=np.int64)
+        self.rows = 0
+
+    @torch.no_grad()
+    def record(self, step: int, loss: torch.Tensor, grads: list[torch.Tensor], weight_idx: list[int]):
+        """``grads``: every parameter's gradient; ``weight_idx``: positions of GRAD_LAYERS' weights."""
+        norms = torch._foreach_norm(grads)
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        self.buf[self.rows] = torch.stack([loss.detach().float(), total] + [norms[i] for i in weight_idx])
+        self.step_index[self.rows] = step
+        self.rows += 1
+
+    def finish(self) -> dict[str, np.ndarray]:
+        """Columns for the ``steps`` table (without trial_id and epoch)."""
+        data = self.buf[: self.rows].cpu().numpy()
+        out = {"step": self.step_index[: self.rows].copy()}
+        out.update({name: data[:, j] for j, name in enumerate(self.columns)})
+        return out

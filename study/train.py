@@ -1,0 +1,237 @@
+"""One trial's training loop: plain PyTorch, no Ray, checkpointable at every epoch.
+
+Read top to bottom: set up (data on the device, model, optimiser, generators), then per
+epoch: shuffle, augment, step, record statistics on the device; evaluate; hand the
+epoch's rows and a checkpointable state to ``on_epoch``.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from study.config import TrialConfig
+from study.data import DataArrays, augment, normalise, train_val_split
+from study.model import SeedCNN, build_model
+from study.results import GRAD_LAYERS
+from study.stats import ActivationMoments, GradientNorms
+
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
+#: How often (in steps) the loop looks at the loss for divergence; a look waits for the device.
+DIVERGENCE_CHECK_EVERY = 100
+
+EpochCallback = Callable[[dict, dict], None]
+
+
+@dataclass
+class DeviceData:
+    """The trial's splits as uint8 tensors on the training device (loaded once)."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+    @classmethod
+    def from_arrays(cls, data: DataArrays, cfg: TrialConfig, device: torch.device) -> DeviceData:
+        train_idx, val_idx = train_val_split(len(data.train_y), cfg.val_fraction, cfg.split_seed)
+        with warnings.catch_warnings():  # arrays from Ray's object store are read-only; we never write
+            warnings.simplefilter("ignore", UserWarning)
+            x, y = torch.from_numpy(data.train_x), torch.from_numpy(data.train_y)
+            tx, ty = torch.from_numpy(data.test_x), torch.from_numpy(data.test_y)
+        ti, vi = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
+        return cls(
+            *(t.to(device) for t in (x[ti], y[ti].long(), x[vi], y[vi].long(), tx, ty.long()))
+        )
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def trial_seeds(seed: int) -> tuple[int, int, int]:
+    """Independent seeds for (global torch RNG: init + dropout, data order + augmentation, noise)."""
+    return tuple(int(s) for s in np.random.SeedSequence(seed).generate_state(3, dtype=np.uint32))
+
+
+@torch.no_grad()
+def evaluate(model: SeedCNN, x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[float, float]:
+    """(mean loss, accuracy) in eval mode: BN running statistics, no dropout, no noise."""
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    for i in range(0, len(y), batch):
+        logits = model(normalise(x[i : i + batch]))
+        loss_sum += F.cross_entropy(logits, y[i : i + batch], reduction="sum")
+        correct += (logits.argmax(1) == y[i : i + batch]).sum()
+    model.train()
+    n = max(len(y), 1)
+    return float(loss_sum) / n, int(correct) / n
+
+
+def _rng_state(gens: dict[str, torch.Generator]) -> dict:
+    state = {name: g.get_state() for name, g in gens.items()}
+    state["torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(gens: dict[str, torch.Generator], state: dict) -> None:
+    for name, g in gens.items():
+        g.set_state(state[name])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def run_trial(
+    cfg: TrialConfig,
+    data: DataArrays,
+    on_epoch: EpochCallback | None = None,
+    resume_from: dict | None = None,
+    device: str | None = None,
+    threads: int | None = None,
+) -> dict:
+    """Train one trial; call ``on_epoch(record, state)`` after every epoch.
+
+    ``record`` holds the epoch's rows for the results tables (``epoch``: a dict,
+    ``layers``: a list of dicts, ``steps``: a dict of columns) and ``status``;
+    ``state`` is a ``torch.save``-able dict that ``resume_from`` continues from,
+    giving the same numbers as a run that never stopped. Returns a summary dict.
+    """
+    dev = pick_device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    seed_torch, seed_data, seed_noise = trial_seeds(cfg.seed)
+    torch.manual_seed(seed_torch)
+    gens = {
+        "data": torch.Generator(dev).manual_seed(seed_data),
+        "noise": torch.Generator(dev).manual_seed(seed_noise),
+    }
+
+    d = DeviceData.from_arrays(data, cfg, dev)
+    model = build_model(cfg.norm, cfg.noise, cfg.noise_scope).to(dev)
+    model.set_noise_generator(gens["noise"])
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    params = list(model.parameters())
+    weights = model.weight_layers()
+    weight_idx = [next(i for i, p in enumerate(params) if p is weights[n].weight) for n in GRAD_LAYERS]
+
+    first_epoch, history, status, elapsed = 1, [], "running", 0.0
+    if resume_from is not None:
+        model.load_state_dict(resume_from["model"])
+        opt.load_state_dict(resume_from["optimizer"])
+        _set_rng_state(gens, resume_from["rng"])
+        first_epoch = resume_from["epoch"] + 1
+        history, status = list(resume_from["history"]), resume_from["status"]
+        elapsed = resume_from["elapsed_s"]
+
+    n_train, bs = len(d.train_y), cfg.batch_size
+    steps_per_epoch = math.ceil(n_train / bs)
+    model.train()
+    epoch = first_epoch
+    while epoch <= cfg.epochs and status == "running":
+        t0 = time.perf_counter()
+        acts = ActivationMoments(steps_per_epoch, cfg.hist_bins, cfg.hist_range, dev)
+        grads = GradientNorms(math.ceil(steps_per_epoch / cfg.grad_every), dev)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        correct = torch.zeros((), dtype=torch.int64, device=dev)
+        order = torch.randperm(n_train, generator=gens["data"], device=dev)
+        seen = 0
+        for i in range(steps_per_epoch):
+            idx = order[i * bs : (i + 1) * bs]
+            x, y = augment(d.train_x[idx], gens["data"]), d.train_y[idx]
+            taps: list = []
+            logits = model(x, taps)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=False)
+            loss.backward()
+            acts.record(taps)
+            step = (epoch - 1) * steps_per_epoch + i
+            if i % cfg.grad_every == 0:
+                grads.record(step, loss, [p.grad for p in params], weight_idx)
+            opt.step()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+            if (i + 1) % DIVERGENCE_CHECK_EVERY == 0 and not torch.isfinite(loss_sum):
+                status = "diverged"
+                break
+        train_s = time.perf_counter() - t0
+        if not torch.isfinite(loss_sum):
+            status = "diverged"
+
+        steps = grads.finish()
+        if status == "diverged":
+            val_loss = val_acc = test_loss = test_acc = float("nan")
+            bad = np.flatnonzero(~np.isfinite(steps["loss"]))
+            if bad.size:  # keep rows up to and including the first non-finite loss
+                steps = {k: v[: bad[0] + 1] for k, v in steps.items()}
+        else:
+            val_loss, val_acc = evaluate(model, d.val_x, d.val_y, cfg.eval_batch_size)
+            test_loss, test_acc = evaluate(model, d.test_x, d.test_y, cfg.eval_batch_size)
+        norms = steps["grad_norm"].astype(np.float64)
+        norms = norms[np.isfinite(norms)]
+        wall = time.perf_counter() - t0
+        elapsed += wall
+        row = dict(
+            epoch=epoch,
+            train_loss=float(loss_sum) / max(seen, 1),
+            train_acc=int(correct) / max(seen, 1),
+            val_loss=val_loss,
+            val_acc=val_acc,
+            test_loss=test_loss,
+            test_acc=test_acc,
+            lr=opt.param_groups[0]["lr"],
+            steps=acts.steps,
+            wall_s=wall,
+            images_per_s=seen / train_s,
+            diverged=status == "diverged",
+            grad_norm_mean=float(norms.mean()) if norms.size else float("nan"),
+            grad_norm_std=float(norms.std()) if norms.size else float("nan"),
+            grad_norm_max=float(norms.max()) if norms.size else float("nan"),
+        )
+        if status == "running" and epoch == cfg.epochs:
+            status = "done"
+        history.append(row)
+        steps["epoch"] = np.full(len(steps["step"]), epoch, dtype=np.int64)
+        record = dict(epoch=row, layers=acts.finish(), steps=steps, status=status)
+        state = dict(
+            epoch=epoch,
+            model=model.state_dict(),
+            optimizer=opt.state_dict(),
+            rng=_rng_state(gens),
+            history=history,
+            status=status,
+            elapsed_s=elapsed,
+            config=cfg.to_dict(),
+        )
+        if on_epoch is not None:
+            on_epoch(record, state)
+        epoch += 1
+
+    last = history[-1] if history else {}
+    return dict(
+        status=status,
+        epochs_done=len(history),
+        wall_s=elapsed,
+        host=socket.gethostname(),
+        device=str(dev),
+        final=last,
+        history=history,
+    )

@@ -1,0 +1,117 @@
+"""The CNN and its norm variants against DESIGN §1 and the noise's definition."""
+
+import torch
+from torch import nn
+
+from study.model import NoisyBatchNorm2d, build_model, noise_constants
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_output_shape_and_parameter_counts():
+    x = torch.randn(4, 3, 32, 32)
+    for norm in ("none", "batch", "noisy_batch"):
+        m = build_model(norm, noise=1.0)
+        m.set_noise_generator(torch.Generator().manual_seed(0))
+        assert m(x).shape == (4, 10)
+    assert n_params(build_model("none")) == 541_094
+    assert n_params(build_model("batch")) == 541_094 + 224
+    assert n_params(build_model("noisy_batch", 1.0)) == 541_094 + 224
+
+
+def test_layers_sit_where_the_design_says():
+    m = build_model("batch")
+    convs = [(m.conv1, 3, 16), (m.conv2, 16, 32), (m.conv3, 32, 64)]
+    for conv, cin, cout in convs:
+        assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.padding) == (
+            cin, cout, (3, 3), (1, 1))
+    assert [m.norm1.num_features, m.norm2.num_features, m.norm3.num_features] == [16, 32, 64]
+    assert (m.fc1.in_features, m.fc1.out_features, m.fc2.out_features) == (1024, 500, 10)
+    assert m.dropout.p == 0.25
+    assert build_model("none").norm1 is None
+    assert isinstance(build_model("noisy_batch", 1.0).norm2, NoisyBatchNorm2d)
+    taps = []
+    m(torch.randn(2, 3, 32, 32), taps)
+    assert [t[0].shape[1:] for t in taps] == [(16, 32, 32), (32, 16, 16), (64, 8, 8)]
+
+
+def _forward_train(norm: str, noise: float, x: torch.Tensor) -> torch.Tensor:
+    torch.manual_seed(0)
+    m = build_model(norm, noise)
+    m.set_noise_generator(torch.Generator().manual_seed(1))
+    torch.manual_seed(5)  # same dropout masks
+    return m(x)
+
+
+def test_noise_zero_is_exactly_batchnorm():
+    x = torch.randn(8, 3, 32, 32)
+    assert torch.equal(_forward_train("noisy_batch", 0.0, x), _forward_train("batch", 0.0, x))
+    assert not torch.equal(_forward_train("noisy_batch", 1.0, x), _forward_train("batch", 0.0, x))
+
+
+def test_noise_follows_its_definition():
+    torch.manual_seed(0)
+    layer = NoisyBatchNorm2d(6, noise=1.0)
+    layer.generator = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 6, 5, 5) * 3 + 1
+    out = layer(x)
+    bn = nn.BatchNorm2d(6)
+    bn.load_state_dict({k: v for k, v in layer.state_dict().items()})
+    bn.running_mean.zero_(), bn.running_var.fill_(1), bn.num_batches_tracked.zero_()
+    a = bn(x)
+    replay = NoisyBatchNorm2d(6, noise=1.0)
+    replay.generator = torch.Generator().manual_seed(3)
+    s, m = replay.draw(a)
+    torch.testing.assert_close(out, s * a + m, rtol=0, atol=0)
+
+
+def test_noise_moments_at_noise_one():
+    """Per-channel mu ~ U(-.5,.5), sigma ~ U(1,1.25); per element m ~ U(mu±.1), s ~ N(sigma,.1)."""
+    n_mu, n_sigma, r_mu, r_sigma = noise_constants(1.0)
+    assert (n_mu, n_sigma, r_mu, r_sigma) == (0.5, 1.25, 0.1, 0.1)
+    layer = NoisyBatchNorm2d(4000, noise=1.0)
+    layer.generator = torch.Generator().manual_seed(0)
+    s, m = layer.draw(torch.zeros(50, 4000, 1, 1, dtype=torch.float64))
+    mu, sigma = m.mean(0).flatten(), s.mean(0).flatten()  # per-channel centres (50 elements each)
+    # channel centres: U(-n_mu, n_mu) has var n_mu^2/3; plus the within-channel average's noise
+    assert abs(mu.mean()) < 0.02
+    torch.testing.assert_close(mu.var(), torch.tensor(n_mu**2 / 3 + r_mu**2 / 3 / 50, dtype=torch.float64), rtol=0.08, atol=0)
+    assert abs(sigma.mean() - (1 + n_sigma) / 2) < 0.01
+    assert sigma.min() > 1 - 0.1 and sigma.max() < n_sigma + 0.1
+    # within a channel: m - mu_j uniform of half-width r_mu; s - sigma_j normal with std r_sigma
+    dm, ds = m - m.mean(0, keepdim=True), s - s.mean(0, keepdim=True)
+    assert dm.abs().max() <= 2 * r_mu
+    torch.testing.assert_close(dm.var(), torch.tensor(r_mu**2 / 3, dtype=torch.float64), rtol=0.05, atol=0)
+    torch.testing.assert_close(ds.std(), torch.tensor(r_sigma, dtype=torch.float64), rtol=0.05, atol=0)
+
+
+def test_layer_scope_shares_mu_and_sigma_across_channels():
+    layer = NoisyBatchNorm2d(64, noise=1.0, scope="layer")
+    layer.generator = torch.Generator().manual_seed(0)
+    s, m = layer.draw(torch.zeros(200, 64, 4, 4, dtype=torch.float64))
+    per_channel = m.mean((0, 2, 3))
+    assert per_channel.std() < 0.01  # one shared centre, only element noise left
+    assert torch.unique(torch.round(s.mean((0, 2, 3)), decimals=1)).numel() == 1
+
+
+def test_eval_mode_adds_no_noise():
+    torch.manual_seed(0)
+    noisy, plain = build_model("noisy_batch", 2.0), build_model("batch")
+    plain.load_state_dict(noisy.state_dict())
+    noisy.set_noise_generator(torch.Generator().manual_seed(0))
+    noisy.eval(), plain.eval()
+    x = torch.randn(8, 3, 32, 32)
+    assert torch.equal(noisy(x), plain(x))
+
+
+def test_freeze_noise_replays_the_sample():
+    layer = NoisyBatchNorm2d(3, noise=1.0)
+    layer.generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 4)
+    a = layer(x)
+    layer.freeze_noise = True
+    assert torch.equal(layer(x), a)
+    layer.freeze_noise = False
+    assert not torch.equal(layer(x), a)

@@ -1,0 +1,61 @@
+"""The on-device accumulators against a plain float64 recomputation of the same batches."""
+
+import numpy as np
+import torch
+
+from study.stats import ActivationMoments, GradientNorms
+
+
+def _batches(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(16, 16, 32, 32), (16, 32, 16, 16), (16, 64, 8, 8)]
+    out = []
+    for b in range(5):
+        n = 16 if b < 4 else 7  # a short last batch
+        taps = []
+        for k, shape in enumerate(shapes):
+            conv = torch.randn((n,) + shape[1:], generator=g) * (1 + k + b) + (3.0 * k - b)
+            taps.append((conv, torch.randn(conv.shape, generator=g) * 12))  # some beyond the range
+        out.append(taps)
+    return out
+
+
+def test_activation_moments_match_float64_reference():
+    batches = _batches()
+    acc = ActivationMoments(n_steps=len(batches), bins=64, value_range=8.0, device=torch.device("cpu"))
+    for taps in batches:
+        acc.record(taps)
+    rows = acc.finish()
+    edges = np.linspace(-8.0, 8.0, 65)[1:-1].astype(np.float32)
+    for i, row in enumerate(rows):
+        layer, site = i // 2, i % 2
+        xs = [taps[layer][site].numpy() for taps in batches]
+        flat = np.concatenate([x.ravel() for x in xs]).astype(np.float64)
+        assert row["count"] == flat.size
+        sd = flat.std()
+        assert abs(row["mean"] - flat.mean()) <= 1e-6 * max(abs(flat.mean()), sd)
+        assert abs(row["var"] - flat.var()) <= 1e-6 * flat.var()
+        bm = np.array([x.astype(np.float64).mean() for x in xs])
+        bv = np.array([x.astype(np.float64).var() for x in xs])
+        assert abs(row["batch_mean_std"] - bm.std()) <= 1e-6 * bm.std()
+        assert abs(row["batch_var_std"] - bv.std()) <= 1e-6 * bv.std()
+        ref = np.bincount(np.searchsorted(edges, np.concatenate([x.ravel() for x in xs]), "left"),
+                          minlength=64)
+        assert row["hist"] == ref.tolist()
+        assert sum(row["hist"]) == flat.size
+
+
+def test_gradient_norms_match_vector_norm():
+    torch.manual_seed(0)
+    grads = [torch.randn(16, 3, 3, 3), torch.randn(16), torch.randn(500, 1024) * 1e-3, torch.randn(10)]
+    acc = GradientNorms(n_rows=2, device=torch.device("cpu"))
+    loss = torch.tensor(2.5)
+    acc.record(7, loss, grads, weight_idx=[0, 2, 2, 0, 3])
+    cols = acc.finish()
+    ref_global = torch.linalg.vector_norm(torch.cat([g.flatten().double() for g in grads]))
+    assert cols["step"].tolist() == [7]
+    np.testing.assert_allclose(cols["grad_norm"], [ref_global.item()], rtol=1e-5)  # fp32 accumulation over 0.5 M elements
+    np.testing.assert_allclose(cols["grad_norm_conv1"], [torch.linalg.vector_norm(grads[0].double()).item()], rtol=1e-5)  # fp32 accumulation over 0.5 M elements
+    np.testing.assert_allclose(cols["grad_norm_conv2"], [torch.linalg.vector_norm(grads[2].double()).item()], rtol=1e-5)  # fp32 accumulation over 0.5 M elements
+    np.testing.assert_allclose(cols["grad_norm_fc2"], [torch.linalg.vector_norm(grads[3].double()).item()], rtol=1e-5)  # fp32 accumulation over 0.5 M elements
+    assert cols["loss"].tolist() == [2.5]
