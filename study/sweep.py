@@ -1,0 +1,432 @@
+"""``python -m study.sweep``: build the grid, start or join Ray, run the study with Ray Tune.
+
+    python -m study.sweep                         # the `full` preset on this machine
+    python -m study.sweep --preset smoke          # a 2-minute study (synthetic data offline)
+    python -m study.sweep --gpus 8                # on the head node of a Ray cluster
+    python -m study.sweep --resume                # continue a stopped study
+
+Results are Parquet tables under ``--out`` (see study/results.py); draw them with
+``python -m analysis.figures OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from study.config import ConfigError, TrialConfig
+from study.model import NOISY_VARIANTS, NORM_VARIANTS
+
+EXIT_USAGE = 2
+#: Rough per-trial training speed (images/s) used by --dry-run's time estimate; see bench/.
+NOMINAL_IMAGES_PER_S = {"cpu": 1500.0, "gpu": 8000.0}
+NOMINAL_SIZES = {"cifar10": (50_000, 10_000), "synthetic": (50_000, 10_000)}
+
+
+@dataclass(frozen=True)
+class Preset:
+    norms: tuple[str, ...]
+    noises: tuple[float, ...]
+    lrs: tuple[float, ...]
+    seeds: tuple[int, ...]
+    epochs: int
+    batch_size: int = 16
+    dataset: str = "cifar10"
+    subset: int | None = None
+    noise_scope: str = "channel"
+
+
+PRESETS: dict[str, Preset] = {
+    "full": Preset(("none", "batch", "noisy_batch"), (0.5, 1.0, 2.0), (1e-3, 1e-2, 5e-2),
+                   tuple(range(5)), epochs=10),
+    # the seed notebook's three runs; it shares one noise draw across a layer's channels
+    "seed": Preset(("none", "batch", "noisy_batch"), (1.0,), (1e-3,), (0, 1, 2), epochs=10,
+                   noise_scope="layer"),
+    "smoke": Preset(("none", "batch", "noisy_batch"), (1.0,), (1e-2,), (0, 1), epochs=2,
+                    dataset="auto", subset=3000),
+}
+
+
+class UsageError(Exception):
+    """A user's mistake: printed as one line, exit code 2."""
+
+
+def build_grid(p: Preset, grad_every: int = 1, probe_every: int = 0,
+               probe_etas: tuple[float, ...] = ()) -> list[TrialConfig]:
+    """norm × noise × lr × seed, with noise varied only for the variants it affects."""
+    grid = []
+    for norm in p.norms:
+        for noise in (p.noises if norm in NOISY_VARIANTS else (0.0,)):
+            for lr in p.lrs:
+                for seed in p.seeds:
+                    grid.append(TrialConfig(
+                        norm=norm, noise=noise, noise_scope=p.noise_scope, lr=lr,
+                        batch_size=p.batch_size, epochs=p.epochs, seed=seed,
+                        grad_every=grad_every, probe_every=probe_every, probe_etas=probe_etas))
+    return grid
+
+
+def _list(kind, name: str):
+    def parse(text: str):
+        try:
+            values = tuple(kind(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: {text!r} is not a comma-separated list "
+                                             f"of {kind.__name__}s") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"{name}: the list is empty")
+        return values
+    return parse
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    """'0-4' or '0,1,2'."""
+    if "-" in text and "," not in text and not text.startswith("-"):
+        a, _, b = text.partition("-")
+        try:
+            lo, hi = int(a), int(b)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--seeds: {text!r} is not a range like 0-4") from None
+        if hi < lo:
+            raise argparse.ArgumentTypeError(f"--seeds: empty range {text!r}")
+        return tuple(range(lo, hi + 1))
+    return _list(int, "--seeds")(text)
+
+
+def _positive_int(name: str, minimum: int = 1):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: {text!r} is not an integer") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{name}: must be >= {minimum}, got {v}")
+        return v
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse's default prints usage too)
+        self.exit(EXIT_USAGE, f"study.sweep: error: {message}\n")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m study.sweep",
+        description="Run the BatchNorm / noisy-BatchNorm study as a Ray Tune sweep and write "
+        "Parquet results. Lists are comma-separated; overrides replace the preset's values.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("what to run")
+    g.add_argument("--preset", choices=sorted(PRESETS), default="full",
+                   help="full: 75 trials, none/batch/noisy_batch × noise 0.5,1,2 × lr 1e-3,1e-2,"
+                   "5e-2 × seeds 0-4, 10 epochs, cifar10; seed: the seed notebook's 3 runs × 3 "
+                   "seeds; smoke: 6 short trials on a few thousand images (auto dataset)")
+    g.add_argument("--norms", type=_list(str, "--norms"), default=None,
+                   help=f"norm variants, from {', '.join(NORM_VARIANTS)}")
+    g.add_argument("--noises", type=_list(float, "--noises"), default=None,
+                   help="noise magnitudes (noisy variants only; 1 = Santurkar et al.)")
+    g.add_argument("--noise-scope", choices=("channel", "layer"), default=None,
+                   help="draw the noise's mean/scale per channel (the paper) or per layer (the "
+                   "seed notebook); preset's by default")
+    g.add_argument("--lrs", type=_list(float, "--lrs"), default=None, help="learning rates")
+    g.add_argument("--seeds", type=_seeds, default=None, help="seeds, e.g. 0-4 or 0,3")
+    g.add_argument("--epochs", type=_positive_int("--epochs"), default=None)
+    g.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None)
+    g.add_argument("--dataset", default=None,
+                   help="cifar10, synthetic, imagefolder:PATH or auto (cifar10 if on disk, "
+                   "else synthetic)")
+    g.add_argument("--data-dir", default="data", help="where cifar10 is (downloaded if absent) "
+                   "and where decoded image folders are cached")
+    g.add_argument("--subset", type=_positive_int("--subset"), default=None,
+                   help="use at most this many images per split (train, test) for quick runs")
+    g.add_argument("--grad-every", type=_positive_int("--grad-every"), default=1,
+                   help="record per-step gradient norms every k-th step")
+    g.add_argument("--probe-every", type=_positive_int("--probe-every", 0), default=0,
+                   help="run the ICS and loss-landscape probes every N steps (0 = off)")
+    g.add_argument("--probe-etas", type=_list(float, "--probe-etas"), default=(),
+                   help="probe step sizes as multiples of lr (default: 8 log-spaced in [0.5, 4])")
+    w = p.add_argument_group("where and how")
+    w.add_argument("--out", default="results", help="results folder (Parquet tables)")
+    w.add_argument("--name", default=None, help="study name (default: the preset's)")
+    w.add_argument("--gpus", type=_positive_int("--gpus", 0), default=0,
+                   help="total GPUs the study may use; trials get 1/--trials-per-gpu GPU each")
+    w.add_argument("--trials-per-gpu", type=_positive_int("--trials-per-gpu"), default=4,
+                   help="trials packed on one GPU (this small CNN leaves most of a GPU idle)")
+    w.add_argument("--cpus-per-trial", type=_positive_int("--cpus-per-trial"), default=1,
+                   help="CPUs reserved per trial, also torch's intra-op threads")
+    w.add_argument("--address", default=None,
+                   help="join a running Ray cluster (host:port or auto; RAY_ADDRESS works too); "
+                   "without it Ray starts locally on this machine")
+    w.add_argument("--storage", default=None,
+                   help="Tune's storage_path for checkpoints (default OUT/tune); a multi-node "
+                   "cluster needs s3://... or a shared file system path")
+    w.add_argument("--max-failures", type=_positive_int("--max-failures", 0), default=3,
+                   help="retries of a failed trial, each from its last checkpoint")
+    w.add_argument("--resume", action="store_true",
+                   help="continue a stopped study in OUT (only what is missing runs)")
+    w.add_argument("--dry-run", action="store_true",
+                   help="print the grid, trial count, resources and an estimate, then exit")
+    return p
+
+
+def preset_from_args(args: argparse.Namespace) -> Preset:
+    base = PRESETS[args.preset]
+    overrides = {k: getattr(args, k) for k in ("norms", "noises", "lrs", "seeds", "epochs",
+                                               "batch_size", "dataset", "subset", "noise_scope")
+                 if getattr(args, k) is not None}
+    p = replace(base, **overrides)
+    for n in p.norms:
+        if n not in NORM_VARIANTS:
+            raise UsageError(f"--norms: unknown norm {n!r}; known: {', '.join(NORM_VARIANTS)}")
+    for v in p.noises:
+        if not (math.isfinite(v) and v >= 0):
+            raise UsageError(f"--noises: noise magnitudes must be >= 0, got {v:g}")
+    for v in p.lrs:
+        if not (math.isfinite(v) and v > 0):
+            raise UsageError(f"--lrs: learning rates must be > 0, got {v:g}")
+    if any(s < 0 for s in p.seeds):
+        raise UsageError("--seeds: seeds must be >= 0")
+    if len(set(p.seeds)) != len(p.seeds) or len(set(p.lrs)) != len(p.lrs):
+        raise UsageError("--seeds/--lrs: duplicate values would run the same trial twice")
+    return p
+
+
+def default_probe_etas() -> tuple[float, ...]:
+    """The paper's step-size grid: 8 points log-spaced over [0.5, 4] × lr."""
+    return tuple(0.5 * 8 ** (i / 7) for i in range(8))
+
+
+def check_out_dir(out: Path) -> None:
+    """Fail early if the results folder cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--out: cannot write to {out}: {e.strerror or e}") from None
+
+
+def study_record(name: str, p: Preset, grid: list[TrialConfig], dataset: str) -> dict:
+    return dict(name=name, preset=p.__dict__ | {"dataset": dataset},
+                trials=[c.to_dict() for c in grid], trial_ids=[c.trial_id for c in grid])
+
+
+def dry_run_text(name: str, p: Preset, grid: list[TrialConfig], resources: dict,
+                 data_dir: str) -> str:
+    n_train, n_test = NOMINAL_SIZES.get(p.dataset.split(":")[0], (50_000, 10_000))
+    if p.dataset.startswith("imagefolder:"):
+        root = Path(p.dataset.split(":", 1)[1])
+        n_train = sum(1 for f in (root / "train").glob("*/*") if f.is_file())
+        n_test = sum(1 for f in (root / "test").glob("*/*") if f.is_file())
+    if p.subset:
+        n_train, n_test = min(n_train, p.subset), min(n_test, p.subset)
+    fit = round(n_train * (1 - grid[0].val_fraction)) if grid else 0
+    images = len(grid) * p.epochs * fit
+    steps = len(grid) * p.epochs * math.ceil(fit / p.batch_size)
+    kind = "gpu" if resources.get("GPU") else "cpu"
+    hours = images / NOMINAL_IMAGES_PER_S[kind] / 3600
+    lines = [f"study {name!r}: {len(grid)} trials on dataset {p.dataset}"]
+    for c in grid:
+        noise = f" noise={c.noise:g} ({c.noise_scope})" if c.norm in NOISY_VARIANTS else ""
+        lines.append(f"  {c.trial_id:<34} norm={c.norm}{noise} lr={c.lr:g} seed={c.seed}")
+    lines += [
+        f"resources per trial: {resources}",
+        f"work: {len(grid)} trials × {p.epochs} epochs × {fit:,} training images "
+        f"= {images:,} images, {steps:,} steps (batch {p.batch_size})",
+        f"estimate: ~{hours:.1f} trial-hours at ~{NOMINAL_IMAGES_PER_S[kind]:,.0f} images/s "
+        f"per trial on {kind.upper()}; divide by the trials that run at once",
+    ]
+    return "\n".join(lines)
+
+
+def trial_name(trial) -> str:
+    """Tune's trial name and folder: the same readable key as the Parquet files."""
+    return TrialConfig.from_dict(trial.config["trial"]).trial_id
+
+
+def _check_address(address: str) -> None:
+    """Fail fast on an unreachable host:port instead of waiting on Ray's retries."""
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+            pass
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--address: cannot reach a Ray cluster at {address} ({e})") from None
+
+
+def init_ray(address: str | None):
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_address(address)
+        try:
+            ray.init(address=address, logging_level="WARNING")
+        except (ConnectionError, RuntimeError) as e:
+            raise UsageError(f"--address: cannot join the Ray cluster at {address}: {e}") from None
+    else:
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+    return ray
+
+
+def run(args: argparse.Namespace) -> int:
+    p = preset_from_args(args)
+    name = args.name or args.preset
+    probe_etas = args.probe_etas or (default_probe_etas() if args.probe_every else ())
+    try:
+        grid = build_grid(p, args.grad_every, args.probe_every, probe_etas)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    if not grid:
+        raise UsageError("the grid is empty")
+    resources: dict = {"CPU": args.cpus_per_trial}
+    if args.gpus:
+        resources["GPU"] = 1 / args.trials_per_gpu
+
+    from study.data import DataError, resolve_dataset_spec
+
+    try:
+        dataset = resolve_dataset_spec(p.dataset, args.data_dir)
+    except DataError as e:
+        raise UsageError(str(e)) from None
+    if args.dry_run:
+        print(dry_run_text(name, replace(p, dataset=dataset), grid, resources, args.data_dir))
+        return 0
+
+    out = Path(args.out).resolve()
+    check_out_dir(out)
+    storage = args.storage or str(out / "tune")
+    record = study_record(name, p, grid, dataset)
+    study_file = out / "study.json"
+    if study_file.exists():
+        old = json.loads(study_file.read_text())
+        if old.get("trial_ids") != record["trial_ids"] or old.get("name") != name:
+            raise UsageError(f"{out} holds a different study ({old.get('name')!r}, "
+                             f"{len(old.get('trial_ids', []))} trials); use another --out")
+        if not args.resume:
+            raise UsageError(f"{out} already holds this study; add --resume to continue it, "
+                             "or use another --out")
+    elif args.resume:
+        raise UsageError(f"--resume: no study in {out} to resume")
+
+    if args.resume:
+        from study import results
+        done = []
+        for tid in record["trial_ids"]:
+            path = results.table_path(out, "trials", tid)
+            if path.exists():
+                status = results.read_table_file(path).column("status")[0].as_py()
+                done.append(status in ("done", "diverged"))
+            else:
+                done.append(False)
+        if all(done):
+            print(f"study {name!r} in {out} is already complete ({len(done)} trials); "
+                  "nothing to do")
+            return 0
+
+    ray = init_ray(args.address)
+    try:
+        return _run_tune(ray, args, p, name, grid, resources, dataset, out, storage, record)
+    finally:
+        ray.shutdown()
+
+
+def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], resources: dict,
+              dataset: str, out: Path, storage: str, record: dict) -> int:
+    from ray import tune
+
+    from study.data import DataError, load_dataset
+    from study.trainable import ParquetWriterCallback, data_to_numpy, train_trial
+
+    cluster = ray.cluster_resources()
+    if args.gpus > cluster.get("GPU", 0):
+        raise UsageError(f"--gpus {args.gpus}: the Ray cluster has {cluster.get('GPU', 0):g} "
+                         "GPUs")
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and "://" not in storage:
+        print(f"note: {len(nodes)} nodes share this study but --storage is the local path "
+              f"{storage}; checkpoints of trials on other nodes need s3://... or a shared file "
+              "system to survive a node loss", file=sys.stderr)
+
+    t0 = time.time()
+    try:
+        data = load_dataset(dataset, args.data_dir, subset=p.subset)
+    except DataError as e:
+        raise UsageError(str(e)) from None
+    print(f"dataset {data.name}: {len(data.train_y):,} training images, "
+          f"{len(data.test_y):,} test images ({time.time() - t0:.1f} s)")
+    (out / "study.json").write_text(json.dumps(record, indent=1))
+    n_train = len(data.train_y)
+    n_val = round(n_train * grid[0].val_fraction)
+    sizes = dict(train=n_train - n_val, val=n_val, test=len(data.test_y))
+
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, data=data_to_numpy(data),
+                             cpus_per_trial=args.cpus_per_trial),
+        {k.lower(): v for k, v in resources.items()},
+    )
+    writer = ParquetWriterCallback(str(out), name, data.name, sizes)
+    exp_path = os.path.join(storage, name)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # so the trimmed CLIReporter is used
+    if args.resume and tune.Tuner.can_restore(exp_path):
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
+    else:
+        reporter = tune.CLIReporter(
+            parameter_columns={"trial/norm": "norm", "trial/noise": "noise", "trial/lr": "lr",
+                               "trial/seed": "seed"},
+            metric_columns={"epoch": "epoch", "train_acc": "train acc", "test_acc": "test acc",
+                            "status": "status"},
+            max_report_frequency=30,
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search([c.to_dict() for c in grid])},
+            tune_config=tune.TuneConfig(
+                trial_name_creator=trial_name,
+                trial_dirname_creator=trial_name,
+                max_concurrent_trials=(args.gpus * args.trials_per_gpu) or None,
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage,
+                callbacks=[writer],
+                progress_reporter=reporter,
+                failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                verbose=1,
+            ),
+        )
+    grid_result = tuner.fit()
+    errors = grid_result.num_errors
+    print(f"\nstudy {name!r}: {len(grid_result)} trials, {errors} errored, "
+          f"{time.time() - t0:.0f} s. Results: {out}\n"
+          f"draw the figures with:  python -m analysis.figures {out}")
+    return 1 if errors else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (UsageError, ConfigError) as e:
+        print(f"study.sweep: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\nstudy.sweep: interrupted; continue with the same command and --resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""The Ray Tune function trainable around ``run_trial``, and the driver-side Parquet callback.
+
+Each epoch the trial reports its metrics with a checkpoint of the whole ``run_trial``
+state; a retried or restored trial continues from ``tune.get_checkpoint()``. The
+epoch's table rows travel inside the result (pickled under ``ROWS_KEY``) to the driver,
+where ``ParquetWriterCallback`` writes them and takes them out of the result before
+Tune's own loggers see it. So results arrive wherever the trial ran.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from ray import tune
+
+from study import results
+from study.config import TrialConfig
+from study.data import DataArrays
+from study.train import run_trial
+
+log = logging.getLogger(__name__)
+
+ROWS_KEY = "_rows"
+STATE_FILE = "state.pt"
+#: Metrics shown in Tune's progress table (the rest is in the Parquet files).
+PROGRESS_METRICS = ("epoch", "train_acc", "val_acc", "test_acc", "status")
+
+
+def load_checkpoint_state(checkpoint: tune.Checkpoint) -> dict | None:
+    """The ``run_trial`` state in a checkpoint, or None (with a log line) if it is unreadable."""
+    try:
+        with checkpoint.as_directory() as d:
+            return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or missing file: start over rather than crash-loop
+        log.warning("checkpoint %s is unreadable (%s: %s); restarting the trial from scratch",
+                    checkpoint.path, type(e).__name__, e)
+        return None
+
+
+def train_trial(space: dict, data: dict, cpus_per_trial: int = 1) -> None:
+    """Tune function trainable: ``space["trial"]`` is a TrialConfig dict; ``data`` the arrays."""
+    cfg = TrialConfig.from_dict(space["trial"])
+    arrays = DataArrays(**data)
+    gpu_ids = tune.get_context().get_trial_resources().required_resources.get("GPU", 0)
+    device = "cuda" if gpu_ids and torch.cuda.is_available() else "cpu"
+
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        resume = load_checkpoint_state(checkpoint)
+
+    def on_epoch(record: dict, state: dict) -> None:
+        row = record["epoch"]
+        metrics = {k: row[k] for k in ("epoch", "train_loss", "train_acc", "val_acc", "test_acc")}
+        metrics.update(status=record["status"], pid=os.getpid(), device=device)
+        metrics[ROWS_KEY] = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, Path(d) / STATE_FILE)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+    run_trial(cfg, arrays, on_epoch, resume_from=resume, device=device, threads=cpus_per_trial)
+
+
+class ParquetWriterCallback(tune.Callback):
+    """Writes every reported epoch to the results folder, on the driver.
+
+    Rows of an epoch replace rows of the same epoch already written, so a trial
+    retried from its checkpoint or a restored study never duplicates rows.
+    """
+
+    def __init__(self, out_dir: str, study: str, dataset: str, sizes: dict[str, int]):
+        self.out_dir, self.study, self.dataset, self.sizes = str(out_dir), study, dataset, sizes
+
+    def _trial_row(self, cfg: TrialConfig, status: str, history: list[dict], **extra) -> dict:
+        last = history[-1] if history else {}
+        row = dict(
+            trial_id=cfg.trial_id,
+            study=self.study,
+            norm=cfg.norm,
+            noise=cfg.noise,
+            noise_scope=cfg.noise_scope,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            batch_size=cfg.batch_size,
+            epochs=cfg.epochs,
+            seed=cfg.seed,
+            grad_every=cfg.grad_every,
+            probe_every=cfg.probe_every,
+            dataset=self.dataset,
+            status=status,
+            epochs_done=len(history),
+            wall_s=float(sum(h["wall_s"] for h in history)),
+            config_json=cfg.to_json(),
+            **{f"{k}_size": v for k, v in self.sizes.items()},
+        )
+        for k in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"):
+            row[f"final_{k}"] = last.get(k)
+        row.update(extra)
+        return row
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        blob = result.pop(ROWS_KEY, None)
+        if blob is None:
+            return
+        record = pickle.loads(blob)
+        cfg = TrialConfig.from_dict(trial.config["trial"])
+        tid, epoch = cfg.trial_id, record["epoch"]["epoch"]
+        out = self.out_dir
+        results.upsert_epoch_rows(out, "epochs", tid, results.to_arrow("epochs", [
+            dict(record["epoch"], trial_id=tid)]))
+        results.upsert_epoch_rows(out, "layers", tid, results.to_arrow("layers", [
+            dict(r, trial_id=tid, epoch=epoch) for r in record["layers"]]))
+        steps = dict(record["steps"])
+        steps["trial_id"] = [tid] * len(steps["step"])
+        results.upsert_epoch_rows(out, "steps", tid, results.to_arrow("steps", steps))
+        if record.get("probes"):
+            results.upsert_epoch_rows(out, "probes", tid, results.to_arrow("probes", [
+                dict(r, trial_id=tid) for r in record["probes"]]))
+        history = results.read_table_file(results.table_path(out, "epochs", tid)).to_pylist()
+        results.write_trial_row(out, self._trial_row(
+            cfg, record["status"], history, host=result.get("hostname"),
+            device=result.get("device")))
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        cfg = TrialConfig.from_dict(trial.config["trial"])
+        err = ""
+        if trial.error_file and os.path.exists(trial.error_file):
+            err = Path(trial.error_file).read_text(errors="replace")[-4000:]
+        path = results.table_path(self.out_dir, "epochs", cfg.trial_id)
+        history = results.read_table_file(path).to_pylist() if path.exists() else []
+        results.write_trial_row(self.out_dir, self._trial_row(cfg, "error", history, error=err))
+
+
+def data_to_numpy(data: DataArrays) -> dict:
+    """The dataset as a dict of numpy arrays, for ``tune.with_parameters`` (object store)."""
+    return dict(
+        name=data.name,
+        classes=tuple(data.classes),
+        train_x=np.ascontiguousarray(data.train_x),
+        train_y=np.ascontiguousarray(data.train_y),
+        test_x=np.ascontiguousarray(data.test_x),
+        test_y=np.ascontiguousarray(data.test_y),
+    )
+

@@ -1,0 +1,105 @@
+"""run_trial: determinism, resume equality, divergence, and the statistics it records."""
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from study.config import ConfigError, TrialConfig
+from study.data import DataArrays
+from study.train import run_trial
+
+
+def tiny_data(n_train: int = 320, n_test: int = 64, seed: int = 0) -> DataArrays:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, n_train + n_test)
+    x = rng.integers(0, 256, (n_train + n_test, 3, 32, 32), dtype=np.uint8)
+    x[:, 0] = np.minimum(255, x[:, 0] // 2 + 12 * y[:, None, None]).astype(np.uint8)  # learnable
+    return DataArrays("tiny", tuple("abcdefghij"), x[:n_train], y[:n_train].astype(np.int64),
+                      x[n_train:], y[n_train:].astype(np.int64))
+
+
+def collect(cfg, data, resume_from=None, stop_after=None):
+    records, states = [], []
+
+    def on_epoch(record, state):
+        records.append(record)
+        states.append(state)
+        if stop_after is not None and record["epoch"]["epoch"] == stop_after:
+            raise StopIteration
+
+    try:
+        summary = run_trial(cfg, data, on_epoch, resume_from=resume_from, device="cpu")
+    except StopIteration:
+        summary = None
+    return records, states, summary
+
+
+def comparable(record: dict) -> dict:
+    """A record without its timings, for bit-for-bit comparison."""
+    epoch = {k: v for k, v in record["epoch"].items() if k not in ("wall_s", "images_per_s")}
+    steps = {k: np.asarray(v).tolist() for k, v in record["steps"].items()}
+    return dict(epoch=epoch, layers=record["layers"], steps=steps, status=record["status"])
+
+
+@pytest.mark.parametrize("norm,noise", [("none", 0.0), ("batch", 0.0), ("noisy_batch", 1.0)])
+def test_same_config_same_numbers(norm, noise):
+    cfg = TrialConfig(norm=norm, noise=noise, epochs=1, lr=0.01)
+    a, _, _ = collect(cfg, tiny_data())
+    b, _, _ = collect(cfg, tiny_data())
+    assert [comparable(r) for r in a] == [comparable(r) for r in b]
+
+
+@pytest.mark.parametrize("norm,noise", [("batch", 0.0), ("noisy_batch", 1.0)])
+def test_resume_gives_the_same_numbers_as_an_uninterrupted_run(norm, noise):
+    cfg = TrialConfig(norm=norm, noise=noise, epochs=3, lr=0.01, grad_every=2)
+    data = tiny_data()
+    straight, _, summary = collect(cfg, data)
+    assert summary["status"] == "done" and len(straight) == 3
+    first, states, _ = collect(cfg, data, stop_after=1)
+    buf = io.BytesIO()
+    torch.save(states[-1], buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=False)
+    rest, _, summary = collect(cfg, data, resume_from=state)
+    assert summary["status"] == "done"
+    assert [comparable(r) for r in first + rest] == [comparable(r) for r in straight]
+
+
+def test_diverging_trial_ends_cleanly_as_diverged():
+    cfg = TrialConfig(norm="none", lr=1e4, epochs=3)
+    records, _, summary = collect(cfg, tiny_data())
+    assert summary["status"] == "diverged"
+    assert records[-1]["status"] == "diverged" and records[-1]["epoch"]["diverged"]
+    losses = records[-1]["steps"]["loss"]
+    assert not math.isfinite(losses[-1]) and np.isfinite(losses[:-1]).all()
+    assert len(records) < 3 or math.isnan(records[-1]["epoch"]["test_acc"])
+
+
+def test_epoch_record_is_complete_and_consistent():
+    cfg = TrialConfig(norm="batch", epochs=1, batch_size=32, grad_every=3)
+    records, _, _ = collect(cfg, tiny_data())
+    (r,) = records
+    n_fit = 320 - 64
+    steps = math.ceil(n_fit / 32)
+    assert r["epoch"]["steps"] == steps
+    assert r["steps"]["step"].tolist() == list(range(0, steps, 3))
+    assert {(x["layer"], x["site"]) for x in r["layers"]} == {
+        (f"conv{i}", s) for i in (1, 2, 3) for s in ("conv", "preact")}
+    for x in r["layers"]:
+        assert sum(x["hist"]) == x["count"]
+        if x["site"] == "preact":  # BN in training mode: each batch normalised to ~0 mean, ~1 var
+            assert abs(x["mean"]) < 1e-3 and abs(x["var"] - 1) < 1e-2
+    assert 0 <= r["epoch"]["train_acc"] <= 1 and 0 <= r["epoch"]["test_acc"] <= 1
+    assert r["epoch"]["grad_norm_max"] >= r["epoch"]["grad_norm_mean"] > 0
+
+
+@pytest.mark.parametrize("bad", [dict(norm="group"), dict(lr=0), dict(lr=-1), dict(noise=-0.5),
+                                 dict(epochs=0), dict(batch_size=0),
+                                 dict(norm="batch", noise=1.0)])
+def test_bad_config_is_one_clear_error(bad):
+    with pytest.raises(ConfigError) as e:
+        TrialConfig(**bad)
+    assert "\n" not in str(e.value)
