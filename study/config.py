@@ -31,6 +31,7 @@ class TrialConfig:
     split_seed: int = 0
     hist_bins: int = 128
     hist_range: float = 8.0
+    hist_every: int = 10
     eval_batch_size: int = 1000
     probe_every: int = 0
     probe_etas: tuple[float, ...] = field(default=())
@@ -51,7 +52,7 @@ class TrialConfig:
             raise bad("lr", "must be a finite number > 0")
         if not (0 <= self.momentum < 1):
             raise bad("momentum", "must be in [0, 1)")
-        for name in ("batch_size", "epochs", "grad_every", "hist_bins", "eval_batch_size"):
+        for name in ("batch_size", "epochs", "grad_every", "hist_bins", "hist_every", "eval_batch_size"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise bad(name, "must be an integer >= 1")
         if not (isinstance(self.seed, int) and self.seed >= 0):

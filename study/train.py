@@ -161,7 +161,7 @@ def run_trial(
             loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=False)
             loss.backward()
-            acts.record(taps)
+            acts.record(taps, hist=i % cfg.hist_every == 0)
             step = (epoch - 1) * steps_per_epoch + i
             if i % cfg.grad_every == 0:
                 grads.record(step, loss, [p.grad for p in params], weight_idx)
