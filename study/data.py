@@ -345,7 +345,7 @@ def _synthetic_chunk(rng: np.random.Generator, size: int, n: int) -> tuple[np.nd
     alpha *= -col(rad)
     alpha += 0.5
     np.clip(alpha, 0, 1, out=alpha)
-    hue = np.where(rng.random(size) < 0.7, (y % 5) / 5.0 + 0.03, rng.random(size))
+    hue = np.where(rng.random(size) < 0.75, (y % 5) / 5.0 + 0.03, rng.random(size))
     fg = rgb((0.45, 1), (0.45, 1), hue + rng.normal(0, 0.05, size))
     shade = gx * col(rng.normal(0, 0.016, size)) + gy * col(rng.normal(0, 0.016, size)) + 1
     layer = fg * shade[:, None]

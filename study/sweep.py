@@ -335,6 +335,12 @@ def run(args: argparse.Namespace) -> int:
                   "nothing to do")
             return 0
 
+    if args.gpus and not (args.address or os.environ.get("RAY_ADDRESS")):
+        import torch
+
+        if args.gpus > torch.cuda.device_count():
+            raise UsageError(f"--gpus {args.gpus}: this machine has {torch.cuda.device_count()} "
+                             "GPUs (use --address to join a cluster)")
     ray = init_ray(args.address)
     try:
         return _run_tune(ray, args, p, name, grid, resources, dataset, out, storage, record)

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 from ray import tune
 
@@ -47,8 +48,9 @@ def train_trial(space: dict, data: dict, cpus_per_trial: int = 1) -> None:
     """Tune function trainable: ``space["trial"]`` is a TrialConfig dict; ``data`` the arrays."""
     cfg = TrialConfig.from_dict(space["trial"])
     arrays = DataArrays(**data)
-    gpu_ids = tune.get_context().get_trial_resources().required_resources.get("GPU", 0)
-    device = "cuda" if gpu_ids and torch.cuda.is_available() else "cpu"
+    gpu_share = tune.get_context().get_trial_resources().required_resources.get("GPU", 0)
+    gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+    device = "cuda" if gpu_share and torch.cuda.is_available() else "cpu"
 
     resume = None
     checkpoint = tune.get_checkpoint()
@@ -58,7 +60,8 @@ def train_trial(space: dict, data: dict, cpus_per_trial: int = 1) -> None:
     def on_epoch(record: dict, state: dict) -> None:
         row = record["epoch"]
         metrics = {k: row[k] for k in ("epoch", "train_loss", "train_acc", "val_acc", "test_acc")}
-        metrics.update(status=record["status"], pid=os.getpid(), device=device)
+        metrics.update(status=record["status"], pid=os.getpid(), device=device, gpus=gpu_share,
+                       node_id=ray.get_runtime_context().get_node_id(), gpu_ids=",".join(gpu_ids))
         metrics[ROWS_KEY] = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
         with tempfile.TemporaryDirectory() as d:
             torch.save(state, Path(d) / STATE_FILE)

@@ -77,7 +77,8 @@ def test_noise_moments_at_noise_one():
     mu, sigma = m.mean(0).flatten(), s.mean(0).flatten()  # per-channel centres (50 elements each)
     # channel centres: U(-n_mu, n_mu) has var n_mu^2/3; plus the within-channel average's noise
     assert abs(mu.mean()) < 0.02
-    torch.testing.assert_close(mu.var(), torch.tensor(n_mu**2 / 3 + r_mu**2 / 3 / 50, dtype=torch.float64), rtol=0.08, atol=0)
+    expected = torch.tensor(n_mu**2 / 3 + r_mu**2 / 3 / 50, dtype=torch.float64)
+    torch.testing.assert_close(mu.var(), expected, rtol=0.08, atol=0)
     assert abs(sigma.mean() - (1 + n_sigma) / 2) < 0.01
     assert sigma.min() > 1 - 0.1 and sigma.max() < n_sigma + 0.1
     # within a channel: m - mu_j uniform of half-width r_mu; s - sigma_j normal with std r_sigma

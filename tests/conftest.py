@@ -1,0 +1,65 @@
+"""Shared helpers: run the real CLI in a subprocess and read back its Parquet tables."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Columns that measure time or place, not the numbers a study computes.
+VOLATILE = {"wall_s", "images_per_s", "host", "device", "error"}
+#: A tiny study: 2 variants × 2 seeds, 3 epochs of 160 images (about 20 s of Ray on 2 cores).
+TINY = ["--norms", "none,batch", "--seeds", "0,1", "--lrs", "0.02", "--epochs", "3",
+        "--dataset", "synthetic", "--subset", "200", "--max-failures", "2"]
+
+
+def sweep_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "study.sweep", *args]
+
+
+def run_sweep(*args: str, timeout: float = 300, check: bool = True, env: dict | None = None,
+              data_dir: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m study.sweep ARGS`` to completion, bounded in time."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    extra = ["--data-dir", str(data_dir)] if data_dir else []
+    proc = subprocess.run(sweep_cmd(*args, *extra), cwd=ROOT, env=full_env, timeout=timeout,
+                          capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"sweep failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+def read_tables(out: Path) -> dict[str, pd.DataFrame]:
+    """Every results table, timing columns dropped, rows in a canonical order."""
+    tables = {}
+    for table in ("trials", "epochs", "layers", "steps"):
+        files = sorted((out / table).glob("*.parquet"))
+        df = pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)
+        df = df.drop(columns=[c for c in df.columns if c in VOLATILE])
+        if table == "trials":  # config_json and wall time differ in nothing that matters here
+            df = df.drop(columns=["config_json"])
+        if "hist" in df.columns:
+            df["hist"] = df["hist"].map(tuple)
+        keys = [c for c in ("trial_id", "epoch", "step", "layer", "site") if c in df.columns]
+        tables[table] = df.sort_values(keys).reset_index(drop=True)
+    return tables
+
+
+def assert_tables_equal(a: dict[str, pd.DataFrame], b: dict[str, pd.DataFrame]) -> None:
+    for name in a:
+        pd.testing.assert_frame_equal(a[name], b[name], check_exact=True, obj=name)
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tmp_path_factory) -> tuple[Path, dict[str, pd.DataFrame]]:
+    """The TINY study run once, uninterrupted: the reference for fault tests."""
+    out = tmp_path_factory.mktemp("reference") / "results"
+    run_sweep(*TINY, "--out", str(out))
+    return out, read_tables(out)

@@ -1,0 +1,156 @@
+"""The sweep CLI against real Ray: tables, resume, refusals, a two-node cluster, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from study import results, sweep
+from tests.conftest import ROOT, TINY, read_tables, run_sweep
+
+EXPECTED_STEP_COLS = ["trial_id", "step", "epoch", "loss", "grad_norm"] + [
+    f"grad_norm_{n}" for n in results.GRAD_LAYERS]
+
+
+def test_dry_run_counts_the_full_grid(capsys):
+    assert sweep.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "75 trials" in out  # (1 + 1 + 3 noises) × 3 lrs × 5 seeds
+    assert out.count("noisy_batch-noise") == 45 and out.count("none-lr") == 15
+    assert "resources per trial: {'CPU': 1}" in out
+
+
+def test_dry_run_seed_and_smoke_presets(capsys):
+    assert sweep.main(["--preset", "seed", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "9 trials" in out and "noise=1 (layer)" in out
+    assert sweep.main(["--preset", "smoke", "--dataset", "synthetic", "--dry-run"]) == 0
+    assert "6 trials" in capsys.readouterr().out
+
+
+def test_local_sweep_writes_every_table(tiny_reference):
+    out, tables = tiny_reference
+    trial_ids = {f"{n}-lr0.02-seed{s}" for n in ("none", "batch") for s in (0, 1)}
+    for name in ("trials", "epochs", "layers", "steps"):
+        files = {f.stem for f in (out / name).glob("*.parquet")}
+        assert files == trial_ids, name
+        schema = pq.read_schema(next((out / name).glob("*.parquet")))
+        assert schema.names == results.TABLES[name].names
+        assert schema.metadata[results.VERSION_KEY] == b"1"
+    assert set(tables["trials"].status) == {"done"}
+    assert (tables["trials"].dataset == "synthetic").all()
+    assert (tables["trials"].train_size == 160).all() and (tables["trials"].test_size == 200).all()
+    assert len(tables["epochs"]) == 4 * 3
+    assert len(tables["layers"]) == 4 * 3 * 6
+    assert len(tables["steps"]) == 4 * 3 * 10  # 160 images / batch 16, every step
+    assert list(read_steps_columns(out)) == EXPECTED_STEP_COLS
+    for df, keys in ((tables["epochs"], ["trial_id", "epoch"]),
+                     (tables["steps"], ["trial_id", "step"]),
+                     (tables["layers"], ["trial_id", "epoch", "layer", "site"])):
+        assert not df.duplicated(keys).any()
+    assert json.loads((out / "study.json").read_text())["trial_ids"]
+
+
+def read_steps_columns(out: Path) -> list[str]:
+    return pq.read_schema(next((out / "steps").glob("*.parquet"))).names
+
+
+def test_resume_of_a_finished_study_does_nothing(tiny_reference):
+    out, before = tiny_reference
+    mtimes = {f: f.stat().st_mtime_ns for f in out.rglob("*.parquet")}
+    proc = run_sweep(*TINY, "--out", str(out), "--resume")
+    assert "already complete" in proc.stdout and "nothing to do" in proc.stdout
+    assert {f: f.stat().st_mtime_ns for f in out.rglob("*.parquet")} == mtimes
+
+
+def test_refuses_to_mix_studies(tiny_reference):
+    out, _ = tiny_reference
+    mtimes = {f: f.stat().st_mtime_ns for f in out.rglob("*.parquet")}
+    same = run_sweep(*TINY, "--out", str(out), check=False)
+    assert same.returncode == 2 and "--resume" in same.stderr
+    other = run_sweep(*TINY[:-2], "--seeds", "5", "--out", str(out), check=False)
+    assert other.returncode == 2 and "different study" in other.stderr
+    assert {f: f.stat().st_mtime_ns for f in out.rglob("*.parquet")} == mtimes
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--norms", "group", "unknown norm"),
+    ("--lrs", "-0.1", "learning rates must be > 0"),
+    ("--noises", "-1", "noise magnitudes must be >= 0"),
+    ("--seeds", ",", "empty"),
+    ("--seeds", "a,b", "not a comma-separated list"),
+    ("--gpus", "-1", "must be >= 0"),
+    ("--gpus", "4", "this machine has 0 GPUs"),
+    ("--epochs", "0", "must be >= 1"),
+    ("--dataset", "mnist", "mnist"),
+    ("--out", "/proc/forbidden/results", "cannot write"),
+    ("--address", "127.0.0.1:1", "cannot reach a Ray cluster"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, flag, value, message):
+    existing = tmp_path / "results"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("precious")
+    args = ["--dataset", "synthetic", "--subset", "50", "--epochs", "1", "--out", str(existing)]
+    args += [flag, value]
+    proc = subprocess.run([sys.executable, "-m", "study.sweep", *args], cwd=ROOT, timeout=120,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in existing.iterdir()) == ["keep.txt"]
+
+
+def test_cluster_yaml_passes_rays_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(yaml.safe_load((ROOT / "cluster.yaml").read_text()))
+    validate_config(config)
+    workers = config["available_node_types"]["gpu_worker"]
+    assert config["available_node_types"]["head"]["resources"] == {"CPU": 0}
+    assert workers["node_config"]["InstanceType"].startswith(("g5", "g6"))
+    assert "127.0.0.1" in " ".join(config["head_start_ray_commands"])
+
+
+def test_two_node_cluster_packs_trials_on_the_gpu_node(tmp_path):
+    """A head and a node with 2 fake GPUs; --gpus 2 --trials-per-gpu 2 → 0.5 GPU per trial."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    gpu_node = cluster.add_node(num_cpus=4, num_gpus=2)
+    cluster.wait_for_nodes()
+    try:
+        out = tmp_path / "results"
+        run_sweep("--norms", "batch,noisy_batch", "--noises", "1", "--seeds", "0,1", "--lrs", "0.02",
+                         "--epochs", "1", "--dataset", "synthetic", "--subset", "120",
+                         "--gpus", "2", "--trials-per-gpu", "2", "--address", cluster.address,
+                         "--out", str(out))
+        trial_ids = {f.stem for f in (out / "trials").glob("*.parquet")}
+        assert len(trial_ids) == 4
+        for tid in trial_ids:
+            row = results.read_table_file(results.table_path(out, "trials", tid)).to_pylist()[0]
+            assert row["status"] == "done" and row["device"] == "cpu"
+            lines = (out / "tune" / "full" / tid / "result.json").read_text().splitlines()
+            reported = json.loads(lines[-1])
+            assert reported["node_id"] == gpu_node.node_id
+            assert reported["gpu_ids"] in ("0", "1") and reported["gpus"] == 0.5
+        assert len(read_tables(out)["epochs"]) == 4
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
+
+
+def test_no_stray_ray_processes_after_the_sweeps():
+    """Local studies stop the Ray they started (the cluster test shuts its own down)."""
+    mine = subprocess.run(["pgrep", "-f", "-P", str(os.getpid()), "raylet"], capture_output=True,
+                          text=True)
+    assert mine.stdout.strip() == ""
