@@ -1,0 +1,335 @@
+"""Read a results folder (DESIGN §5) into tidy pandas DataFrames joined with the trial configs.
+
+The Parquet schema lives in ``study.results`` (which imports only pyarrow); this module only
+reads it, so the analysis never needs torch or Ray. Every per-trial table gets the trial's
+``variant``, ``norm``, ``noise``, ``lr``, ``seed``, ``dataset`` and ``status`` columns, so a
+figure can group by them without another join.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from study import results
+
+#: Trial columns copied onto every row of the per-trial tables.
+JOIN_COLUMNS: tuple[str, ...] = ("variant", "norm", "noise", "lr", "seed", "dataset", "status")
+#: The tables a study may hold; ``probes`` is optional, the others may be empty while running.
+TABLE_NAMES: tuple[str, ...] = ("trials", "epochs", "layers", "steps", "probes")
+#: Status values whose curves are drawn; diverged and failed runs are counted, not averaged.
+OK_STATUSES: tuple[str, ...] = ("done", "running")
+
+_ID_TYPE = pa.dictionary(pa.int32(), pa.string())
+_NORM_LABELS = {"none": "no BN", "batch": "BN", "noisy_batch": "noisy BN"}
+_NORM_ORDER = ("none", "batch", "noisy_batch")
+
+
+class ResultsError(Exception):
+    """A problem with the results folder that the user can fix (message names the file)."""
+
+
+@dataclass
+class Study:
+    """One results folder, read: the five tables, the sweep's settings and what is incomplete."""
+
+    path: Path
+    trials: pd.DataFrame
+    epochs: pd.DataFrame
+    layers: pd.DataFrame
+    steps: pd.DataFrame
+    probes: pd.DataFrame | None
+    config: dict = field(default_factory=dict)
+    notices: list[str] = field(default_factory=list)
+
+    @property
+    def variants(self) -> list[str]:
+        """Variant labels in display order (no BN, BN, noisy BN by noise, then others)."""
+        return list(self.trials["variant"].cat.categories)
+
+    @property
+    def lrs(self) -> list[float]:
+        return sorted(float(x) for x in self.trials["lr"].dropna().unique())
+
+    @property
+    def datasets(self) -> list[str]:
+        return sorted(str(x) for x in self.trials["dataset"].dropna().unique())
+
+
+def format_number(x: float) -> str:
+    """Short form of a noise magnitude or learning rate (1, 0.5, 0.001, 5e-05)."""
+    return f"{float(x):g}"
+
+
+def variant_label(norm: str, noise: float) -> str:
+    """The label of one (norm, noise) pair, e.g. ``noisy BN (noise 1)``.
+
+    Noise only distinguishes variants where it is applied: ``noisy_batch`` always shows it,
+    other norms only when it is non-zero (a future noisy variant of another norm).
+    """
+    name = _NORM_LABELS.get(norm, str(norm))
+    noise = 0.0 if noise is None or (isinstance(noise, float) and math.isnan(noise)) else noise
+    if norm == "noisy_batch" or noise != 0:
+        return f"{name} (noise {format_number(noise)})"
+    return name
+
+
+def _variant_sort_key(norm: str, noise: float) -> tuple:
+    rank = _NORM_ORDER.index(norm) if norm in _NORM_ORDER else len(_NORM_ORDER)
+    return (rank, str(norm), float(noise))
+
+
+def load_study(path: str | Path, *, step_columns: Sequence[str] | None = None) -> Study:
+    """Read ``path`` (a results folder) into a :class:`Study`.
+
+    ``step_columns`` limits the ``steps`` columns read (besides trial_id, step and epoch), since
+    a full study has millions of step rows. Raises :class:`ResultsError` for a missing folder,
+    a folder without results, an unreadable file or an unknown schema version.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise ResultsError(f"results folder {root} does not exist")
+    if not root.is_dir():
+        raise ResultsError(f"{root} is not a folder (expected a results folder)")
+    files = {name: _table_files(root / name) for name in TABLE_NAMES}
+    if not any(files.values()):
+        raise ResultsError(
+            f"{root} holds no results: no Parquet files under "
+            + ", ".join(f"{name}/" for name in TABLE_NAMES)
+        )
+    if not files["trials"]:
+        raise ResultsError(f"{root}: no trials table (trials/*.parquet), so runs cannot be grouped")
+
+    notices: list[str] = []
+    config = _read_config(root, notices)
+    trials = _prepare_trials(_read_table(files["trials"], "trials").to_pandas(), notices)
+
+    frames: dict[str, pd.DataFrame] = {}
+    for name in ("epochs", "layers", "steps", "probes"):
+        columns = None
+        if name == "steps" and step_columns is not None:
+            columns = ["trial_id", "step", "epoch", *step_columns]
+        arrow = _read_table(files[name], name, columns)
+        frames[name] = _attach(_to_pandas(arrow), trials, name, notices)
+
+    _note_incomplete(trials, frames["epochs"], notices)
+    _note_not_started(config, trials, notices)
+    probes = frames["probes"] if files["probes"] else None
+    return Study(
+        path=root,
+        trials=trials,
+        epochs=frames["epochs"],
+        layers=frames["layers"],
+        steps=frames["steps"],
+        probes=probes,
+        config=config,
+        notices=notices,
+    )
+
+
+def _table_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix == ".parquet"
+        and not p.name.startswith(".")
+        and not p.name.endswith(results.TMP_SUFFIX)
+        and p.is_file()
+    )
+
+
+def _read_table(paths: list[Path], table: str, columns: Sequence[str] | None = None) -> pa.Table:
+    schema = results.TABLES[table]
+    wanted = list(schema.names) if columns is None else list(dict.fromkeys(columns))
+    unknown = [c for c in wanted if c not in schema.names]
+    if unknown:
+        raise ValueError(f"unknown columns for table {table!r}: {unknown}")
+    parts = [_read_file(p, table, wanted) for p in paths]
+    fields = [schema.field(c) for c in wanted]
+    fields = [f.with_type(_ID_TYPE) if f.name == "trial_id" else f for f in fields]
+    empty = pa.schema(fields).empty_table()
+    parts = [empty, *parts]
+    try:
+        merged = pa.concat_tables(parts, promote_options="permissive")
+    except pa.ArrowException as exc:
+        raise ResultsError(f"{paths[0].parent}: files do not share one schema ({exc})") from exc
+    return merged.select(wanted)
+
+
+def _read_file(path: Path, table: str, columns: list[str]) -> pa.Table:
+    try:
+        pf = pq.ParquetFile(path, read_dictionary=["trial_id"])
+        meta = pf.schema_arrow.metadata
+        results.check_version(path, meta)
+        stored = (meta or {}).get(results.TABLE_KEY)
+        if stored is not None and stored.decode() != table:
+            raise ResultsError(f"{path}: holds table {stored.decode()!r}, not {table!r}")
+        present = [c for c in columns if c in pf.schema_arrow.names]
+        data = pf.read(columns=present)
+    except results.SchemaVersionError as exc:
+        raise ResultsError(str(exc)) from exc
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise ResultsError(f"{path}: not a readable Parquet file ({exc})") from exc
+    # Unify the trial_id type so files with and without a dictionary concatenate.
+    if "trial_id" in data.column_names:
+        col = data.column("trial_id")
+        if not pa.types.is_dictionary(col.type):
+            data = data.set_column(
+                data.schema.get_field_index("trial_id"),
+                "trial_id",
+                col.cast(pa.string()).dictionary_encode(),
+            )
+    return data
+
+
+def _to_pandas(table: pa.Table) -> pd.DataFrame:
+    df = table.to_pandas()
+    if "trial_id" in df and not isinstance(df["trial_id"].dtype, pd.CategoricalDtype):
+        df["trial_id"] = df["trial_id"].astype("category")
+    return df
+
+
+def _read_config(root: Path, notices: list[str]) -> dict:
+    path = root / "study.json"
+    if not path.exists():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        notices.append(f"{path} could not be read ({exc}); the study's settings are not shown")
+        return {}
+    if not isinstance(config, dict):
+        notices.append(f"{path} does not hold a JSON object; ignored")
+        return {}
+    return config
+
+
+def _prepare_trials(trials: pd.DataFrame, notices: list[str]) -> pd.DataFrame:
+    trials = trials.copy()
+    trials["trial_id"] = trials["trial_id"].astype(str)
+    dup = trials["trial_id"].duplicated(keep="last")
+    if dup.any():
+        notices.append(
+            f"{int(dup.sum())} duplicate trial rows (same trial_id); the last one is used"
+        )
+        trials = trials[~dup]
+    trials["norm"] = trials["norm"].fillna("unknown").astype(str)
+    trials["noise"] = trials["noise"].fillna(0.0).astype(float)
+    trials["status"] = trials["status"].fillna("unknown").astype(str)
+    trials["dataset"] = trials["dataset"].fillna("unknown dataset").astype(str)
+    odd = sorted(set(trials["status"]) - set(results.STATUSES))
+    if odd:
+        notices.append(f"unknown trial status {odd}; such trials are counted but not drawn")
+
+    pairs = sorted(
+        {(n, z) for n, z in zip(trials["norm"], trials["noise"], strict=True)},
+        key=lambda p: _variant_sort_key(*p),
+    )
+    labels = list(dict.fromkeys(variant_label(n, z) for n, z in pairs))
+    trials["variant"] = pd.Categorical(
+        [variant_label(n, z) for n, z in zip(trials["norm"], trials["noise"], strict=True)],
+        categories=labels,
+        ordered=True,
+    )
+    order = ["variant", "lr", "seed", "trial_id"]
+    return trials.sort_values(order, kind="stable").reset_index(drop=True)
+
+
+def _attach(df: pd.DataFrame, trials: pd.DataFrame, table: str, notices: list[str]) -> pd.DataFrame:
+    """Copy the trial columns onto ``df`` through the trial_id codes (no row-wise merge)."""
+    ids = df["trial_id"].cat
+    pos = np.append(pd.Index(trials["trial_id"]).get_indexer(ids.categories), -1)
+    row_pos = pos[ids.codes.to_numpy()]
+    orphan = row_pos < 0
+    if orphan.any():
+        missing = sorted(set(df["trial_id"][orphan].astype(str)))
+        notices.append(
+            f"{table}: {int(orphan.sum())} rows of {len(missing)} trial(s) without a trials row "
+            f"were ignored ({', '.join(missing[:5])}{', …' if len(missing) > 5 else ''})"
+        )
+        df = df[~orphan]
+        row_pos = row_pos[~orphan]
+    df = df.reset_index(drop=True)
+    for col in JOIN_COLUMNS:
+        source = trials[col]
+        if isinstance(source.dtype, pd.CategoricalDtype):
+            df[col] = pd.Categorical.from_codes(
+                source.cat.codes.to_numpy()[row_pos], dtype=source.dtype
+            )
+        else:
+            df[col] = source.to_numpy()[row_pos]
+    for col in ("status", "norm", "dataset"):
+        df[col] = df[col].astype("category")
+    return df
+
+
+def _note_not_started(config: dict, trials: pd.DataFrame, notices: list[str]) -> None:
+    """Trials the sweep planned (study.json ``trial_ids``) that have no trials row yet."""
+    planned = config.get("trial_ids")
+    if not isinstance(planned, list):
+        return
+    missing = [str(t) for t in planned if str(t) not in set(trials["trial_id"])]
+    if missing:
+        notices.append(
+            f"{len(missing)} of the study's {len(planned)} planned trials have not started: "
+            + ", ".join(missing[:6])
+            + (f", and {len(missing) - 6} more" if len(missing) > 6 else "")
+        )
+
+
+def _note_incomplete(trials: pd.DataFrame, epochs: pd.DataFrame, notices: list[str]) -> None:
+    done_epochs = epochs.groupby("trial_id", observed=True)["epoch"].max()
+    done_epochs.index = done_epochs.index.astype(str)
+    have = trials["trial_id"].map(done_epochs).fillna(0).astype(int).to_numpy()
+    want = trials["epochs"].fillna(0).astype(int).to_numpy()
+
+    def describe(mask: np.ndarray, extra: str = "") -> str:
+        items = [
+            f"{tid} ({h}/{w} epochs{extra})"
+            for tid, h, w in zip(trials["trial_id"][mask], have[mask], want[mask], strict=True)
+        ]
+        return ", ".join(items[:6]) + (f", and {len(items) - 6} more" if len(items) > 6 else "")
+
+    status = trials["status"].to_numpy()
+    running = status == "running"
+    if running.any():
+        notices.append(
+            f"{int(running.sum())} trial(s) still running; their curves end early and they are "
+            f"not in the accuracy means: {describe(running)}"
+        )
+    short = (status == "done") & (have < want)
+    if short.any():
+        notices.append(
+            f"{int(short.sum())} trial(s) marked done have fewer epochs than configured: "
+            f"{describe(short)}"
+        )
+    errors = trials[status == "error"]
+    if len(errors):
+        msgs = [
+            f"{tid}: {str(err).splitlines()[0] if isinstance(err, str) and err else 'no message'}"
+            for tid, err in zip(errors["trial_id"], errors["error"], strict=True)
+        ]
+        notices.append(
+            f"{len(errors)} trial(s) failed with an error and are left out: "
+            + "; ".join(msgs[:5])
+            + (f"; and {len(msgs) - 5} more" if len(msgs) > 5 else "")
+        )
+    diverged = int((status == "diverged").sum())
+    if diverged:
+        notices.append(
+            f"{diverged} trial(s) diverged (a non-finite loss); they are counted in the accuracy "
+            "table and left out of the means and curves"
+        )
+    no_rows = (have == 0) & (status != "error")
+    if no_rows.any():
+        notices.append(f"{int(no_rows.sum())} trial(s) have no epoch rows yet")

@@ -1,0 +1,273 @@
+"""A synthetic results folder written through ``study.results``, for tests and benchmarks.
+
+The values are made up but shaped like a real study (BN keeps activations near 0 and 1,
+no BN drifts, noisy BN moves them, gradients are larger without BN), so the figures drawn
+from it can be looked at, and the files go through the real writer, so the analysis reads
+exactly what training writes. Only pyarrow and numpy are needed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from study import results
+
+DEFAULT_VARIANTS: tuple[tuple[str, float], ...] = (
+    ("none", 0.0),
+    ("batch", 0.0),
+    ("noisy_batch", 0.5),
+    ("noisy_batch", 1.0),
+)
+
+
+def trial_id(norm: str, noise: float, lr: float, seed: int) -> str:
+    """The trial id used by the synthetic study (stable, readable)."""
+    return f"{norm}_n{noise:g}_lr{lr:g}_s{seed}"
+
+
+def write_synthetic_study(
+    path: str | Path,
+    *,
+    variants: Sequence[tuple[str, float]] = DEFAULT_VARIANTS,
+    lrs: Sequence[float] = (1e-3, 1e-2),
+    seeds: Sequence[int] = (0, 1, 2),
+    epochs: int = 3,
+    steps_per_epoch: int = 100,
+    hist_bins: int = 32,
+    probe_every: int = 0,
+    outcome: Mapping[str, tuple[str, int]] | None = None,
+    per_epoch: bool = True,
+    dataset: str = "synthetic",
+    study_json: bool = True,
+    random_state: int = 0,
+) -> list[dict]:
+    """Write a study into ``path``; returns the trial rows written.
+
+    ``outcome`` maps a trial id to (status, epochs written) for trials that did not finish
+    (``diverged``: the last written epoch has a non-finite loss; ``running``: fewer epochs;
+    ``error``). ``per_epoch`` writes each epoch with its own upsert, as training does; without
+    it every table is written once per trial (faster, for the benchmark).
+    """
+    out = Path(path)
+    rng = np.random.default_rng(random_state)
+    outcome = dict(outcome or {})
+    rows = []
+    for v_index, (norm, noise) in enumerate(variants):
+        for lr in lrs:
+            for seed in seeds:
+                tid = trial_id(norm, noise, lr, seed)
+                status, n_epochs = outcome.get(tid, ("done", epochs))
+                rows.append(
+                    _write_trial(
+                        out,
+                        rng,
+                        tid,
+                        norm,
+                        float(noise),
+                        float(lr),
+                        int(seed),
+                        v_index,
+                        epochs,
+                        n_epochs,
+                        status,
+                        steps_per_epoch,
+                        hist_bins,
+                        probe_every,
+                        per_epoch,
+                        dataset,
+                    )
+                )
+    if study_json:
+        (out / "study.json").write_text(
+            json.dumps(
+                {
+                    "name": "synthetic",
+                    "preset": "synthetic",
+                    "dataset": dataset,
+                    "norms": sorted({n for n, _ in variants}),
+                    "noises": sorted({float(z) for _, z in variants}),
+                    "lrs": [float(x) for x in lrs],
+                    "seeds": [int(s) for s in seeds],
+                    "epochs": epochs,
+                    "batch_size": 16,
+                },
+                indent=2,
+            )
+        )
+    return rows
+
+
+def _write_trial(
+    out: Path,
+    rng: np.random.Generator,
+    tid: str,
+    norm: str,
+    noise: float,
+    lr: float,
+    seed: int,
+    v_index: int,
+    epochs: int,
+    n_epochs: int,
+    status: str,
+    steps_per_epoch: int,
+    hist_bins: int,
+    probe_every: int,
+    per_epoch: bool,
+    dataset: str,
+) -> dict:
+    has_bn = norm != "none"
+    lr_effect = float(np.log10(lr / 1e-3))
+    epoch_rows, layer_rows, step_cols, probe_rows = [], [], [], []
+    for epoch in range(1, n_epochs + 1):
+        diverged = status == "diverged" and epoch == n_epochs
+        acc = 0.35 + 0.3 * (1 - np.exp(-epoch / 4)) + (0.08 if has_bn else 0.0) - 0.01 * noise
+        acc += 0.03 * lr_effect * (1 if has_bn else -1) + rng.normal(0, 0.01)
+        epoch_rows.append(
+            dict(
+                trial_id=tid,
+                epoch=epoch,
+                train_loss=float("nan") if diverged else 2.0 - acc,
+                train_acc=acc,
+                val_loss=float("nan") if diverged else 2.1 - acc,
+                val_acc=float("nan") if diverged else acc - 0.02 + rng.normal(0, 0.01),
+                test_loss=float("nan") if diverged else 2.1 - acc,
+                test_acc=float("nan") if diverged else acc - 0.03 + rng.normal(0, 0.01),
+                lr=lr,
+                steps=steps_per_epoch,
+                wall_s=10.0,
+                images_per_s=5000.0,
+                diverged=diverged,
+                grad_norm_mean=1.0,
+                grad_norm_std=0.1,
+                grad_norm_max=2.0,
+            )
+        )
+        for k, layer in enumerate(results.ACT_LAYERS, start=1):
+            drift = 0.15 * epoch * k
+            conv_mean = drift * (1 if k % 2 else -1) + rng.normal(0, 0.05)
+            conv_var = (1.0 + 0.4 * epoch * k) * np.exp(rng.normal(0, 0.05))
+            if norm == "none":
+                pre_mean, pre_var = conv_mean, conv_var
+            else:
+                pre_mean = rng.normal(0, 0.02 + 0.25 * noise)
+                pre_var = (1.0 + 0.3 * noise) * np.exp(rng.normal(0, 0.02 + 0.1 * noise))
+            for site, m, var in (("conv", conv_mean, conv_var), ("preact", pre_mean, pre_var)):
+                count = 16 * 32 * 32 * steps_per_epoch
+                layer_rows.append(
+                    dict(
+                        trial_id=tid,
+                        epoch=epoch,
+                        layer=layer,
+                        site=site,
+                        count=count,
+                        mean=float(m),
+                        var=float(var),
+                        batch_mean_std=0.05 * (1 + noise),
+                        batch_var_std=0.05 * (1 + noise),
+                        hist_lo=-8.0,
+                        hist_hi=8.0,
+                        hist=_histogram(float(m), float(var), count, hist_bins),
+                    )
+                )
+        steps = np.arange((epoch - 1) * steps_per_epoch, epoch * steps_per_epoch)
+        level = (3.0 if norm == "none" else 1.0) * (1 + 0.2 * noise) * (lr / 1e-3) ** 0.3
+        cols: dict[str, np.ndarray] = {
+            "step": steps,
+            "epoch": np.full(len(steps), epoch),
+            "loss": (2.0 - 0.1 * epoch + rng.normal(0, 0.1, len(steps))).astype(np.float32),
+        }
+        swing = 1.0 + (0.5 * np.sin(steps / (3.0 * steps_per_epoch)) if norm == "none" else 0.0)
+        for name in results.GRAD_LAYERS:
+            cols[f"grad_norm_{name}"] = (
+                level * swing * np.exp(rng.normal(0, 0.3, len(steps))) / 2
+            ).astype(np.float32)
+        cols["grad_norm"] = np.sqrt(
+            sum(cols[f"grad_norm_{n}"].astype(np.float64) ** 2 for n in results.GRAD_LAYERS)
+        ).astype(np.float32)
+        if diverged:
+            cols["loss"][-1] = np.inf
+            cols["grad_norm"][-1] = np.nan
+        step_cols.append(cols)
+        if probe_every:
+            for step in steps[steps % probe_every == 0]:
+                lmin = 1.5 - 0.001 * step + rng.normal(0, 0.02)
+                spread = (0.6 if norm == "none" else 0.2) * np.exp(rng.normal(0, 0.2))
+                for layer in results.PROBE_LAYERS:
+                    probe_rows.append(
+                        dict(
+                            trial_id=tid,
+                            step=int(step),
+                            epoch=epoch,
+                            layer=layer,
+                            ics_l2=float(np.exp(rng.normal(0 if has_bn else 0.5, 0.2))),
+                            ics_cos=float(np.clip(rng.normal(0.3 if has_bn else 0.5, 0.1), -1, 1)),
+                            loss_min=lmin,
+                            loss_max=lmin + spread,
+                            grad_pred=float(spread * 2),
+                            beta_smooth=float(spread * 10),
+                        )
+                    )
+        if per_epoch:
+            _upsert(out, tid, epoch_rows[-1:], layer_rows[-6:], step_cols[-1:], probe_rows, epoch)
+    if not per_epoch and n_epochs:
+        _upsert(out, tid, epoch_rows, layer_rows, step_cols, probe_rows, None)
+    last = epoch_rows[-1] if epoch_rows else {}
+    row = dict(
+        trial_id=tid,
+        study="synthetic",
+        norm=norm,
+        noise=noise,
+        noise_scope="channel",
+        lr=lr,
+        momentum=0.9,
+        batch_size=16,
+        epochs=epochs,
+        seed=seed,
+        grad_every=1,
+        probe_every=probe_every,
+        dataset=dataset,
+        train_size=40000,
+        val_size=10000,
+        test_size=10000,
+        status=status,
+        error="RuntimeError: synthetic failure" if status == "error" else None,
+        epochs_done=n_epochs,
+        final_train_loss=last.get("train_loss"),
+        final_train_acc=last.get("train_acc"),
+        final_val_loss=last.get("val_loss"),
+        final_val_acc=last.get("val_acc"),
+        final_test_loss=last.get("test_loss"),
+        final_test_acc=last.get("test_acc"),
+        wall_s=10.0 * n_epochs,
+        host="localhost",
+        device="cpu",
+        config_json=json.dumps({"norm": norm, "noise": noise, "lr": lr, "seed": seed}),
+    )
+    results.write_trial_row(out, row)
+    return row
+
+
+def _upsert(out, tid, epoch_rows, layer_rows, step_cols, probe_rows, epoch) -> None:
+    results.upsert_epoch_rows(out, "epochs", tid, results.to_arrow("epochs", epoch_rows))
+    results.upsert_epoch_rows(out, "layers", tid, results.to_arrow("layers", layer_rows))
+    steps = {k: np.concatenate([c[k] for c in step_cols]) for k in step_cols[0]}
+    steps["trial_id"] = [tid] * len(steps["step"])
+    results.upsert_epoch_rows(out, "steps", tid, results.to_arrow("steps", steps))
+    probes = [r for r in probe_rows if epoch is None or r["epoch"] == epoch]
+    if probes:
+        results.upsert_epoch_rows(out, "probes", tid, results.to_arrow("probes", probes))
+
+
+def _histogram(mean: float, var: float, count: int, bins: int) -> list[int]:
+    """Counts of a normal(mean, var) over equal bins of [-8, 8], outer bins holding the tails."""
+    from math import erf, sqrt
+
+    edges = np.linspace(-8.0, 8.0, bins + 1)
+    sd = sqrt(max(var, 1e-12))
+    cdf = np.array([0.5 * (1 + erf((e - mean) / (sd * sqrt(2)))) for e in edges])
+    cdf[0], cdf[-1] = 0.0, 1.0
+    return [int(round(c)) for c in np.diff(cdf) * count]

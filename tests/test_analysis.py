@@ -1,0 +1,329 @@
+"""The analysis end to end: a synthetic results folder written through ``study.results``,
+read by ``analysis.load`` and drawn by ``python -m analysis.figures``; bad input refused."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from scipy import stats
+
+from analysis import figures, load
+from analysis.synthetic import trial_id, write_synthetic_study
+from study import results
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURES = (
+    "fig1_activations",
+    "fig2_noisy_bn",
+    "fig3_gradients",
+    "fig_lr_sensitivity",
+    "fig_histograms",
+    "fig_probes_ics",
+    "fig_probes_landscape",
+)
+DIVERGED = trial_id("batch", 0.0, 0.01, 1)
+RUNNING = trial_id("none", 0.0, 0.001, 2)
+FAILED = trial_id("noisy_batch", 1.0, 0.01, 0)
+OUTCOME = {DIVERGED: ("diverged", 2), RUNNING: ("running", 2), FAILED: ("error", 1)}
+
+
+def run_main(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = figures.main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> dict:
+    """3 variants (none, batch, noisy_batch at noise 0.5 and 1) × 2 lrs × 3 seeds × 3 epochs,
+    with one diverged, one running and one failed trial, probes, and stray temporary files."""
+    folder = tmp_path_factory.mktemp("results") / "study"
+    rows = write_synthetic_study(
+        folder, epochs=3, steps_per_epoch=100, hist_bins=32, probe_every=20, outcome=OUTCOME
+    )
+    # What a crash mid-write leaves behind: must be ignored, never read.
+    (folder / "epochs" / ".x.tmp").write_bytes(b"half a file")
+    (folder / "steps" / f"{RUNNING}.parquet{results.TMP_SUFFIX}").write_bytes(b"garbage")
+    (folder / "layers" / ".hidden.parquet").write_bytes(b"garbage")
+    code, stdout, stderr = run_main([str(folder)])
+    return {"folder": folder, "rows": rows, "code": code, "stdout": stdout, "stderr": stderr}
+
+
+# --------------------------------------------------------------------------- load
+
+
+def test_load_joins_trial_configs_and_reports_incomplete_trials(study):
+    s = load.load_study(study["folder"])
+    assert len(s.trials) == 24
+    assert s.variants == ["no BN", "BN", "noisy BN (noise 0.5)", "noisy BN (noise 1)"]
+    assert s.lrs == [0.001, 0.01] and s.datasets == ["synthetic"]
+    for table in (s.epochs, s.layers, s.steps, s.probes):
+        assert set(load.JOIN_COLUMNS) <= set(table.columns)
+    assert s.steps["grad_norm"].dtype == np.float32
+    # Every trial's rows carry its own config.
+    by_id = s.trials.set_index("trial_id")
+    sample = s.epochs.drop_duplicates("trial_id")
+    for row in sample.itertuples():
+        assert by_id.loc[row.trial_id, "lr"] == row.lr
+        assert by_id.loc[row.trial_id, "variant"] == row.variant
+    running = s.epochs[s.epochs["trial_id"] == RUNNING]
+    assert sorted(running["epoch"]) == [1, 2]
+    text = " ".join(s.notices)
+    assert "still running" in text and RUNNING in text and "(2/3 epochs)" in text
+    assert "diverged" in text and "error" in text and FAILED in text
+    assert s.config["lrs"] == [0.001, 0.01]
+
+
+def test_load_reads_only_requested_step_columns(study):
+    s = load.load_study(study["folder"], step_columns=["grad_norm"])
+    assert "loss" not in s.steps.columns and "grad_norm" in s.steps.columns
+    assert len(s.steps) == 100 * (3 * 21 + 2 + 2 + 1)
+
+
+def test_planned_trials_without_rows_are_reported(tmp_path):
+    folder = tmp_path / "r"
+    rows = write_synthetic_study(
+        folder, variants=(("batch", 0.0),), lrs=(0.001,), seeds=(0,), epochs=1, steps_per_epoch=5
+    )
+    (folder / "study.json").write_text(json.dumps({"trial_ids": [rows[0]["trial_id"], "ghost"]}))
+    notices = " ".join(load.load_study(folder).notices)
+    assert "1 of the study's 2 planned trials have not started: ghost" in notices
+
+
+def test_variant_labels():
+    assert load.variant_label("none", 0.0) == "no BN"
+    assert load.variant_label("batch", 0.0) == "BN"
+    assert load.variant_label("noisy_batch", 1.0) == "noisy BN (noise 1)"
+    assert load.variant_label("noisy_batch", 0.5) == "noisy BN (noise 0.5)"
+    assert load.variant_label("group", 0.0) == "group"
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def test_every_figure_and_table_is_written(study):
+    assert study["code"] == 0, study["stderr"]
+    out = study["folder"] / "figures"
+    for name in FIGURES:
+        for fmt in ("png", "pdf"):
+            path = out / f"{name}.{fmt}"
+            assert path.is_file() and path.stat().st_size > 1000, path
+    for name in (
+        "accuracy_table.md",
+        "accuracy_table.csv",
+        "accuracy_table.tex",
+        "index.md",
+        "index.html",
+    ):
+        assert (out / name).is_file()
+    # One progress line per figure and the index at the end.
+    lines = study["stdout"].splitlines()
+    assert sum(line.startswith("wrote ") for line in lines) == len(FIGURES) + 1
+    assert lines[-1].startswith("index: ")
+    index = (out / "index.md").read_text()
+    html = (out / "index.html").read_text()
+    for name in FIGURES:
+        assert f"{name}.png" in index and f"{name}.png" in html
+    assert "Student-t" in index and "synthetic" in index and RUNNING in index
+
+
+def test_accuracy_table_equals_hand_computation(study):
+    table = pd.read_csv(study["folder"] / "figures" / "accuracy_table.csv")
+    rows = pd.DataFrame(study["rows"])
+    rows["variant"] = [
+        load.variant_label(n, z) for n, z in zip(rows["norm"], rows["noise"], strict=True)
+    ]
+    assert len(table) == 8
+    for r in table.itertuples():
+        group = rows[(rows["variant"] == r.variant) & np.isclose(rows["lr"], r.lr)]
+        done = group[group["status"] == "done"]
+        assert r.n == len(done)
+        assert r.diverged == (group["status"] == "diverged").sum()
+        assert r.error == (group["status"] == "error").sum()
+        assert r.running == (group["status"] == "running").sum()
+        for metric in ("train", "val", "test"):
+            values = 100 * done[f"final_{metric}_acc"].to_numpy()
+            n = len(values)
+            half = stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / np.sqrt(n)
+            assert getattr(r, f"{metric}_mean") == pytest.approx(values.mean(), rel=1e-9)
+            assert getattr(r, f"{metric}_hw") == pytest.approx(half, rel=1e-9)
+    # The diverged trial is counted but its numbers are not in the mean.
+    bn = table[(table["variant"] == "BN") & np.isclose(table["lr"], 0.01)].iloc[0]
+    assert bn["n"] == 2 and bn["diverged"] == 1
+    md = (study["folder"] / "figures" / "accuracy_table.md").read_text()
+    first = table.iloc[0]
+    assert f"{first['test_mean']:.2f} ± {first['test_hw']:.2f}" in md
+    assert "Diverged runs" in md and "excluded" in md
+    assert "\\pm" in (study["folder"] / "figures" / "accuracy_table.tex").read_text()
+
+
+def test_missing_variant_skips_its_figure_and_draws_the_rest(tmp_path):
+    folder = tmp_path / "no_none"
+    write_synthetic_study(
+        folder,
+        variants=(("batch", 0.0), ("noisy_batch", 1.0)),
+        lrs=(0.001, 0.01),
+        seeds=(0, 1),
+        epochs=2,
+        steps_per_epoch=50,
+        study_json=False,
+    )
+    out = tmp_path / "out"
+    code, stdout, _ = run_main(
+        [str(folder), "--out", str(out), "--ci", "bootstrap", "--format", "png", "--lr", "0.01"]
+    )
+    assert code == 0
+    assert not (out / "fig1_activations.png").exists()
+    assert "fig1_activations skipped" in stdout
+    index = (out / "index.md").read_text()
+    assert "fig1_activations skipped" in index and "bootstrap" in index
+    for name in ("fig2_noisy_bn", "fig3_gradients", "fig_lr_sensitivity", "fig_histograms"):
+        assert (out / f"{name}.png").exists() and not (out / f"{name}.pdf").exists()
+    assert "fig_probes_ics skipped: no probes recorded" in index
+
+
+def test_moving_average_matches_pandas_rolling():
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"g": np.repeat([0, 1, 2], [7, 1, 12]), "v": rng.normal(size=20)})
+    frame.loc[3, "v"] = np.nan
+    start = frame.groupby("g").cumcount().to_numpy()
+    group_start = np.arange(len(frame)) - start
+    got = figures.moving_average(frame["v"].to_numpy(), group_start, np.full(len(frame), 4))
+    ref = frame.groupby("g")["v"].transform(lambda s: s.rolling(4, min_periods=1).mean())
+    np.testing.assert_allclose(got, ref.to_numpy(), rtol=1e-12)
+
+
+def test_histogram_densities_integrate_to_one_on_mixed_bins():
+    layers = pd.DataFrame(
+        {
+            "hist_lo": [-8.0, -4.0],
+            "hist_hi": [8.0, 4.0],
+            "hist": [[0, 5, 10, 5], [1, 2, 3, 4, 5, 6, 7, 8]],
+        }
+    )
+    edges, dens = figures.histogram_densities(layers)
+    assert edges[0] == -8 and edges[-1] == 8
+    np.testing.assert_allclose((dens * np.diff(edges)).sum(axis=1), 1.0)
+
+
+def test_import_loads_neither_torch_nor_ray():
+    code = (
+        "import sys, analysis.figures, analysis.load, analysis.bands, analysis.synthetic\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray'))\n"
+        "print(bad)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def assert_refused(code: int, stderr: str, *words: str) -> None:
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_missing_folder_is_refused_from_the_command_line(tmp_path):
+    missing = tmp_path / "nope"
+    proc = subprocess.run(
+        [sys.executable, "-m", "analysis.figures", str(missing)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert_refused(proc.returncode, proc.stderr, "does not exist")
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize("kind", ["empty", "only_tmp", "trials_missing"])
+def test_folder_without_results_is_refused(tmp_path, kind):
+    folder = tmp_path / "r"
+    folder.mkdir()
+    if kind == "only_tmp":
+        (folder / "epochs").mkdir()
+        (folder / "epochs" / ".a.tmp").write_bytes(b"x")
+    if kind == "trials_missing":
+        results.upsert_epoch_rows(
+            folder, "epochs", "t1", results.to_arrow("epochs", [{"trial_id": "t1", "epoch": 1}])
+        )
+    code, _, err = run_main([str(folder)])
+    assert_refused(code, err, str(folder))
+    assert not (folder / "figures").exists()
+
+
+def test_corrupt_file_is_refused_and_named(study, tmp_path):
+    folder = tmp_path / "corrupt"
+    write_synthetic_study(
+        folder, variants=(("batch", 0.0),), lrs=(0.001,), seeds=(0,), epochs=1, steps_per_epoch=10
+    )
+    bad = folder / "layers" / "broken.parquet"
+    bad.write_bytes(b"PAR1 this is not parquet")
+    code, _, err = run_main([str(folder)])
+    assert_refused(code, err, str(bad))
+    assert not (folder / "figures").exists()
+
+
+def test_unknown_schema_version_is_refused(tmp_path):
+    folder = tmp_path / "future"
+    write_synthetic_study(
+        folder, variants=(("batch", 0.0),), lrs=(0.001,), seeds=(0,), epochs=1, steps_per_epoch=10
+    )
+    path = results.table_path(folder, "epochs", trial_id("batch", 0.0, 0.001, 0))
+    table = pq.read_table(path)
+    meta = dict(table.schema.metadata)
+    meta[results.VERSION_KEY] = b"99"
+    pq.write_table(table.replace_schema_metadata(meta), path)
+    code, _, err = run_main([str(folder)])
+    assert_refused(code, err, "schema version 99", str(path))
+    assert not (folder / "figures").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--level", "1.5"], "between 0 and 1"),
+        (["--level", "abc"], "not a number"),
+        (["--ci", "bca"], "invalid choice"),
+        (["--smooth", "0"], "at least 1"),
+        (["--format", "gif"], "png, pdf"),
+        (["--lr", "-1"], "positive"),
+        (["--lr", "0.02"], "not in the study"),
+        (["--bogus"], "unrecognized"),
+    ],
+)
+def test_bad_flag_values_are_refused(study, tmp_path, flags, words):
+    out = tmp_path / "out"
+    code, _, err = run_main([str(study["folder"]), "--out", str(out), *flags])
+    assert_refused(code, err, words)
+    assert not out.exists()
+
+
+def test_help_explains_every_flag_with_its_default(capsys):
+    assert figures.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for flag in ("--out", "--ci", "--level", "--lr", "--smooth", "--format"):
+        assert flag in text
+    assert text.count("default") >= 6
+
+
+def test_study_json_is_optional_and_shown(study, tmp_path):
+    index = (study["folder"] / "figures" / "index.md").read_text()
+    assert "study.json: preset" in index
+    config = json.loads((study["folder"] / "study.json").read_text())
+    assert config["epochs"] == 3

@@ -1,0 +1,188 @@
+"""Real faults against real Ray, each compared bit for bit with an uninterrupted run.
+
+A killed trial worker, a killed driver, a lost node, an unreadable checkpoint and a diverged
+trial. Every test bounds its own time and leaves no Ray processes behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from study import results
+from tests.conftest import ROOT, assert_tables_equal, read_tables, run_sweep, sweep_cmd
+
+#: Long enough epochs (50 steps) that a kill lands mid-trial, short enough for CI.
+FAULT = ["--norms", "none,batch", "--seeds", "0", "--lrs", "0.02", "--epochs", "3",
+         "--dataset", "synthetic", "--subset", "1000", "--max-failures", "3", "--name", "fault"]
+TIMINGS: dict[str, float] = {}
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.02):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def reported(out: Path) -> list[dict]:
+    """Every result line Tune wrote so far, across trials (each has the trial's pid)."""
+    rows = []
+    for f in (out / "tune" / "fault").glob("*/result.json"):
+        for line in f.read_text().splitlines():
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # a line being written
+                    pass
+    return rows
+
+
+@pytest.fixture(scope="module")
+def fault_reference(tmp_path_factory) -> dict[str, pd.DataFrame]:
+    out = tmp_path_factory.mktemp("fault-ref") / "results"
+    t0 = time.time()
+    run_sweep(*FAULT, "--out", str(out))
+    TIMINGS["uninterrupted"] = time.time() - t0
+    return read_tables(out)
+
+
+def test_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path, fault_reference):
+    out = tmp_path / "results"
+    t0 = time.time()
+    proc = subprocess.Popen(sweep_cmd(*FAULT, "--out", str(out)), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        first = wait_for(lambda: [r for r in reported(out) if r.get("epoch") == 1], 180,
+                         "a trial's first checkpoint")[0]
+        os.kill(first["pid"], signal.SIGKILL)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    TIMINGS["worker killed"] = time.time() - t0
+    assert proc.returncode == 0, output[-3000:]
+    after = read_tables(out)
+    assert_tables_equal(fault_reference, after)
+    killed = [r for r in reported(out) if r["trial_id"] == first["trial_id"]]
+    assert len({r["pid"] for r in killed}) == 2  # it really ran in a second process
+
+
+def test_killed_driver_resumes_without_loss_or_duplicates(tmp_path, fault_reference):
+    out = tmp_path / "results"
+    t0 = time.time()
+    proc = subprocess.Popen(sweep_cmd(*FAULT, "--out", str(out)), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: len(list((out / "epochs").glob("*.parquet"))) >= 1, 180,
+                 "the first epoch in the Parquet files")
+        time.sleep(1.0)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    before = {f.relative_to(out): f.read_bytes() for f in out.glob("epochs/*.parquet")}
+    before_rows = pd.concat([pd.read_parquet(out / f) for f in before]).drop(
+        columns=["wall_s", "images_per_s"])
+    run_sweep(*FAULT, "--out", str(out), "--resume")
+    TIMINGS["driver killed"] = time.time() - t0
+    after = read_tables(out)
+    assert_tables_equal(fault_reference, after)
+    # rows written before the kill are still there, with the same numbers
+    merged = before_rows.merge(after["epochs"], on=["trial_id", "epoch"], suffixes=("", "_after"))
+    assert len(merged) == len(before_rows)
+    for col in ("train_loss", "val_acc", "test_acc"):
+        assert (merged[col] == merged[f"{col}_after"]).all()
+
+
+def test_lost_node_trials_move_and_finish_with_the_same_numbers(tmp_path, fault_reference):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    worker = cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    out = tmp_path / "results"
+    proc = subprocess.Popen(sweep_cmd(*FAULT, "--out", str(out), "--address", cluster.address),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: [r for r in reported(out) if r.get("epoch") == 1], 180,
+                 "a trial's first checkpoint on the worker node")
+        cluster.remove_node(worker)  # its raylet and trial processes die
+        time.sleep(2)
+        replacement = cluster.add_node(num_cpus=2)
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, output[-3000:]
+        nodes = {r["node_id"] for r in reported(out)}
+        assert nodes == {worker.node_id, replacement.node_id}
+    finally:
+        proc.kill()
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
+    assert_tables_equal(fault_reference, read_tables(out))
+
+
+def test_unreadable_checkpoint_restarts_the_trial_with_a_log_line(tmp_path, caplog):
+    import torch
+    from ray import tune
+
+    from study.trainable import STATE_FILE, load_checkpoint_state
+
+    good = tmp_path / "good"
+    good.mkdir()
+    torch.save({"epoch": 1}, good / STATE_FILE)
+    assert load_checkpoint_state(tune.Checkpoint.from_directory(str(good))) == {"epoch": 1}
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / STATE_FILE).write_bytes((good / STATE_FILE).read_bytes()[:40])  # truncated
+    with caplog.at_level("WARNING"):
+        assert load_checkpoint_state(tune.Checkpoint.from_directory(str(bad))) is None
+    assert "unreadable" in caplog.text and "from scratch" in caplog.text
+
+
+def test_stray_temporary_parquet_file_is_ignored(tmp_path):
+    from analysis.load import load_study
+
+    out = tmp_path / "results"
+    row = dict(trial_id="batch-lr0.01-seed0", study="t", norm="batch", noise=0.0, lr=0.01,
+               seed=0, epochs=1, dataset="synthetic", status="done", epochs_done=1)
+    results.write_trial_row(out, row)
+    results.upsert_epoch_rows(out, "epochs", row["trial_id"], results.to_arrow("epochs", [
+        dict(trial_id=row["trial_id"], epoch=1, train_acc=0.5, test_acc=0.5, val_acc=0.5)]))
+    (out / "epochs" / ".batch-lr0.01-seed0.abc123.tmp").write_bytes(b"PAR1 half a file")
+    study = load_study(out)
+    assert len(study.epochs) == 1
+
+
+def test_diverged_trial_keeps_its_rows_and_is_not_retried(tmp_path):
+    out = tmp_path / "results"
+    run_sweep("--norms", "none", "--seeds", "0", "--lrs", "500", "--epochs", "2", "--dataset",
+              "synthetic", "--subset", "300", "--name", "fault", "--out", str(out))
+    tables = read_tables(out)
+    (trial,) = tables["trials"].itertuples()
+    assert trial.status == "diverged"
+    assert len(tables["epochs"]) >= 1 and tables["epochs"].diverged.iloc[-1]
+    assert len(tables["steps"]) >= 1
+    lines = reported(out)
+    assert len({r["pid"] for r in lines}) == 1  # one process: no retry
+    assert not list((out / "tune" / "fault").glob("*/error.txt"))
+
+
+def test_report_fault_costs(fault_reference):
+    """Not an assertion on time: prints what a fault cost (run with -s to see it)."""
+    base = TIMINGS.get("uninterrupted")
+    for name in ("worker killed", "driver killed"):
+        if base and name in TIMINGS:
+            print(f"\nfault cost, {name}: {TIMINGS[name]:.1f} s ÷ {base:.1f} s = "
+                  f"{TIMINGS[name] / base:.2f}")
