@@ -10,6 +10,12 @@ Every non-``trials`` table has an ``epoch`` column, and writing rows for an epoc
 resumed trial never duplicates rows. Files are written to a temporary name and
 renamed, so a crash never leaves a half-written file under a real name.
 
+Conventions the analysis relies on: accuracies are fractions in [0, 1]; epochs count from 1;
+``step`` is the trial's global step from 0; in ``probes``, the landscape columns (loss_min,
+loss_max, grad_pred, beta_smooth) belong to the step and repeat on each layer's row.
+``study.json`` holds ``name``, ``preset`` (the grid's settings), ``trials`` (each trial's
+config) and ``trial_ids`` (the grid, in order).
+
 This module imports only pyarrow and the standard library, so the analysis side
 can use it without torch or Ray.
 """
@@ -180,11 +186,10 @@ def check_version(path: str | os.PathLike, metadata: Mapping[bytes, bytes] | Non
         )
 
 
-def read_table_file(path: str | os.PathLike) -> pa.Table:
-    """Read one results file, checking its schema version."""
-    table = pq.read_table(path)
-    check_version(path, table.schema.metadata)
-    return table
+def read_table_file(path: str | os.PathLike, columns: Sequence[str] | None = None) -> pa.Table:
+    """Read one results file (or some of its columns), checking its schema version."""
+    check_version(path, pq.read_schema(path).metadata)
+    return pq.read_table(path, columns=columns)
 
 
 def write_atomic(table: pa.Table, path: str | os.PathLike) -> None:

@@ -82,19 +82,11 @@ class ParquetWriterCallback(tune.Callback):
 
     def _trial_row(self, cfg: TrialConfig, status: str, history: list[dict], **extra) -> dict:
         last = history[-1] if history else {}
-        row = dict(
+        columns = results.TABLES["trials"].names
+        row = {k: v for k, v in cfg.to_dict().items() if k in columns}
+        row.update(
             trial_id=cfg.trial_id,
             study=self.study,
-            norm=cfg.norm,
-            noise=cfg.noise,
-            noise_scope=cfg.noise_scope,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            batch_size=cfg.batch_size,
-            epochs=cfg.epochs,
-            seed=cfg.seed,
-            grad_every=cfg.grad_every,
-            probe_every=cfg.probe_every,
             dataset=self.dataset,
             status=status,
             epochs_done=len(history),
