@@ -23,6 +23,7 @@ from pathlib import Path
 
 from study.config import ConfigError, TrialConfig
 from study.model import NOISY_VARIANTS, NORM_VARIANTS
+from study.probes import DEFAULT_ETA_MULTIPLES
 
 EXIT_USAGE = 2
 #: Rough per-trial training speed (images/s) used by --dry-run's time estimate; see bench/.
@@ -199,11 +200,6 @@ def preset_from_args(args: argparse.Namespace) -> Preset:
     return p
 
 
-def default_probe_etas() -> tuple[float, ...]:
-    """The paper's step-size grid: 8 points log-spaced over [0.5, 4] × lr."""
-    return tuple(0.5 * 8 ** (i / 7) for i in range(8))
-
-
 def check_out_dir(out: Path) -> None:
     """Fail early if the results folder cannot be written."""
     try:
@@ -283,7 +279,7 @@ def init_ray(address: str | None):
 def run(args: argparse.Namespace) -> int:
     p = preset_from_args(args)
     name = args.name or args.preset
-    probe_etas = args.probe_etas or (default_probe_etas() if args.probe_every else ())
+    probe_etas = args.probe_etas or (DEFAULT_ETA_MULTIPLES if args.probe_every else ())
     try:
         grid = build_grid(p, args.grad_every, args.probe_every, probe_etas)
     except ConfigError as e:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from study.config import TrialConfig
 from study.data import DataArrays, augment, normalise, train_val_split
 from study.model import SeedCNN, build_model
+from study.probes import StepProber
 from study.results import GRAD_LAYERS
 from study.stats import ActivationMoments, GradientNorms
 
@@ -134,6 +135,7 @@ def run_trial(
     model.set_noise_generator(gens["noise"])
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     params = list(model.parameters())
+    prober = StepProber(cfg.probe_every, cfg.probe_etas, cfg.lr)  # Santurkar's probes (0: off)
     weights = model.weight_layers()
     weight_idx = [next(i for i, p in enumerate(params) if p is weights[n].weight) for n in GRAD_LAYERS]
 
@@ -164,6 +166,7 @@ def run_trial(
                 idx = order[i * bs : (i + 1) * bs]
                 x, y = augment(d.train_x[idx], gens["data"]), d.train_y[idx]
                 taps: list = []
+                prober.before_forward((epoch - 1) * steps_per_epoch + i)
                 logits = model(x, taps)
                 loss = F.cross_entropy(logits, y)
                 opt.zero_grad(set_to_none=False)
@@ -172,6 +175,7 @@ def run_trial(
                 step = (epoch - 1) * steps_per_epoch + i
                 if i % cfg.grad_every == 0:
                     grads.record(step, loss, [p.grad for p in params], weight_idx)
+                prober.after_backward(model, opt, x, y, loss, epoch)  # before the step; changes nothing
                 opt.step()
                 loss_sum += loss.detach() * len(y)
                 correct += (logits.argmax(1) == y).sum()
@@ -218,6 +222,7 @@ def run_trial(
         history.append(row)
         steps["epoch"] = np.full(len(steps["step"]), epoch, dtype=np.int64)
         record = dict(epoch=row, layers=acts.finish(), steps=steps, status=status)
+        record["probes"] = prober.take_rows()
         state = dict(
             epoch=epoch,
             model=model.state_dict(),
