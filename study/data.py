@@ -18,6 +18,7 @@ import math
 import multiprocessing
 import os
 import socket
+import sys
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -131,7 +132,7 @@ def load_dataset(
             n_train, n_test = min(n_train, int(subset)), min(n_test, int(subset))
         return make_synthetic(n_train, n_test, seed)
     if resolved == "cifar10":
-        data = _load_cifar10(Path(data_dir), log)
+        data = _load_cifar10(Path(data_dir))
     else:
         data = _load_imagefolder(Path(resolved[len("imagefolder:") :]), Path(data_dir), log)
     return data if subset is None else take_subset(data, int(subset), seed)
@@ -203,17 +204,13 @@ def rotate_flip(x: torch.Tensor, angles_deg: torch.Tensor, flips: torch.Tensor) 
     b, _, h, w = x.shape
     rad = torch.deg2rad(angles_deg.to(device=x.device, dtype=torch.float32))
     cos, sin = rad.cos(), rad.sin()
-    sign = 1.0 - 2.0 * flips.to(device=x.device, dtype=torch.float32)
+    sign = torch.where(flips.to(device=x.device, dtype=torch.bool), -1.0, 1.0)
     zero = torch.zeros_like(cos)
     # Output pixel p samples the input at S·R·p (normalised coordinates): R rotates back by the
     # angle, with the aspect ratio undone for non-square images, and S = diag(-1, 1) mirrors x.
     theta = torch.stack(
-        (
-            torch.stack((sign * cos, -sign * sin * (h / w), zero), -1),
-            torch.stack((sin * (w / h), cos, zero), -1),
-        ),
-        -2,
-    )
+        (sign * cos, sign * sin * (-h / w), zero, sin * (w / h), cos, zero), -1
+    ).view(b, 2, 3)
     grid = F.affine_grid(theta, [b, 1, h, w], align_corners=False)
     return F.grid_sample(
         x.to(torch.float32), grid, mode="nearest", padding_mode="zeros", align_corners=False
@@ -236,9 +233,10 @@ def make_synthetic(n_train: int, n_test: int, seed: int = 0) -> DataArrays:
     Each class is a shape (see SYNTHETIC_CLASSES) drawn at a random position, size and
     orientation over a random gradient background with clutter (a faint grating and small
     distractor blobs) and pixel noise. Classes come in pairs that share a typical hue
-    (c and c + 5), so colour alone separates at most half of them and the network has to
-    see shapes. Images are generated in fixed chunks from (seed, split, chunk), so a smaller
-    set is a prefix of a larger one and train and test never share a random stream.
+    (c and c + 5), and a quarter of the shapes get a random hue, so colour alone gets a
+    linear model to about a third and a network has to see shapes to go further. Images are
+    generated in fixed chunks from (seed, split, chunk), so a smaller set is a prefix of a
+    larger one and train and test never share a random stream.
     """
     for what, n in (("n_train", n_train), ("n_test", n_test)):
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
@@ -316,7 +314,7 @@ def _synthetic_chunk(rng: np.random.Generator, size: int, n: int) -> tuple[np.nd
     a, fr, ph = rng.uniform(0, 2 * np.pi, (3, size)), rng.uniform(0.2, 1.2, size), rng.random(size)
     t = (gx * col(np.cos(a[0])) + gy * col(np.sin(a[0]))) / IMAGE_SIZE + 0.5
     np.clip(t, 0, 1, out=t)
-    wave = np.sin((gx * col(np.cos(a[1])) + gy * col(np.sin(a[1]))) * col(fr) + col(ph * 6.28))
+    wave = np.sin((gx * col(np.cos(a[1])) + gy * col(np.sin(a[1]))) * col(fr) + col(ph * 2 * np.pi))
     wave *= col(rng.uniform(0, 0.12, size))
     img = (c1 - c0) * t[:, None]
     img += c0
@@ -329,7 +327,7 @@ def _synthetic_chunk(rng: np.random.Generator, size: int, n: int) -> tuple[np.nd
         inside = (gx - col(cx)) ** 2 + (gy - col(cy)) ** 2 < col(r2)
         np.copyto(img, rgb((0.2, 1), (0.2, 1)), where=inside[:, None])
 
-    # The class's shape: random centre, radius and orientation; the pair's hue, jittered.
+    # The class's shape: random centre, radius and orientation; mostly its pair's hue.
     cx, cy = rng.uniform(-7, 7, (2, size))
     rad = rng.uniform(6.0, 11.0, size)
     a = rng.uniform(0, 2 * np.pi, size)
@@ -355,11 +353,11 @@ def _synthetic_chunk(rng: np.random.Generator, size: int, n: int) -> tuple[np.nd
 
     # Pixel noise of a random strength, then quantise; then shuffle the classes' order.
     noise = np.frombuffer(rng.bytes(img.size), np.uint8).reshape(img.shape).astype(f32)
-    amp = rng.uniform(0.03, 0.2, size).astype(f32)[:, None, None, None]
-    noise *= amp * (255 / 255.5)
+    noise -= 127.5
+    noise *= rng.uniform(0.03, 0.2, size).astype(f32)[:, None, None, None]
     img *= 255
     img += noise
-    img += 0.5 - 127.5 * amp
+    img += 0.5
     np.clip(img, 0, 255, out=img)
     order = rng.permutation(size)[:n]
     return img[order].astype(np.uint8), y[order].astype(np.int64)
@@ -378,7 +376,7 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
         socket.setdefaulttimeout(old)
 
 
-def _load_cifar10(data_dir: Path, log: Callable[[str], object]) -> DataArrays:
+def _load_cifar10(data_dir: Path) -> DataArrays:
     """torchvision's CIFAR-10 under data_dir, downloaded there if absent."""
     import torchvision
 
@@ -404,7 +402,7 @@ def _load_cifar10(data_dir: Path, log: Callable[[str], object]) -> DataArrays:
 # ---------------------------------------------------------------------------- image folders
 
 
-def _list_split(root: Path, split: str) -> tuple[list[str], list[list[Path]]]:
+def _list_split(root: Path, split: str) -> tuple[list[str], list[list[str]]]:
     """Sorted class names and each class's image files, as torchvision's ImageFolder finds
     them (sub-folders walked, files by extension, sorted)."""
     top = root / split
@@ -419,7 +417,7 @@ def _list_split(root: Path, split: str) -> tuple[list[str], list[list[Path]]]:
     files = []
     for c in classes:
         found = [
-            Path(d, f)
+            os.path.join(d, f)
             for d, _, names in sorted(os.walk(top / c, followlinks=True))
             for f in sorted(names)
             if f.lower().endswith(IMG_EXTENSIONS)
@@ -453,11 +451,12 @@ def _decode_files(paths: Sequence[str]) -> tuple[np.ndarray, int, str | None, st
 
 
 def _workers(n_files: int) -> int:
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, 8, n_files // 5_000))
+    """Decoding processes: one on small machines (a pool gains little over ~10 s of serial
+    decoding there), up to 8 where there are cores to spare and enough files."""
+    if sys.platform != "linux":  # the pool forks, which only Linux does safely
+        return 1
+    cpus = len(os.sched_getaffinity(0))
+    return 1 if cpus < 4 else max(1, min(cpus, 8, n_files // 5_000))
 
 
 def _decode_all(paths: list[str], log: Callable[[str], object]) -> np.ndarray:
@@ -465,16 +464,17 @@ def _decode_all(paths: list[str], log: Callable[[str], object]) -> np.ndarray:
     chunks = [paths[i : i + _DECODE_CHUNK] for i in range(0, len(paths), _DECODE_CHUNK)]
     out = np.empty((len(paths), 3, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
     workers = _workers(len(paths))
-    # spawn, not fork: the caller may hold threads (torch's, Ray's) that fork would copy mid-state.
+    # fork, as torch's DataLoader does: spawn would re-import the caller's __main__ in every
+    # worker (slow, and fatal for a script without a main guard); workers only run PIL.
     pool = (
-        ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
         if workers > 1
         else None
     )
     try:
         results = pool.map(_decode_files, chunks) if pool else map(_decode_files, chunks)
         n_resized, done, first = 0, 0, None
-        for chunk, (arr, k, first_resized, error) in zip(chunks, results):
+        for chunk, (arr, k, first_resized, error) in zip(chunks, results, strict=True):
             if error is not None:
                 raise DataError(f"imagefolder: cannot decode image {error}")
             out[done : done + len(chunk)] = arr.transpose(0, 3, 1, 2)
@@ -493,13 +493,15 @@ def _decode_all(paths: list[str], log: Callable[[str], object]) -> np.ndarray:
     return out
 
 
-def _cache_key(root: Path, split_files: list[list[list[Path]]]) -> str:
+def _cache_key(root: Path, split_files: list[list[list[str]]]) -> str:
+    """A hash of every file's path relative to root, size and mtime."""
     h = hashlib.sha256(f"bnstudy imagefolder cache v{_CACHE_VERSION} {IMAGE_SIZE}\n".encode())
+    skip = len(str(root)) + 1
     for files in split_files:
         for cls in files:
             for p in cls:
-                st = p.stat()
-                h.update(f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                st = os.stat(p)
+                h.update(f"{p[skip:]}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
             h.update(b"\1\n")
     return h.hexdigest()[:24]
 
@@ -547,9 +549,11 @@ def _load_imagefolder(root: Path, data_dir: Path, log: Callable[[str], object]) 
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             reason = " ".join(str(exc).split())
             log(f"imagefolder: ignoring unreadable cache {cache} ({reason}); rebuilding it")
+        else:
+            log(f"imagefolder: {root} read from the cache {cache}")
     if arrays is None:
         log(f"imagefolder: decoding the images of {root} (once; cached in {cache})")
-        paths = [str(p) for files in (train_files, test_files) for cls in files for p in cls]
+        paths = [p for files in (train_files, test_files) for cls in files for p in cls]
         x = _decode_all(paths, log)
         n_train = sum(len(c) for c in train_files)
         arrays = {

@@ -363,7 +363,7 @@ def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], resource
 
     t0 = time.time()
     try:
-        data = load_dataset(dataset, args.data_dir, subset=p.subset)
+        data = load_dataset(p.dataset, args.data_dir, subset=p.subset)  # prints the auto notice
     except DataError as e:
         raise UsageError(str(e)) from None
     print(f"dataset {data.name}: {len(data.train_y):,} training images, "
