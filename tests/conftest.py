@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+
+from study.data import DataArrays
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Columns that measure time or place, not the numbers a study computes.
@@ -63,3 +66,13 @@ def tiny_reference(tmp_path_factory) -> tuple[Path, dict[str, pd.DataFrame]]:
     out = tmp_path_factory.mktemp("reference") / "results"
     run_sweep(*TINY, "--out", str(out))
     return out, read_tables(out)
+
+
+def tiny_data(n_train: int = 320, n_test: int = 64, seed: int = 0) -> DataArrays:
+    """Random images whose red channel carries the label: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, n_train + n_test)
+    x = rng.integers(0, 256, (n_train + n_test, 3, 32, 32), dtype=np.uint8)
+    x[:, 0] = np.minimum(255, x[:, 0] // 2 + 12 * y[:, None, None]).astype(np.uint8)  # learnable
+    return DataArrays("tiny", tuple("abcdefghij"), x[:n_train], y[:n_train].astype(np.int64),
+                      x[n_train:], y[n_train:].astype(np.int64))

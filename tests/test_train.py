@@ -8,17 +8,8 @@ import pytest
 import torch
 
 from study.config import ConfigError, TrialConfig
-from study.data import DataArrays
 from study.train import run_trial
-
-
-def tiny_data(n_train: int = 320, n_test: int = 64, seed: int = 0) -> DataArrays:
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 10, n_train + n_test)
-    x = rng.integers(0, 256, (n_train + n_test, 3, 32, 32), dtype=np.uint8)
-    x[:, 0] = np.minimum(255, x[:, 0] // 2 + 12 * y[:, None, None]).astype(np.uint8)  # learnable
-    return DataArrays("tiny", tuple("abcdefghij"), x[:n_train], y[:n_train].astype(np.int64),
-                      x[n_train:], y[n_train:].astype(np.int64))
+from tests.conftest import tiny_data
 
 
 def collect(cfg, data, resume_from=None, stop_after=None):

@@ -1,0 +1,74 @@
+"""On a CUDA GPU, a trial's step loop never waits for the device (DESIGN §2).
+
+``torch.cuda.set_sync_debug_mode("error")`` turns every host synchronisation (``.item()``,
+``float(t)``, a device-to-host copy, ``nonzero``, ``bincount`` sizing its output...) into a
+RuntimeError. It is switched on around each epoch's step loop through the
+``study.train.STEP_LOOP_CONTEXT`` hook and off again before the epoch's end, where moving the
+statistics to the host legitimately waits. Skipped where there is no CUDA device; it runs on
+the lent GPU machine as part of ``bash bench/gpu_check.sh``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a GPU machine: bash bench/gpu_check.sh)"
+)
+
+
+@contextlib.contextmanager
+def syncs_are_errors(entered: list[int]):
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    entered.append(1)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+def test_sync_debug_mode_turns_a_host_sync_into_an_error():
+    x = torch.arange(4.0, device="cuda")
+    with syncs_are_errors([]), pytest.raises(RuntimeError):
+        x.sum().item()
+    assert x.sum().item() == 6.0  # and it is off again afterwards
+
+
+@pytest.mark.parametrize("norm,noise", [("none", 0.0), ("batch", 0.0), ("noisy_batch", 1.0)])
+def test_step_loop_never_waits_for_the_device(monkeypatch, norm, noise):
+    import study.train as train
+    from study.config import TrialConfig
+    from study.data import load_dataset
+
+    assert hasattr(train, "STEP_LOOP_CONTEXT"), (
+        "study.train needs STEP_LOOP_CONTEXT: a callable returning the context manager that "
+        "run_trial enters around each epoch's step loop"
+    )
+    entered: list[int] = []
+    monkeypatch.setattr(train, "STEP_LOOP_CONTEXT", lambda: syncs_are_errors(entered))
+    # 168 training images at batch 16: 11 steps, the last one short; histogram and gradient
+    # norms every step, so every statistics path runs inside the checked loop
+    cfg = TrialConfig(norm=norm, noise=noise, lr=0.01, batch_size=16, epochs=2, seed=3,
+                      hist_every=1, grad_every=1)
+    data = load_dataset("synthetic", subset=210, log=lambda s: None)
+    records: list[dict] = []
+    out = train.run_trial(cfg, data, on_epoch=lambda rec, state: records.append(rec), device="cuda")
+
+    assert len(entered) == cfg.epochs, "run_trial did not enter STEP_LOOP_CONTEXT once per epoch"
+    assert torch.cuda.get_sync_debug_mode() == 0
+    assert out["status"] == "done" and out["device"].startswith("cuda")
+    steps_per_epoch = math.ceil(168 / 16)
+    for rec in records:
+        assert rec["epoch"]["steps"] == steps_per_epoch
+        assert len(rec["steps"]["step"]) == steps_per_epoch
+        assert np.isfinite(rec["steps"]["grad_norm"]).all() and np.isfinite(rec["steps"]["loss"]).all()
+        for row in rec["layers"]:
+            assert math.isfinite(row["mean"]) and math.isfinite(row["var"])
+            assert sum(row["hist"]) == row["count"]  # hist_every=1: every element binned
