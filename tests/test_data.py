@@ -259,8 +259,11 @@ def test_augment_on_gpu_matches_cpu_without_host_sync() -> None:
         torch.cuda.set_sync_debug_mode("default")
     assert out.device == xg.device and out.dtype == torch.float32
     angles, flips = draw_augment_params(64, torch.Generator("cuda").manual_seed(3))
+    # the geometry is identical on both devices; the normalisation may differ by an ulp,
+    # since CUDA divides by a scalar through its reciprocal
+    assert torch.equal(rotate_flip(xg, angles, flips).cpu(), rotate_flip(x, angles.cpu(), flips.cpu()))
     ref = normalise(rotate_flip(x, angles.cpu(), flips.cpu()))
-    assert (out.cpu() == ref).float().mean().item() >= 0.99
+    torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- splits, subsets

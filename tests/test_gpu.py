@@ -41,8 +41,13 @@ def test_sync_debug_mode_turns_a_host_sync_into_an_error():
     assert x.sum().item() == 6.0  # and it is off again afterwards
 
 
-@pytest.mark.parametrize("norm,noise", [("none", 0.0), ("batch", 0.0), ("noisy_batch", 1.0)])
-def test_step_loop_never_waits_for_the_device(monkeypatch, norm, noise):
+@pytest.mark.parametrize(
+    "norm,noise,probe_every",
+    # probes wait for the device by design, inside study.probes' own sync-allowed block; the
+    # steps around them must still not wait
+    [("none", 0.0, 0), ("batch", 0.0, 0), ("noisy_batch", 1.0, 0), ("noisy_batch", 1.0, 4)],
+)
+def test_step_loop_never_waits_for_the_device(monkeypatch, norm, noise, probe_every):
     import study.train as train
     from study.config import TrialConfig
     from study.data import load_dataset
@@ -56,7 +61,8 @@ def test_step_loop_never_waits_for_the_device(monkeypatch, norm, noise):
     # 168 training images at batch 16: 11 steps, the last one short; histogram and gradient
     # norms every step, so every statistics path runs inside the checked loop
     cfg = TrialConfig(norm=norm, noise=noise, lr=0.01, batch_size=16, epochs=2, seed=3,
-                      hist_every=1, grad_every=1)
+                      hist_every=1, grad_every=1, probe_every=probe_every,
+                      probe_etas=(0.5, 1.0, 2.0) if probe_every else ())
     data = load_dataset("synthetic", subset=210, log=lambda s: None)
     records: list[dict] = []
     out = train.run_trial(cfg, data, on_epoch=lambda rec, state: records.append(rec), device="cuda")
@@ -72,3 +78,4 @@ def test_step_loop_never_waits_for_the_device(monkeypatch, norm, noise):
         for row in rec["layers"]:
             assert math.isfinite(row["mean"]) and math.isfinite(row["var"])
             assert sum(row["hist"]) == row["count"]  # hist_every=1: every element binned
+        assert bool(rec.get("probes")) == bool(probe_every)

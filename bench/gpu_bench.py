@@ -1,0 +1,335 @@
+"""GPU throughput of one trial and of several trials sharing one GPU (run by bench/gpu_check.sh).
+
+Parts (each its own command, so that the shell script can bound each in time):
+
+  ceiling      bf16 and fp32 (TF32 off) matrix product TFLOP/s, device-to-device copy bandwidth
+  seed         the seed's loop (DataLoader of PIL images + per-image transforms + per-layer
+               ``.item()`` moments + ``loss.item()``), batch 16, per-trial images/s
+  eager        the real ``run_trial`` (all statistics) and the bare step at batch 16 and 128,
+               interleaved; the statistics overhead (run_trial ÷ bare) and its breakdown into
+               parts at batch 16 (see bench/throughput.py)
+  concurrency  K = 1, 2, 4, 8 processes, each running ``run_trial`` on the GPU (batch 16,
+               1 torch thread), released together: aggregate and per-trial images/s
+  table        read the parts' JSON files and print one table
+
+    python bench/gpu_bench.py ceiling --json /tmp/g/ceiling.json
+    python bench/gpu_bench.py all --device cpu --quick      # dry run of every part on CPU
+    python bench/gpu_bench.py table /tmp/g
+
+The model costs about 20 MFLOP per training image (forward + backward), so even 50,000
+images/s is about 1 TFLOP/s: the ceilings say how far a trial is from the card's limits,
+i.e. that the loop is bound by kernel launches and the host, not by the GPU's arithmetic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PARTS = ("ceiling", "seed", "eager", "concurrency")
+
+
+def model_train_flops_per_image() -> float:
+    """Forward multiply-adds ×2 of SeedCNN's convs and linears, ×3 for forward + backward."""
+    convs = [(32, 3, 16), (16, 16, 32), (8, 32, 64)]  # (spatial size, in, out), 3×3 kernels
+    fwd = sum(2 * s * s * cin * cout * 9 for s, cin, cout in convs) + 2 * (1024 * 500 + 500 * 10)
+    return 3.0 * fwd
+
+
+def _setup(device_name: str):
+    sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    dev = torch.device(device_name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("CUDA is not available")
+    return torch, dev
+
+
+def _median_time(torch, dev, fn, reps: int, warmup: int) -> float:
+    """Median seconds of fn() (CUDA events on a GPU, host clock on the CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if dev.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------- parts
+
+
+def part_ceiling(args) -> dict:
+    torch, dev = _setup(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    n = 1024 if args.quick else 8192
+    out: dict = {"matmul_n": n}
+    g = torch.Generator(dev).manual_seed(0)
+    for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        if dev.type == "cpu" and dt is torch.bfloat16 and not args.quick:
+            continue
+        a = torch.randn(n, n, device=dev, dtype=dt, generator=g)
+        b = torch.randn(n, n, device=dev, dtype=dt, generator=g)
+        c = torch.empty(n, n, device=dev, dtype=dt)
+        s = _median_time(torch, dev, lambda a=a, b=b, c=c: torch.mm(a, b, out=c), 10, 3)
+        out[f"{name}_tflops"] = 2 * n**3 / s / 1e12
+        del a, b, c
+    nbytes = (64 if args.quick else 2048) * 2**20
+    src = torch.empty(nbytes // 4, device=dev, dtype=torch.float32).uniform_(generator=g)
+    dst = torch.empty_like(src)
+    s = _median_time(torch, dev, lambda: dst.copy_(src), 20, 3)
+    out["copy_bytes"] = nbytes
+    out["copy_tb_s"] = 2 * nbytes / s / 1e12  # bytes read + bytes written
+    return out
+
+
+def part_seed(args) -> dict:
+    torch, dev = _setup(args.device)
+    import throughput as tp
+
+    from study.config import TrialConfig
+
+    steps, warm, reps = (20, 3, 1) if args.quick else (300, 20, 3)
+    cfg = TrialConfig(norm="batch", batch_size=16, epochs=1)
+    data = tp.synthetic_with_train_size((steps + warm) * 16, cfg)
+    torch.set_num_threads(1)
+    variants = {
+        "seed": lambda: tp.SeedLoop(data, cfg, dev),
+        "seed_nohooks": lambda: tp.SeedLoop(data, cfg, dev, hooks=False),
+        "seed_loader": lambda: tp.SeedLoop(data, cfg, dev, train=False),
+    }
+    res: dict[str, list[float]] = {k: [] for k in variants}
+    out: dict = {"steps": steps}
+    for rep in range(reps):
+        for key, make in variants.items():
+            res[key].append(tp.time_steps(make().step, steps, warm, dev).images_per_s)
+        out.update({k: statistics.median(v) for k, v in res.items()}, reps=rep + 1)
+        args.save(out)
+    return out
+
+
+def part_eager(args) -> dict:
+    torch, dev = _setup(args.device)
+    import throughput as tp
+
+    from study.config import TrialConfig
+
+    steps, warm, reps = (20, 3, 1) if args.quick else (300, 20, 3)
+    batches = (16, 128)
+    cfgs = {b: TrialConfig(norm="batch", batch_size=b, epochs=1, grad_every=1) for b in batches}
+    datas = {b: tp.synthetic_with_train_size(steps * b, cfgs[b]) for b in batches}
+    torch.set_num_threads(1)
+    variants = []
+    for b in batches:
+        cfg, data = cfgs[b], datas[b]
+        variants.append((f"bare_{b}", lambda cfg=cfg, data=data: tp.time_steps(
+            tp.BareStep(data, cfg, dev).step, steps, warm, dev)))
+        variants.append((f"run_trial_{b}", lambda cfg=cfg, data=data: tp.run_trial_window(data, cfg, dev, 1)))
+    on: set[str] = set()
+    for part, _ in tp.PARTS:
+        on = on | {part}
+        variants.append((f"r_{part}_16", lambda on=on: tp.time_steps(
+            tp.ReplicaStep(datas[16], cfgs[16], dev, on, steps + warm).step, steps, warm, dev)))
+    for b in batches:  # warm-up: CUDA context, cuDNN, allocator
+        tp.time_steps(tp.BareStep(datas[b], cfgs[b], dev).step, 5, 2, dev)
+        tp.run_trial_window(datas[b], cfgs[b], dev, 1)
+    res: dict[str, list[float]] = {k: [] for k, _ in variants}
+    reported: dict[int, list[float]] = {b: [] for b in batches}
+    out: dict = {"steps": steps}
+    for rep in range(reps):
+        k = rep * 3 % len(variants)
+        for key, fn in variants[k:] + variants[:k]:
+            w = fn()
+            res[key].append(w.images_per_s)
+            if key.startswith("run_trial_"):
+                reported[int(key.rsplit("_", 1)[1])].append(w.extra.get("reported", float("nan")))
+        # summary of the repetitions done so far, saved after each (a timeout keeps them)
+        out["reps"] = rep + 1
+        for key, v in res.items():
+            out[key] = statistics.median(v)
+        for b in batches:
+            r = [t / a for t, a in zip(res[f"run_trial_{b}"], res[f"bare_{b}"], strict=True)]
+            out[f"stats_ratio_{b}"] = statistics.median(r)
+            out[f"run_trial_reported_{b}"] = statistics.median(reported[b])
+        prev = [16e3 / v for v in res["bare_16"]]
+        out["breakdown_ms"] = {"bare": statistics.median(prev)}
+        for part, _ in tp.PARTS:
+            cur = [16e3 / v for v in res[f"r_{part}_16"]]
+            out["breakdown_ms"][part] = statistics.median([c - p for c, p in zip(cur, prev, strict=True)])
+            prev = cur
+        args.save(out)
+    return out
+
+
+def part_concurrency(args) -> dict:
+    _setup(args.device)
+    import cpu_threads as ct
+
+    ks = (1, 2) if args.quick else (1, 2, 4, 8)
+    steps = 20 if args.quick else 600
+    wargs = argparse.Namespace(steps=steps, batch=16, device=args.device)
+    workers = [ct.Worker(1, wargs) for _ in range(max(ks))]
+    out: dict = {"steps": steps, "batch": 16, "k": {}}
+    try:
+        for w in workers:
+            w.wait_ready()
+        order = list(ks) + list(reversed(ks))  # K up then down: drift weighs on all alike
+        agg: dict[int, list[float]] = {k: [] for k in ks}
+        per: dict[int, list[float]] = {k: [] for k in ks}
+        for k in order:
+            span_ips, _, res = ct.run_together(workers[:k])
+            agg[k].append(span_ips)
+            per[k] += [r["ips"] for r in res]
+            print(f"  K={k}: aggregate {span_ips:.0f} images/s", flush=True)
+            out["k"] = {str(j): dict(aggregate=statistics.median(agg[j]), per_trial=statistics.median(per[j]),
+                                     per_trial_min=min(per[j]), runs=len(agg[j]))
+                        for j in ks if agg[j]}
+            args.save(out)
+    finally:
+        for w in workers:
+            w.close()
+    return out
+
+
+# ---------------------------------------------------------------------------- table
+
+
+def _fmt(v, spec: str = ",.0f") -> str:
+    return "failed" if v is None else format(v, spec)
+
+
+def table(folder: Path) -> str:
+    def load(name: str) -> dict | None:
+        p = folder / f"{name}.json"
+        try:
+            return json.loads(p.read_text())
+        except (OSError, ValueError):
+            return None
+
+    env, ceil, seed, eager, conc = (load(n) for n in ("env", *PARTS))
+    lines = []
+    if env:
+        lines.append(f"GPU check on {env.get('device')} ({env.get('device_name')}), torch "
+                     f"{env.get('torch')}, CUDA {env.get('cuda')}, {env.get('cpus')} CPUs")
+    else:
+        lines.append("GPU check (environment part failed)")
+    w = 52
+    lines.append(f"{'measure':<{w}}value")
+    lines.append("-" * (w + 30))
+    c = ceil or {}
+    lines.append(f"{'ceiling: bf16 matmul ' + str(c.get('matmul_n', '')) + '^3':<{w}}"
+                 f"{_fmt(c.get('bf16_tflops'), '.1f')} TFLOP/s")
+    lines.append(f"{'ceiling: fp32 matmul (TF32 off)':<{w}}{_fmt(c.get('fp32_tflops'), '.1f')} TFLOP/s")
+    lines.append(f"{'ceiling: device copy, read+write':<{w}}{_fmt(c.get('copy_tb_s'), '.2f')} TB/s")
+    s = seed or {}
+    e = eager or {}
+    lines.append(f"{'1 trial: seed-style loop, batch 16':<{w}}{_fmt(s.get('seed'))} images/s")
+    for key, label in (("seed_nohooks", "   its loop without per-layer .item() moments"),
+                       ("seed_loader", "   its DataLoader + PIL transforms alone")):
+        lines.append(f"{label:<{w}}{_fmt(s.get(key))} images/s")
+    for b in (16, 128):
+        label = f"1 trial: run_trial eager, all stats, batch {b}"
+        lines.append(f"{label:<{w}}{_fmt(e.get(f'run_trial_{b}'))} images/s  (run_trial reports "
+                     f"{_fmt(e.get(f'run_trial_reported_{b}'))})")
+        lines.append(f"{f'1 trial: bare step, batch {b}':<{w}}{_fmt(e.get(f'bare_{b}'))} images/s")
+    for b in (16, 128):
+        lines.append(f"{f'stats on / off (run_trial / bare), batch {b}':<{w}}"
+                     f"{_fmt(e.get(f'stats_ratio_{b}'), '.3f')}")
+    if e.get("breakdown_ms"):
+        bd = e["breakdown_ms"]
+        parts = ", ".join(f"{k} {v:+.3f}" for k, v in bd.items() if k != "bare")
+        lines.append(f"{'   breakdown at batch 16, ms/step':<{w}}bare {bd['bare']:.3f}; {parts}")
+    if seed and eager and seed.get("seed") and eager.get("run_trial_16"):
+        lines.append(f"{'run_trial / seed loop, batch 16':<{w}}{eager['run_trial_16'] / seed['seed']:.2f}")
+    flops = model_train_flops_per_image()
+    if eager and eager.get("run_trial_128"):
+        lines.append(f"{'model arithmetic at run_trial batch 128':<{w}}"
+                     f"{eager['run_trial_128'] * flops / 1e12:.3f} TFLOP/s ({flops / 1e6:.1f} MFLOP/image)")
+    if conc:
+        base = conc["k"].get("1", {}).get("aggregate")
+        lines.append(f"K concurrent run_trial processes on one device, batch {conc['batch']}, "
+                     f"{conc['steps']} steps each:")
+        lines.append(f"   {'K':>3} {'aggregate images/s':>20} {'per trial (median)':>20} {'vs K=1':>8}")
+        for k, r in conc["k"].items():
+            rel = f"{r['aggregate'] / base:.2f}" if base else "-"
+            lines.append(f"   {k:>3} {r['aggregate']:>20,.0f} {r['per_trial']:>20,.0f} {rel:>8}")
+    else:
+        lines.append(f"{'K concurrent trials':<{w}}failed")
+    rc, summary = folder / "test_gpu.rc", folder / "test_gpu.txt"
+    if rc.exists():
+        code = rc.read_text().strip()
+        last = summary.read_text().strip().splitlines()[-1:] if summary.exists() else []
+        verdict = "passed" if code == "0" else f"FAILED (exit {code})"
+        if last and "skipped" in last[0] and "passed" not in last[0]:
+            verdict = "skipped"
+        lines.append(f"{'tests/test_gpu.py (no host sync per step)':<{w}}{verdict}: "
+                     f"{last[0].strip('= ') if last else ''}")
+    return "\n".join(lines)
+
+
+def part_env(args) -> dict:
+    torch, dev = _setup(args.device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    return dict(device=str(dev), device_name=name, torch=torch.__version__, cuda=torch.version.cuda,
+                cpus=os.cpu_count())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("part", choices=("env", *PARTS, "all", "table"))
+    ap.add_argument("folder", nargs="?", help="table: the folder of the parts' JSON files")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: a dry run of the logic")
+    ap.add_argument("--json", help="write the part's result here")
+    args = ap.parse_args(argv)
+    if args.part == "table":
+        if not args.folder:
+            ap.error("table needs the folder of JSON files")
+        print(table(Path(args.folder)))
+        return 0
+    args.save = lambda d: Path(args.json).write_text(json.dumps(d)) if args.json else None
+    fns = dict(env=part_env, ceiling=part_ceiling, seed=part_seed, eager=part_eager,
+               concurrency=part_concurrency)
+    if args.part == "all":
+        import tempfile
+
+        folder = Path(args.json) if args.json else Path(tempfile.mkdtemp(prefix="gpu_bench_"))
+        folder.mkdir(parents=True, exist_ok=True)
+        args.save = lambda d: None
+        for name in ("env", *PARTS):
+            t0 = time.perf_counter()
+            (folder / f"{name}.json").write_text(json.dumps(fns[name](args)))
+            print(f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
+        print(table(folder))
+        return 0
+    t0 = time.perf_counter()
+    result = fns[args.part](args)
+    result["seconds"] = time.perf_counter() - t0
+    text = json.dumps(result)
+    if args.json:
+        Path(args.json).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

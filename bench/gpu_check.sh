@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# One prepared GPU check (issue 7), for a lent GPU machine: run from the repository root,
+#
+#     bash bench/gpu_check.sh            # about 3-5 minutes; every part bounded, 7.5 min at most
+#
+# It needs no install and no network: the machine's python3 already has torch, torchvision,
+# numpy, pillow, pyarrow and pytest, which is all that study.train and the bench import (Ray
+# is not needed: the trials are run by study.train.run_trial directly), so the repository is
+# used from PYTHONPATH. Each part runs under its own `timeout`; a part that fails or times out
+# shows as "failed" and the table is printed anyway, at the end, and written to
+# $OUT/gpu_check.txt when $OUT is set (with the parts' logs in $OUT/gpu_check.log).
+#
+# Dry run of the whole script on a machine without a GPU:
+#     GPU_BENCH_ARGS="--device cpu --quick" PYTHON=.venv/bin/python bash bench/gpu_check.sh
+set -u
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
+LOG=$WORK/gpu_check.log
+ARGS=${GPU_BENCH_ARGS:-}
+T0=$(date +%s)
+
+# ---- which python: one that imports what we need (the image's python3 holds torch)
+PY=""
+for cand in ${PYTHON:-} python3 /opt/torch/.venv/bin/python3 python; do
+    if command -v "$cand" >/dev/null 2>&1 &&
+        "$cand" -c "import torch, torchvision, numpy, PIL, pyarrow" >/dev/null 2>&1; then
+        PY=$cand
+        break
+    fi
+done
+if [ -z "$PY" ]; then
+    echo "gpu_check: no python with torch, torchvision, numpy, pillow and pyarrow found" | tee "$LOG"
+    [ -n "${OUT:-}" ] && cp "$LOG" "$OUT/"
+    exit 1
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+{
+    echo "== setup: $(command -v "$PY") $("$PY" --version 2>&1)"
+    "$PY" -c "import torch, torchvision, PIL, numpy, pyarrow; print('torch', torch.__version__, \
+'cuda', torch.version.cuda, 'available', torch.cuda.is_available(), '| torchvision', \
+torchvision.__version__, '| pillow', PIL.__version__, '| numpy', numpy.__version__, \
+'| pyarrow', pyarrow.__version__)"
+    "$PY" -c "import pytest; print('pytest', pytest.__version__)" || echo "pytest missing"
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm \
+        --format=csv,noheader
+    "$PY" -c "import study.train" && echo "study.train imports"
+} 2>&1 | tee -a "$LOG"
+
+# ---- the parts, each bounded: limits add up to 450 s, well inside 8 minutes
+part() {  # part NAME SECONDS
+    local name=$1 limit=$2 start rc
+    start=$(date +%s)
+    echo "== $name (limit ${limit}s)" | tee -a "$LOG"
+    timeout -k 10 "$limit" "$PY" bench/gpu_bench.py "$name" $ARGS --json "$WORK/$name.json" \
+        >>"$LOG" 2>&1
+    rc=$?
+    echo "   $name: exit $rc, $(( $(date +%s) - start ))s" | tee -a "$LOG"
+    [ $rc -ne 0 ] && tail -n 15 "$LOG" | sed 's/^/   | /'
+}
+part env 40
+part ceiling 50
+part seed 60
+part eager 90
+part concurrency 150
+
+echo "== tests/test_gpu.py (limit 60s)" | tee -a "$LOG"
+timeout -k 10 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py >"$WORK/test_gpu.txt" 2>&1
+echo $? >"$WORK/test_gpu.rc"
+cat "$WORK/test_gpu.txt" >>"$LOG"
+tail -n 3 "$WORK/test_gpu.txt" | sed 's/^/   | /'
+
+# ---- the table
+{
+    echo
+    if ! "$PY" bench/gpu_bench.py table "$WORK" 2>&1; then
+        echo "(table failed; raw results:)"
+        for f in "$WORK"/*.json; do [ -e "$f" ] && echo "$(basename "$f"): $(cat "$f")"; done
+    fi
+    echo "total $(( $(date +%s) - T0 ))s"
+} | tee "$WORK/gpu_check.txt"
+
+if [ -n "${OUT:-}" ]; then
+    cp "$WORK/gpu_check.txt" "$WORK/gpu_check.log" "$OUT/" 2>/dev/null
+    cat "$WORK"/*.json >"$OUT/gpu_check.json" 2>/dev/null
+fi
+exit 0

@@ -1,0 +1,196 @@
+"""What Ray Tune costs: the smoke sweep's wall time ÷ the same 6 trials run by run_trial directly.
+
+  sweep  ``python -m study.sweep --preset smoke --dataset synthetic --out TMP`` (a local Ray,
+         2 trials at a time on 2 CPUs, 1 torch thread each, Parquet results, a checkpoint
+         per epoch)
+  plain  ``python bench/ray_overhead.py --plain``: the same process start, the same dataset
+         (``load_dataset("synthetic", subset=3000)``), the same TrialConfigs
+         (``build_grid(PRESETS["smoke"])``), run by ``run_trial(threads=1)`` in a pool of 2
+         worker processes (spawn), so 2 trials at a time as in the sweep; nothing written
+
+Both are timed as whole commands (interpreter start to exit), alternated ABBA over the
+repetitions so that drift in the machine's load weighs on both alike; the CPU seconds of each
+command's process tree (Ray's daemons and workers included, sampled from /proc) are shown
+too. The ratio is the median of the per-repetition ratios; the goal is <= 1.3.
+
+    python bench/ray_overhead.py [--reps 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GOAL = 1.3
+PRESET = "smoke"
+CONCURRENCY = 2
+
+
+def _one_trial(cfg_dict: dict, data) -> tuple[str, str, float]:
+    from study.config import TrialConfig
+    from study.train import run_trial
+
+    cfg = TrialConfig.from_dict(cfg_dict)
+    out = run_trial(cfg, data, device="cpu", threads=1)
+    return cfg.trial_id, out["status"], out["wall_s"]
+
+
+def plain(concurrency: int) -> int:
+    """The 6 smoke trials without Ray: run_trial in a pool of ``concurrency`` processes."""
+    import multiprocessing
+
+    sys.path.insert(0, str(ROOT))
+    from study.data import load_dataset
+    from study.sweep import PRESETS, build_grid
+
+    p = PRESETS[PRESET]
+    grid = build_grid(p)
+    data = load_dataset("synthetic", subset=p.subset, log=lambda s: None)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(concurrency, mp_context=ctx) as pool:
+        futures = [pool.submit(_one_trial, c.to_dict(), data) for c in grid]
+        for f in futures:
+            tid, status, wall = f.result()
+            print(f"  plain: {tid} {status} {wall:.1f} s", flush=True)
+    return 0
+
+
+class TreeCPU:
+    """CPU seconds of a process and all its descendants, also those that a daemon re-parents
+    (Ray's raylet and workers are not reaped by the command, so RUSAGE_CHILDREN misses them):
+    /proc is sampled every ``every`` seconds; a process once seen in the tree stays counted with
+    its last sampled CPU time. Processes living shorter than one sample are missed."""
+
+    def __init__(self, root_pid: int, every: float = 0.25):
+        self.root, self.every = root_pid, every
+        self.members: set[int] = {root_pid}
+        self.cpu: dict[int, float] = {}
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        stats = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            # fields[0] is the state (stat field 3): ppid is field 4, utime 14, stime 15
+            stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / self.tick)
+        grew = True
+        while grew:
+            grew = False
+            for pid, (ppid, _) in stats.items():
+                if ppid in self.members and pid not in self.members:
+                    self.members.add(pid)
+                    grew = True
+        for pid in self.members:
+            if pid in stats:
+                self.cpu[pid] = stats[pid][1]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.every)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return sum(self.cpu.values())
+
+
+def timed(cmd: list[str], env: dict) -> tuple[float, float, str]:
+    """(wall seconds, CPU seconds of the command's whole process tree, stdout)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    tree = TreeCPU(proc.pid)
+    stdout, stderr = proc.communicate(timeout=1800)
+    wall = time.perf_counter() - t0
+    time.sleep(2 * tree.every)  # the daemons of a Ray that is shutting down: one more sample
+    cpu = tree.stop()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stdout[-3000:]}\n"
+                           f"{stderr[-3000:]}")
+    return wall, cpu, stdout
+
+
+def loadavg() -> str:
+    try:
+        return "/".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=2, help="repetitions of each (ABBA order)")
+    ap.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.plain:
+        return plain(CONCURRENCY)
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    print(f"ray_overhead: smoke preset (6 trials, 2 epochs, synthetic subset 3000), {os.cpu_count()} "
+          f"CPUs, {CONCURRENCY} trials at a time, 1 torch thread each; {args.reps} reps, ABBA; load "
+          f"average at start {loadavg()}", flush=True)
+    times: dict[str, list[float]] = {"sweep": [], "plain": []}
+    cpus: dict[str, list[float]] = {"sweep": [], "plain": []}
+    inner: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="ray_overhead_") as tmp:
+        for rep in range(args.reps):
+            order = ("sweep", "plain") if rep % 2 == 0 else ("plain", "sweep")
+            for kind in order:
+                if kind == "sweep":
+                    out = Path(tmp) / f"sweep{rep}"
+                    cmd = [sys.executable, "-m", "study.sweep", "--preset", PRESET, "--dataset",
+                           "synthetic", "--out", str(out)]
+                else:
+                    cmd = [sys.executable, str(Path(__file__).resolve()), "--plain"]
+                wall, cpu, stdout = timed(cmd, env)
+                times[kind].append(wall)
+                cpus[kind].append(cpu)
+                m = re.search(r"study '[^']*': \d+ trials, (\d+) errored, (\d+) s", stdout)
+                if kind == "sweep" and m:
+                    if int(m.group(1)):
+                        raise RuntimeError(f"the sweep had {m.group(1)} errored trials")
+                    inner.append(float(m.group(2)))
+                print(f"  rep {rep + 1}: {kind:<5} {wall:6.1f} s wall, {cpu:6.1f} CPU-s   (load {loadavg()})",
+                      flush=True)
+    r = [s / p for s, p in zip(times["sweep"], times["plain"], strict=True)]
+    print(f"\nload average at end {loadavg()}")
+    print(f"sweep wall time: median {statistics.median(times['sweep']):.1f} s  "
+          f"{[round(t, 1) for t in times['sweep']]}")
+    if inner:
+        print(f"  (of which the sweep itself reports from data loading to the end: "
+              f"{[round(t) for t in inner]} s)")
+    print(f"plain run_trial (2 processes): median {statistics.median(times['plain']):.1f} s  "
+          f"{[round(t, 1) for t in times['plain']]}")
+    med = statistics.median(r)
+    print(f"ratio sweep / plain, wall time: {med:.3f} [{min(r):.3f}-{max(r):.3f}]   goal <= {GOAL}: "
+          f"{'met' if med <= GOAL else 'NOT met'}")
+    c = [s / p for s, p in zip(cpus["sweep"], cpus["plain"], strict=True)]
+    print(f"ratio sweep / plain, CPU seconds of the whole process tree: {statistics.median(c):.3f} "
+          f"[{min(c):.3f}-{max(c):.3f}]  (sweep {[round(x) for x in cpus['sweep']]}, plain "
+          f"{[round(x) for x in cpus['plain']]}; CPU time moves little with other load, so this says "
+          "what Ray adds in work, the wall ratio what it adds in time)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
