@@ -31,7 +31,7 @@ class TrialConfig:
     split_seed: int = 0
     hist_bins: int = 128
     hist_range: float = 8.0
-    hist_every: int = 10
+    hist_every: int = 50
     eval_batch_size: int = 1000
     probe_every: int = 0
     probe_etas: tuple[float, ...] = field(default=())

@@ -22,8 +22,8 @@ class ActivationMoments:
     per-batch moments in float64 (Chan et al.'s parallel formula), which also gives the
     spread of the per-batch moments across the epoch. The histogram has equal bins over
     [-range, range] (values outside land in the first or last bin) and counts every
-    ``hist_every``-th batch: binning every element of every batch would cost a quarter
-    of a CPU training step.
+    ``hist_every``-th batch: binning every element of every batch would cost a third
+    of a CPU training step (at ``hist_every = 50`` it costs 1%).
     """
 
     def __init__(self, n_steps: int, bins: int, value_range: float, device: torch.device):

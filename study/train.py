@@ -183,6 +183,8 @@ def run_trial(
                 if check_often and (i + 1) % DIVERGENCE_CHECK_EVERY == 0 and not loss_sum.isfinite():
                     status = "diverged"
                     break
+        if dev.type == "cuda":  # the epoch's one wait for the device, so the timing is true
+            torch.cuda.synchronize(dev)
         train_s = time.perf_counter() - t0
         if not torch.isfinite(loss_sum):
             status = "diverged"
