@@ -74,8 +74,9 @@ class ActivationMoments:
         for i in range(self.n_taps):
             layer, site = ACT_LAYERS[i // len(SITES)], SITES[i % len(SITES)]
             n_b = n[:, i]
-            m_b = s[:, i, 0] / n_b
-            v_b = np.maximum(s[:, i, 1] / n_b - m_b**2, 0.0)
+            with np.errstate(invalid="ignore"):  # inf - inf in a diverged batch is NaN: fine
+                m_b = s[:, i, 0] / n_b
+                v_b = np.maximum(s[:, i, 1] / n_b - m_b**2, 0.0)
             total = n_b.sum()
             nan = float("nan")
             mean = float((n_b * m_b).sum() / total) if k else nan
