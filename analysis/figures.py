@@ -952,8 +952,10 @@ def _bin_steps(frame: pd.DataFrame, max_points: int = MAX_POINTS) -> pd.DataFram
 def fig_probes_ics(study: Study, opts: Options, styles, report: Report) -> None:
     """Gradient-based internal covariate shift per layer over training (Santurkar §2.2)."""
     sel = _probe_frame(study, opts)
-    layers = [name for name in results.PROBE_LAYERS if name in set(sel["layer"])]
-    layers += sorted(set(sel["layer"].dropna()) - set(layers))
+    # the first layer has no layers before it: G' = G by definition, nothing to draw
+    first = results.PROBE_LAYERS[0]
+    layers = [name for name in results.PROBE_LAYERS[1:] if name in set(sel["layer"])]
+    layers += sorted(set(sel["layer"].dropna()) - set(layers) - {first})
     if not layers or sel[["ics_l2", "ics_cos"]].isna().all().all():
         raise Skip("the probes hold no ICS values")
     sel = _bin_steps(sel)
@@ -985,7 +987,7 @@ def fig_probes_ics(study: Study, opts: Options, styles, report: Report) -> None:
         "G: a layer's gradient at the probed step; G′: the same gradient after the layers "
         "before it took their update (Santurkar et al. 2018, §2.2). Same batch, BN statistics, "
         "dropout masks and noise held fixed. Bands clipped to the possible range (ℓ2 ≥ 0, "
-        "cosine in [-1, 1]).",
+        "cosine in [-1, 1]). conv1 is not drawn: no layer precedes it, so G′ = G.",
         _lr_words(opts),
     )
     _finish(
