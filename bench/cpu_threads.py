@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import loadavg  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -94,13 +96,6 @@ def run_together(workers: list[Worker]) -> tuple[float, float, list[dict]]:
     res = [w.result() for w in workers]
     span = max(r["t1"] for r in res) - min(r["t0"] for r in res)
     return sum(r["n"] for r in res) / span, sum(r["ips"] for r in res), res
-
-
-def loadavg() -> str:
-    try:
-        return "/".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from _common import loadavg  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 ROOT = Path(__file__).resolve().parents[1]
 GOAL = 1.3
 PRESET = "smoke"
@@ -128,13 +130,6 @@ def timed(cmd: list[str], env: dict) -> tuple[float, float, str]:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stdout[-3000:]}\n"
                            f"{stderr[-3000:]}")
     return wall, cpu, stdout
-
-
-def loadavg() -> str:
-    try:
-        return "/".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import loadavg  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 import study.train as train_mod  # noqa: E402
 from study.config import TrialConfig  # noqa: E402
 from study.data import DataArrays, augment, load_dataset, normalise, train_val_split  # noqa: E402
@@ -339,13 +341,6 @@ def median_range(values: list[float]) -> str:
 def ratio_text(num: list[float], den: list[float]) -> tuple[float, str]:
     r = [a / b for a, b in zip(num, den, strict=True)]
     return statistics.median(r), f"{statistics.median(r):.3f} [{min(r):.3f}-{max(r):.3f}]"
-
-
-def loadavg() -> str:
-    try:
-        return "/".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def main(argv: list[str] | None = None) -> int:
