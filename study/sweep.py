@@ -113,6 +113,15 @@ def _positive_int(name: str, minimum: int = 1):
     return parse
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except the preset-given ones (None), whose help says so."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, ()):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse's default prints usage too)
         self.exit(EXIT_USAGE, f"study.sweep: error: {message}\n")
@@ -123,7 +132,7 @@ def make_parser() -> argparse.ArgumentParser:
         prog="python -m study.sweep",
         description="Run the BatchNorm / noisy-BatchNorm study as a Ray Tune sweep and write "
         "Parquet results. Lists are comma-separated; overrides replace the preset's values.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Formatter,
     )
     g = p.add_argument_group("what to run")
     g.add_argument("--preset", choices=sorted(PRESETS), default="full",
@@ -131,23 +140,29 @@ def make_parser() -> argparse.ArgumentParser:
                    "5e-2 × seeds 0-4, 10 epochs, cifar10; seed: the seed notebook's 3 runs × 3 "
                    "seeds; smoke: 6 short trials on a few thousand images (auto dataset)")
     g.add_argument("--norms", type=_list(str, "--norms"), default=None,
-                   help=f"norm variants, from {', '.join(NORM_VARIANTS)}")
+                   help=f"norm variants, from {', '.join(NORM_VARIANTS)} (default: the preset's)")
     g.add_argument("--noises", type=_list(float, "--noises"), default=None,
-                   help="noise magnitudes (noisy variants only; 1 = Santurkar et al.)")
+                   help="noise magnitudes (noisy variants only; 1 = Santurkar et al.; default: the "
+                   "preset's)")
     g.add_argument("--noise-scope", choices=("channel", "layer"), default=None,
                    help="draw the noise's mean/scale per channel (the paper) or per layer (the "
-                   "seed notebook); preset's by default")
-    g.add_argument("--lrs", type=_list(float, "--lrs"), default=None, help="learning rates")
-    g.add_argument("--seeds", type=_seeds, default=None, help="seeds, e.g. 0-4 or 0,3")
-    g.add_argument("--epochs", type=_positive_int("--epochs"), default=None)
-    g.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None)
+                   "seed notebook) (default: the preset's)")
+    g.add_argument("--lrs", type=_list(float, "--lrs"), default=None,
+                   help="learning rates (default: the preset's)")
+    g.add_argument("--seeds", type=_seeds, default=None,
+                   help="seeds, e.g. 0-4 or 0,3 (default: the preset's)")
+    g.add_argument("--epochs", type=_positive_int("--epochs"), default=None,
+                   help="epochs per trial (default: the preset's)")
+    g.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None,
+                   help="training batch size (default: the preset's, 16)")
     g.add_argument("--dataset", default=None,
                    help="cifar10, synthetic, imagefolder:PATH or auto (cifar10 if on disk, "
-                   "else synthetic)")
+                   "else synthetic) (default: the preset's)")
     g.add_argument("--data-dir", default="data", help="where cifar10 is (downloaded if absent) "
                    "and where decoded image folders are cached")
     g.add_argument("--subset", type=_positive_int("--subset"), default=None,
-                   help="use at most this many images per split (train, test) for quick runs")
+                   help="use at most this many images per split (train, test) for quick runs "
+                   "(default: the preset's; all for full and seed)")
     g.add_argument("--grad-every", type=_positive_int("--grad-every"), default=1,
                    help="record per-step gradient norms every k-th step")
     g.add_argument("--probe-every", type=_positive_int("--probe-every", 0), default=0,
