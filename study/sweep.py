@@ -181,7 +181,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="CPUs reserved per trial, also torch's intra-op threads")
     w.add_argument("--address", default=None,
                    help="join a running Ray cluster (host:port or auto; RAY_ADDRESS works too); "
-                   "without it Ray starts locally on this machine")
+                   "without it the sweep joins a cluster started on this machine by `ray start` "
+                   "(as on a `ray up` head node), else starts Ray locally; `local` forces that")
     w.add_argument("--storage", default=None,
                    help="Tune's storage_path for checkpoints (default OUT/tune); a multi-node "
                    "cluster needs s3://... or a shared file system path")
@@ -277,11 +278,33 @@ def _check_address(address: str) -> None:
         raise UsageError(f"--address: cannot reach a Ray cluster at {address} ({e})") from None
 
 
+def running_cluster_address() -> str | None:
+    """The address of a Ray cluster started on this machine by ``ray start`` (as on the head
+    node of ``ray up``), if one is up; None otherwise."""
+    from ray._private.services import find_bootstrap_address
+
+    address = find_bootstrap_address(None)
+    if not address:
+        return None
+    try:
+        _check_address(address)
+    except UsageError:  # a stale record of a cluster that has stopped
+        return None
+    return address
+
+
 def init_ray(address: str | None):
+    """Join ``--address`` / RAY_ADDRESS, else the cluster running on this machine, else start
+    a private local Ray (``--address local`` forces that)."""
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if not address:
+        address = running_cluster_address()
+        if address:
+            print(f"joining the Ray cluster running on this machine at {address} "
+                  "(--address local starts a private one instead)")
+    if address and address != "local":
         _check_address(address)
         try:
             ray.init(address=address, logging_level="WARNING")
@@ -347,7 +370,8 @@ def run(args: argparse.Namespace) -> int:
                   "nothing to do")
             return 0
 
-    if args.gpus and not (args.address or os.environ.get("RAY_ADDRESS")):
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if args.gpus and address in (None, "local") and not running_cluster_address():
         import torch
 
         if args.gpus > torch.cuda.device_count():

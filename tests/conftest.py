@@ -22,6 +22,12 @@ TINY = ["--norms", "none,batch", "--seeds", "0,1", "--lrs", "0.02", "--epochs", 
         "--dataset", "synthetic", "--subset", "200", "--max-failures", "2"]
 
 
+def sweep_env(**extra: str) -> dict[str, str]:
+    """The environment of a sweep under test: a private local Ray unless --address says
+    otherwise (never a cluster the developer happens to be running on this machine)."""
+    return dict(os.environ, PYTHONUNBUFFERED="1", RAY_ADDRESS="local", **extra)
+
+
 def sweep_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "study.sweep", *args]
 
@@ -29,7 +35,7 @@ def sweep_cmd(*args: str) -> list[str]:
 def run_sweep(*args: str, timeout: float = 300, check: bool = True, env: dict | None = None,
               data_dir: Path | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m study.sweep ARGS`` to completion, bounded in time."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    full_env = sweep_env(**(env or {}))
     extra = ["--data-dir", str(data_dir)] if data_dir else []
     proc = subprocess.run(sweep_cmd(*args, *extra), cwd=ROOT, env=full_env, timeout=timeout,
                           capture_output=True, text=True)

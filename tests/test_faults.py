@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from study import results
-from tests.conftest import ROOT, assert_tables_equal, read_tables, run_sweep, sweep_cmd
+from tests.conftest import ROOT, assert_tables_equal, read_tables, run_sweep, sweep_cmd, sweep_env
 
 #: Long enough epochs (50 steps) that a kill lands mid-trial, short enough for CI.
 FAULT = ["--norms", "none,batch", "--seeds", "0", "--lrs", "0.02", "--epochs", "3",
@@ -60,7 +60,7 @@ def fault_reference(tmp_path_factory) -> dict[str, pd.DataFrame]:
 def test_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path, fault_reference):
     out = tmp_path / "results"
     t0 = time.time()
-    proc = subprocess.Popen(sweep_cmd(*FAULT, "--out", str(out)), cwd=ROOT,
+    proc = subprocess.Popen(sweep_cmd(*FAULT, "--out", str(out)), cwd=ROOT, env=sweep_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         first = wait_for(lambda: [r for r in reported(out) if r.get("epoch") == 1], 180,
@@ -80,7 +80,7 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path, fault_refe
 def test_killed_driver_resumes_without_loss_or_duplicates(tmp_path, fault_reference):
     out = tmp_path / "results"
     t0 = time.time()
-    proc = subprocess.Popen(sweep_cmd(*FAULT, "--out", str(out)), cwd=ROOT,
+    proc = subprocess.Popen(sweep_cmd(*FAULT, "--out", str(out)), cwd=ROOT, env=sweep_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from study import results, sweep
-from tests.conftest import ROOT, TINY, read_tables, run_sweep
+from tests.conftest import ROOT, TINY, read_tables, run_sweep, sweep_env
 
 EXPECTED_STEP_COLS = ["trial_id", "step", "epoch", "loss", "grad_norm"] + [
     f"grad_norm_{n}" for n in results.GRAD_LAYERS]
@@ -100,7 +100,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, flag, value, message):
     args = ["--dataset", "synthetic", "--subset", "50", "--epochs", "1", "--out", str(existing)]
     args += [flag, value]
     proc = subprocess.run([sys.executable, "-m", "study.sweep", *args], cwd=ROOT, timeout=120,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=sweep_env())
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
@@ -120,7 +120,9 @@ def test_cluster_yaml_passes_rays_validation():
 
 
 def test_two_node_cluster_packs_trials_on_the_gpu_node(tmp_path):
-    """A head and a node with 2 fake GPUs; --gpus 2 --trials-per-gpu 2 → 0.5 GPU per trial."""
+    """A head and a node with 2 fake GPUs; --gpus 2 --trials-per-gpu 2 → 0.5 GPU per trial.
+
+    No --address, as on a `ray up` head node: the sweep finds the cluster running here."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -129,10 +131,14 @@ def test_two_node_cluster_packs_trials_on_the_gpu_node(tmp_path):
     cluster.wait_for_nodes()
     try:
         out = tmp_path / "results"
-        run_sweep("--norms", "batch,noisy_batch", "--noises", "1", "--seeds", "0,1", "--lrs", "0.02",
-                         "--epochs", "1", "--dataset", "synthetic", "--subset", "120",
-                         "--gpus", "2", "--trials-per-gpu", "2", "--address", cluster.address,
-                         "--out", str(out))
+        env = {k: v for k, v in sweep_env().items() if k != "RAY_ADDRESS"}
+        proc = subprocess.run(
+            [sys.executable, "-m", "study.sweep", "--norms", "batch,noisy_batch", "--noises", "1",
+             "--seeds", "0,1", "--lrs", "0.02", "--epochs", "1", "--dataset", "synthetic",
+             "--subset", "120", "--gpus", "2", "--trials-per-gpu", "2", "--out", str(out)],
+            cwd=ROOT, env=env, timeout=300, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert f"joining the Ray cluster running on this machine at {cluster.address}" in proc.stdout
         trial_ids = {f.stem for f in (out / "trials").glob("*.parquet")}
         assert len(trial_ids) == 4
         for tid in trial_ids:
