@@ -89,20 +89,22 @@ def evaluate(model: SeedCNN, x: torch.Tensor, y: torch.Tensor, batch: int) -> tu
     return float(loss_sum) / n, int(correct) / n
 
 
-def _rng_state(gens: dict[str, torch.Generator]) -> dict:
+def _rng_state(gens: dict[str, torch.Generator], dev: torch.device) -> dict:
+    """Every RNG the trial draws from; CUDA's only for the trial's own device, so a checkpoint
+    restores on a node that shows a different number of GPUs."""
     state = {name: g.get_state() for name, g in gens.items()}
     state["torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if dev.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(dev)
     return state
 
 
-def _set_rng_state(gens: dict[str, torch.Generator], state: dict) -> None:
+def _set_rng_state(gens: dict[str, torch.Generator], state: dict, dev: torch.device) -> None:
     for name, g in gens.items():
         g.set_state(state[name])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if dev.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], dev)
 
 
 def run_trial(
@@ -143,7 +145,7 @@ def run_trial(
     if resume_from is not None:
         model.load_state_dict(resume_from["model"])
         opt.load_state_dict(resume_from["optimizer"])
-        _set_rng_state(gens, resume_from["rng"])
+        _set_rng_state(gens, resume_from["rng"], dev)
         first_epoch = resume_from["epoch"] + 1
         history, status = list(resume_from["history"]), resume_from["status"]
         elapsed = resume_from["elapsed_s"]
@@ -229,7 +231,7 @@ def run_trial(
             epoch=epoch,
             model=model.state_dict(),
             optimizer=opt.state_dict(),
-            rng=_rng_state(gens),
+            rng=_rng_state(gens, dev),
             history=history,
             status=status,
             elapsed_s=elapsed,
