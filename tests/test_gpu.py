@@ -79,3 +79,43 @@ def test_step_loop_never_waits_for_the_device(monkeypatch, norm, noise, probe_ev
             assert math.isfinite(row["mean"]) and math.isfinite(row["var"])
             assert sum(row["hist"]) == row["count"]  # hist_every=1: every element binned
         assert bool(rec.get("probes")) == bool(probe_every)
+
+
+def test_resume_on_the_gpu_gives_the_same_numbers():
+    """2 epochs straight vs 1 epoch, a torch.save/load round trip of the state, then 1 more."""
+    import io
+
+    from study.config import TrialConfig
+    from study.data import load_dataset
+    from study.train import run_trial
+
+    cfg = TrialConfig(norm="noisy_batch", noise=1.0, lr=0.01, epochs=2, seed=1)
+    data = load_dataset("synthetic", subset=210, log=lambda s: None)
+
+    def run(resume=None, stop_after=None):
+        records, states = [], []
+
+        def on_epoch(rec, state):
+            records.append(rec)
+            states.append(state)
+            if stop_after and rec["epoch"]["epoch"] == stop_after:
+                raise StopIteration
+
+        try:
+            run_trial(cfg, data, on_epoch, resume_from=resume, device="cuda")
+        except StopIteration:
+            pass
+        return records, states
+
+    def numbers(records):
+        return [(r["epoch"]["train_loss"], r["epoch"]["test_acc"], r["steps"]["grad_norm"].tolist(),
+                 [(x["mean"], x["var"], x["hist"]) for x in r["layers"]]) for r in records]
+
+    with torch.backends.cudnn.flags(enabled=True, deterministic=True, benchmark=False):
+        straight, _ = run()
+        first, states = run(stop_after=1)
+        buf = io.BytesIO()
+        torch.save(states[-1], buf)
+        buf.seek(0)
+        rest, _ = run(resume=torch.load(buf, weights_only=False))
+    assert numbers(first + rest) == numbers(straight)
