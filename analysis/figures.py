@@ -1204,34 +1204,25 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _level(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be between 0 and 1 (e.g. 0.95)")
-    return value
+def _number(kind: type, ok, must: str):
+    """An argparse type: parse ``kind`` and check ``ok``, with one clear message either way."""
+    noun = "a whole number" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} must be {must}")
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
+_level = _number(float, lambda v: 0 < v < 1, "between 0 and 1 (e.g. 0.95)")
+_positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
+_positive_int = _number(int, lambda v: v >= 1, "at least 1")
 
 
 def _formats(text: str) -> tuple[str, ...]:
