@@ -658,23 +658,17 @@ def write_accuracy_table(table: pd.DataFrame, study: Study, opts: Options, repor
     ]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     tex_rows = []
+
+    def row(r, tex: bool, variant: str, sep: str) -> str:
+        """One table row's cells, for Markdown (``tex`` False) or LaTeX."""
+        cells = [variant, format_number(r.lr)]
+        cells += [_cell(getattr(r, f"{m}_mean"), getattr(r, f"{m}_hw"), r.n, tex)
+                  for m, _ in metrics]
+        return sep.join(cells + [str(v) for v in (r.n, r.diverged, r.error, r.running)])
+
     for r in table.itertuples(index=False):
-        cells = [
-            _cell(getattr(r, f"{m}_mean"), getattr(r, f"{m}_hw"), r.n, False) for m, _ in metrics
-        ]
-        md.append(
-            f"| {r.variant} | {format_number(r.lr)} | "
-            + " | ".join(cells)
-            + f" | {r.n} | {r.diverged} | {r.error} | {r.running} |"
-        )
-        tex_cells = [
-            _cell(getattr(r, f"{m}_mean"), getattr(r, f"{m}_hw"), r.n, True) for m, _ in metrics
-        ]
-        tex_rows.append(
-            f"{_tex_escape(r.variant)} & {format_number(r.lr)} & "
-            + " & ".join(tex_cells)
-            + f" & {r.n} & {r.diverged} & {r.error} & {r.running} \\\\"
-        )
+        md.append(f"| {row(r, False, r.variant, ' | ')} |")
+        tex_rows.append(row(r, True, _tex_escape(r.variant), " & ") + " \\\\")
     md_text = (
         "\n".join(md)
         + "\n\n"

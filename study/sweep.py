@@ -233,8 +233,7 @@ def study_record(name: str, p: Preset, grid: list[TrialConfig], dataset: str) ->
                 trials=[c.to_dict() for c in grid], trial_ids=[c.trial_id for c in grid])
 
 
-def dry_run_text(name: str, p: Preset, grid: list[TrialConfig], resources: dict,
-                 data_dir: str) -> str:
+def dry_run_text(name: str, p: Preset, grid: list[TrialConfig], resources: dict) -> str:
     n_train, n_test = NOMINAL_SIZES.get(p.dataset.split(":")[0], (50_000, 10_000))
     if p.dataset.startswith("imagefolder:"):
         root = Path(p.dataset.split(":", 1)[1])
@@ -336,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
     except DataError as e:
         raise UsageError(str(e)) from None
     if args.dry_run:
-        print(dry_run_text(name, replace(p, dataset=dataset), grid, resources, args.data_dir))
+        print(dry_run_text(name, replace(p, dataset=dataset), grid, resources))
         return 0
 
     out = Path(args.out).resolve()

@@ -29,8 +29,6 @@ log = logging.getLogger(__name__)
 
 ROWS_KEY = "_rows"
 STATE_FILE = "state.pt"
-#: Metrics shown in Tune's progress table (the rest is in the Parquet files).
-PROGRESS_METRICS = ("epoch", "train_acc", "val_acc", "test_acc", "status")
 
 
 def load_checkpoint_state(checkpoint: tune.Checkpoint) -> dict | None:
