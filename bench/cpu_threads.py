@@ -30,8 +30,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-def worker(threads: int, steps: int, batch: int, device: str) -> int:
-    """Child: wait for 'go' lines on stdin, answer one JSON line per trial."""
+def worker(threads: int, steps: int, batch: int, device: str, cuda_graph: bool = False) -> int:
+    """Child: wait for 'go' lines on stdin, answer one JSON line per trial (with CUDA graphs:
+    two epochs, the second timed, so the captures are not)."""
     sys.path.insert(0, str(HERE))
     import throughput as tp
     import torch  # noqa: F401  (import before timing)
@@ -39,15 +40,16 @@ def worker(threads: int, steps: int, batch: int, device: str) -> int:
     from study.config import TrialConfig
 
     dev = torch.device(device)
-    cfg = TrialConfig(norm="batch", batch_size=batch, epochs=1, grad_every=1)
+    cfg = TrialConfig(norm="batch", batch_size=batch, epochs=2 if cuda_graph else 1, grad_every=1)
     data = tp.synthetic_with_train_size(steps * batch, cfg)
     small = tp.synthetic_with_train_size(5 * batch, cfg)
-    tp.run_trial_window(small, cfg, dev, threads)  # warm-up: imports, allocator, thread pool
+    kw = dict(cuda_graph=True) if cuda_graph else {}
+    tp.run_trial_window(small, cfg, dev, threads, **kw)  # warm-up: imports, allocator, thread pool
     print("ready", flush=True)
     for line in sys.stdin:
         if line.strip() != "go":
             break
-        w = tp.run_trial_window(data, cfg, dev, threads)
+        w = tp.run_trial_window(data, cfg, dev, threads, **kw)
         if "loop_t0" not in w.extra:
             raise SystemExit("study.train has no STEP_LOOP_CONTEXT hook to time the step loop with")
         print(json.dumps(dict(ips=w.images_per_s, reported=w.extra["reported"], n=w.extra["images"],
@@ -60,6 +62,8 @@ class Worker:
     def __init__(self, threads: int, args: argparse.Namespace, env_extra: dict | None = None):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--threads", str(threads),
                "--steps", str(args.steps), "--batch", str(args.batch), "--device", args.device]
+        if getattr(args, "cuda_graph", False):
+            cmd.append("--cuda-graph")
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), **(env_extra or {}))
         self.threads = threads
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -106,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--cuda-graph", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        return worker(args.threads, args.steps, args.batch, args.device)
+        return worker(args.threads, args.steps, args.batch, args.device, args.cuda_graph)
 
     print(f"cpu_threads: {os.cpu_count()} CPUs, run_trial (norm batch, all statistics), batch "
           f"{args.batch}, {args.steps} steps per trial, {args.reps} reps, synthetic data; "

@@ -6,10 +6,12 @@ Parts (each its own command, so that the shell script can bound each in time):
   seed         the seed's loop (DataLoader of PIL images + per-image transforms + per-layer
                ``.item()`` moments + ``loss.item()``), batch 16, per-trial images/s
   eager        the real ``run_trial`` (all statistics) and the bare step at batch 16 and 128,
-               interleaved; the statistics overhead (run_trial ÷ bare) and its breakdown into
-               parts at batch 16 (see bench/throughput.py)
+               eager and replayed from CUDA graphs, interleaved; the statistics overhead
+               (run_trial ÷ bare) and its eager breakdown into parts at batch 16 (see
+               bench/throughput.py)
   concurrency  K = 1, 2, 4, 8 processes, each running ``run_trial`` on the GPU (batch 16,
                1 torch thread), released together: aggregate and per-trial images/s
+  concurrency_graph   the same with CUDA graphs
   table        read the parts' JSON files and print one table
 
     python bench/gpu_bench.py ceiling --json /tmp/g/ceiling.json
@@ -33,7 +35,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-PARTS = ("ceiling", "seed", "eager", "concurrency")
+PARTS = ("ceiling", "seed", "eager", "concurrency", "concurrency_graph")
 
 
 def model_train_flops_per_image() -> float:
@@ -137,13 +139,20 @@ def part_eager(args) -> dict:
     batches = (16, 128)
     cfgs = {b: TrialConfig(norm="batch", batch_size=b, epochs=1, grad_every=1) for b in batches}
     datas = {b: tp.synthetic_with_train_size(steps * b, cfgs[b]) for b in batches}
+    graphs = dev.type == "cuda"
     torch.set_num_threads(1)
     variants = []
     for b in batches:
         cfg, data = cfgs[b], datas[b]
+        cfg2 = TrialConfig(**{**cfg.to_dict(), "epochs": 2})  # epoch 1 pays for the captures
         variants.append((f"bare_{b}", lambda cfg=cfg, data=data: tp.time_steps(
             tp.BareStep(data, cfg, dev).step, steps, warm, dev)))
         variants.append((f"run_trial_{b}", lambda cfg=cfg, data=data: tp.run_trial_window(data, cfg, dev, 1)))
+        if graphs:
+            variants.append((f"graph_bare_{b}", lambda cfg=cfg, data=data: tp.time_steps(
+                tp.GraphedBareStep(data, cfg, dev).step, steps, warm, dev)))
+            variants.append((f"graph_run_trial_{b}", lambda cfg=cfg2, data=data: tp.run_trial_window(
+                data, cfg, dev, 1, cuda_graph=True)))
     on: set[str] = set()
     for part, _ in tp.PARTS:
         on = on | {part}
@@ -162,6 +171,8 @@ def part_eager(args) -> dict:
             res[key].append(w.images_per_s)
             if key.startswith("run_trial_"):
                 reported[int(key.rsplit("_", 1)[1])].append(w.extra.get("reported", float("nan")))
+            if "status" in w.extra and w.extra["status"] != "done":
+                raise RuntimeError(f"{key}: the trial ended {w.extra['status']}")
         # summary of the repetitions done so far, saved after each (a timeout keeps them)
         out["reps"] = rep + 1
         for key, v in res.items():
@@ -169,6 +180,9 @@ def part_eager(args) -> dict:
         for b in batches:
             r = [t / a for t, a in zip(res[f"run_trial_{b}"], res[f"bare_{b}"], strict=True)]
             out[f"stats_ratio_{b}"] = statistics.median(r)
+            if graphs:
+                r = [t / a for t, a in zip(res[f"graph_run_trial_{b}"], res[f"graph_bare_{b}"], strict=True)]
+                out[f"graph_stats_ratio_{b}"] = statistics.median(r)
             out[f"run_trial_reported_{b}"] = statistics.median(reported[b])
         prev = [16e3 / v for v in res["bare_16"]]
         out["breakdown_ms"] = {"bare": statistics.median(prev)}
@@ -180,15 +194,15 @@ def part_eager(args) -> dict:
     return out
 
 
-def part_concurrency(args) -> dict:
+def part_concurrency(args, cuda_graph: bool = False) -> dict:
     _setup(args.device)
     import cpu_threads as ct
 
     ks = (1, 2) if args.quick else (1, 2, 4, 8)
     steps = 20 if args.quick else 600
-    wargs = argparse.Namespace(steps=steps, batch=16, device=args.device)
+    wargs = argparse.Namespace(steps=steps, batch=16, device=args.device, cuda_graph=cuda_graph)
     workers = [ct.Worker(1, wargs) for _ in range(max(ks))]
-    out: dict = {"steps": steps, "batch": 16, "k": {}}
+    out: dict = {"steps": steps, "batch": 16, "k": {}, "cuda_graph": cuda_graph}
     try:
         for w in workers:
             w.wait_ready()
@@ -225,14 +239,14 @@ def table(folder: Path) -> str:
         except (OSError, ValueError):
             return None
 
-    env, ceil, seed, eager, conc = (load(n) for n in ("env", *PARTS))
+    env, ceil, seed, eager, conc, conc_graph = (load(n) for n in ("env", *PARTS))
     lines = []
     if env:
         lines.append(f"GPU check on {env.get('device')} ({env.get('device_name')}), torch "
                      f"{env.get('torch')}, CUDA {env.get('cuda')}, {env.get('cpus')} CPUs")
     else:
         lines.append("GPU check (environment part failed)")
-    w = 52
+    w = 56
     lines.append(f"{'measure':<{w}}value")
     lines.append("-" * (w + 30))
     c = ceil or {}
@@ -251,29 +265,37 @@ def table(folder: Path) -> str:
         lines.append(f"{label:<{w}}{_fmt(e.get(f'run_trial_{b}'))} images/s  (run_trial reports "
                      f"{_fmt(e.get(f'run_trial_reported_{b}'))})")
         lines.append(f"{f'1 trial: bare step, batch {b}':<{w}}{_fmt(e.get(f'bare_{b}'))} images/s")
+        lines.append(f"{f'1 trial: run_trial CUDA graphs, all stats, batch {b}':<{w}}"
+                     f"{_fmt(e.get(f'graph_run_trial_{b}'))} images/s")
+        lines.append(f"{f'1 trial: bare step, one CUDA graph, batch {b}':<{w}}"
+                     f"{_fmt(e.get(f'graph_bare_{b}'))} images/s")
     for b in (16, 128):
         lines.append(f"{f'stats on / off (run_trial / bare), batch {b}':<{w}}"
-                     f"{_fmt(e.get(f'stats_ratio_{b}'), '.3f')}")
+                     f"{_fmt(e.get(f'stats_ratio_{b}'), '.3f')}  (with CUDA graphs "
+                     f"{_fmt(e.get(f'graph_stats_ratio_{b}'), '.3f')})")
     if e.get("breakdown_ms"):
         bd = e["breakdown_ms"]
         parts = ", ".join(f"{k} {v:+.3f}" for k, v in bd.items() if k != "bare")
         lines.append(f"{'   breakdown at batch 16, ms/step':<{w}}bare {bd['bare']:.3f}; {parts}")
-    if seed and eager and seed.get("seed") and eager.get("run_trial_16"):
-        lines.append(f"{'run_trial / seed loop, batch 16':<{w}}{eager['run_trial_16'] / seed['seed']:.2f}")
+    for key, label in (("run_trial_16", "run_trial eager / seed loop, batch 16"),
+                       ("graph_run_trial_16", "run_trial CUDA graphs / seed loop, batch 16")):
+        if seed and eager and seed.get("seed") and eager.get(key):
+            lines.append(f"{label:<{w}}{eager[key] / seed['seed']:.2f}")
     flops = model_train_flops_per_image()
     if eager and eager.get("run_trial_128"):
         lines.append(f"{'model arithmetic at run_trial batch 128':<{w}}"
                      f"{eager['run_trial_128'] * flops / 1e12:.3f} TFLOP/s ({flops / 1e6:.1f} MFLOP/image)")
-    if conc:
-        base = conc["k"].get("1", {}).get("aggregate")
-        lines.append(f"K concurrent run_trial processes on one device, batch {conc['batch']}, "
-                     f"{conc['steps']} steps each:")
+    for c, how in ((conc, "eager"), (conc_graph, "CUDA graphs")):
+        if not c:
+            lines.append(f"{f'K concurrent trials, {how}':<{w}}failed")
+            continue
+        base = c["k"].get("1", {}).get("aggregate")
+        lines.append(f"K concurrent run_trial processes on one device, {how}, batch {c['batch']}, "
+                     f"{c['steps']} steps each:")
         lines.append(f"   {'K':>3} {'aggregate images/s':>20} {'per trial (median)':>20} {'vs K=1':>8}")
-        for k, r in conc["k"].items():
+        for k, r in c["k"].items():
             rel = f"{r['aggregate'] / base:.2f}" if base else "-"
             lines.append(f"   {k:>3} {r['aggregate']:>20,.0f} {r['per_trial']:>20,.0f} {rel:>8}")
-    else:
-        lines.append(f"{'K concurrent trials':<{w}}failed")
     rc, summary = folder / "test_gpu.rc", folder / "test_gpu.txt"
     if rc.exists():
         code = rc.read_text().strip()
@@ -281,7 +303,7 @@ def table(folder: Path) -> str:
         verdict = "passed" if code == "0" else f"FAILED (exit {code})"
         if last and "skipped" in last[0] and "passed" not in last[0]:
             verdict = "skipped"
-        lines.append(f"{'tests/test_gpu.py (no host sync per step)':<{w}}{verdict}: "
+        lines.append(f"{'tests/test_gpu.py (no host sync; graphs = eager)':<{w}}{verdict}: "
                      f"{last[0].strip('= ') if last else ''}")
     return "\n".join(lines)
 
@@ -308,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.save = lambda d: Path(args.json).write_text(json.dumps(d)) if args.json else None
     fns = dict(env=part_env, ceiling=part_ceiling, seed=part_seed, eager=part_eager,
-               concurrency=part_concurrency)
+               concurrency=part_concurrency,
+               concurrency_graph=lambda a: part_concurrency(a, cuda_graph=args.device != "cpu"))
     if args.part == "all":
         import tempfile
 

@@ -145,12 +145,41 @@ class BareStep:
         return len(y)
 
 
+class GraphedBareStep(BareStep):
+    """BareStep replayed from one CUDA graph: the floor of a graphed step without statistics."""
+
+    def __init__(self, data: DataArrays, cfg: TrialConfig, device: torch.device, n_batches: int = 32):
+        super().__init__(data, cfg, device, n_batches)
+        self.x, self.y = (t.clone() for t in self.batches[0])
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                super().step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            loss = F.cross_entropy(self.model(self.x), self.y)
+            self.opt.zero_grad(set_to_none=False)
+            loss.backward()
+            self.opt.step()
+
+    def step(self) -> int:
+        x, y = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        self.x.copy_(x)
+        self.y.copy_(y)
+        self.graph.replay()
+        return len(y)
+
+
 # ---------------------------------------------------------------------------- b: run_trial
 
 
 def run_trial_window(data: DataArrays, cfg: TrialConfig, device: torch.device,
-                     threads: int | None) -> Window:
-    """One epoch of the real ``run_trial``; the step loop timed through STEP_LOOP_CONTEXT."""
+                     threads: int | None, cuda_graph: bool | None = None) -> Window:
+    """The real ``run_trial`` (``cfg.epochs`` epochs); its last epoch's step loop, timed through
+    STEP_LOOP_CONTEXT. With CUDA graphs give 2 epochs: the first pays for the captures."""
     loops: list[tuple[float, float, float, float]] = []
 
     @contextlib.contextmanager
@@ -168,8 +197,9 @@ def run_trial_window(data: DataArrays, cfg: TrialConfig, device: torch.device,
         train_mod.STEP_LOOP_CONTEXT = timed_loop
     try:
         c0, t0 = time.process_time(), time.perf_counter()
+        kw = {} if cuda_graph is None else dict(cuda_graph=cuda_graph)
         run_trial(cfg, data, on_epoch=lambda rec, state: records.append(rec), device=str(device),
-                  threads=threads)
+                  threads=threads, **kw)
         wall_all, cpu_all = time.perf_counter() - t0, time.process_time() - c0
     finally:
         if hooked:

@@ -40,7 +40,6 @@ ordered list of blocks) so that it can be checked on small models with known ans
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ from torch.func import functional_call
 
 from study.model import SeedCNN
 from study.results import PROBE_LAYERS
+from study.step import syncs_allowed
 
 #: The paper's step-size grid, as multiples of the learning rate: 8 log-spaced points in [0.5, 4]
 #: (the sweep's default for --probe-etas).
@@ -294,10 +294,13 @@ class StepProber:
         self._rng: dict | None = None
         self._step = -1
 
+    def due(self, step: int) -> bool:
+        """Whether ``step`` is probed (such a step runs eagerly, never from a CUDA graph)."""
+        return self.every > 0 and step % self.every == 0
+
     def before_forward(self, step: int) -> None:
-        due = self.every > 0 and step % self.every == 0
-        if due:
-            with _syncs_allowed():
+        if self.due(step):
+            with syncs_allowed():
                 self._rng, self._step = save_rng(), step
         else:
             self._rng, self._step = None, -1
@@ -307,7 +310,7 @@ class StepProber:
         if self._rng is None:
             return
         rng, self._rng = self._rng, None
-        with _syncs_allowed():
+        with syncs_allowed():
             if bool(torch.isfinite(loss.detach())):
                 result = probe_step(model, optimizer, x, y, rng, self.etas)
                 self.rows.extend(probe_rows(self._step, epoch, result))
@@ -315,17 +318,3 @@ class StepProber:
     def take_rows(self) -> list[dict]:
         rows, self.rows = self.rows, []
         return rows
-
-
-@contextlib.contextmanager
-def _syncs_allowed():
-    """CUDA's sync-debug mode off for a while (probes wait for the device, by design)."""
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
-        yield
-        return
-    mode = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode(0)
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(mode)

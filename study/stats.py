@@ -2,6 +2,12 @@
 
 Nothing here waits for the device during an epoch: each step writes into preallocated
 device buffers, and ``finish()`` moves them to the host once, at the end of the epoch.
+
+Each ``record`` is two halves so that a CUDA graph can replay the first: ``accumulate`` is
+device work only (it writes the row a device-side cursor points at, then advances it) and
+``count`` is the host's bookkeeping (element counts, step numbers), which a graph replay
+cannot do and the caller repeats after each replay. The buffers live for the whole trial
+(a captured graph holds their addresses); ``reset()`` empties them for the next epoch.
 """
 
 from __future__ import annotations
@@ -30,10 +36,21 @@ class ActivationMoments:
         self.n_taps = len(ACT_LAYERS) * len(SITES)
         self.bins, self.lo, self.hi = bins, -float(value_range), float(value_range)
         self.scale = bins / (self.hi - self.lo)
+        self.n_steps = n_steps
         self.sums = torch.zeros(n_steps, self.n_taps, 2, dtype=torch.float64, device=device)
+        self.cursor = torch.zeros(1, dtype=torch.int64, device=device)  # the row the next batch fills
         self.counts = np.zeros((n_steps, self.n_taps), dtype=np.int64)
         self.hist = torch.zeros(self.n_taps, bins, dtype=torch.int64, device=device)
         self.hist_count = np.zeros(self.n_taps, dtype=np.int64)
+        self.steps = 0
+
+    def reset(self) -> None:
+        """Empty, in place, for the next epoch."""
+        self.sums.zero_()
+        self.cursor.zero_()
+        self.hist.zero_()
+        self.counts[:] = 0
+        self.hist_count[:] = 0
         self.steps = 0
 
     def bin_index(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,24 +61,41 @@ class ActivationMoments:
         idx = ((x.reshape(-1) - self.lo) * self.scale).clamp_(0, self.bins - 1).long()
         return idx.clamp_(0, self.bins - 1)
 
-    @torch.no_grad()
     def record(self, taps: Sequence[tuple[torch.Tensor, torch.Tensor]], hist: bool = True) -> None:
         """Add one batch; ``taps`` is the model's list of (conv output, ReLU input) per layer."""
+        self._check_room()
+        self.count(self.accumulate(taps, hist), hist)
+
+    def _check_room(self) -> None:
+        if self.steps >= self.n_steps:
+            raise IndexError(f"ActivationMoments holds {self.n_steps} batches; reset() it first")
+
+    @torch.no_grad()
+    def accumulate(self, taps: Sequence[tuple[torch.Tensor, torch.Tensor]], hist: bool) -> list[int]:
+        """The device half of ``record``; returns each tap's element count for ``count``."""
         flat = [t.detach().reshape(-1) for pair in taps for t in pair]
         sums: dict[int, torch.Tensor] = {}
         for t in flat:  # for `none`, conv and preact are the same tensor: reduce it once
             if id(t) not in sums:
                 sums[id(t)] = torch.stack([t.sum(), torch.dot(t, t)])
-        self.sums[self.steps] = torch.stack([sums[id(t)] for t in flat])
-        for i, t in enumerate(flat):
-            self.counts[self.steps, i] = t.numel()
-            if hist:
+        row = torch.stack([sums[id(t)] for t in flat]).to(torch.float64)
+        self.sums.index_copy_(0, self.cursor, row.unsqueeze(0))
+        self.cursor += 1
+        if hist:
+            for i, t in enumerate(flat):
                 idx = self.bin_index(t)
                 if idx.is_cuda:  # bincount would wait for the device to size its output
                     self.hist[i].index_add_(0, idx, torch.ones_like(idx))
                 else:
                     self.hist[i] += torch.bincount(idx, minlength=self.bins)
-                self.hist_count[i] += t.numel()
+        return [t.numel() for t in flat]
+
+    def count(self, numels: Sequence[int], hist: bool) -> None:
+        """The host half of ``record``: one more batch of ``numels`` elements per tap."""
+        self._check_room()
+        self.counts[self.steps] = numels
+        if hist:
+            self.hist_count += numels
         self.steps += 1
 
     def finish(self) -> list[dict]:
@@ -104,22 +138,47 @@ class GradientNorms:
     columns = ("loss", "grad_norm") + tuple(f"grad_norm_{n}" for n in GRAD_LAYERS)
 
     def __init__(self, n_rows: int, device: torch.device):
+        self.n_rows = n_rows
         self.buf = torch.zeros(n_rows, len(self.columns), dtype=torch.float32, device=device)
+        self.cursor = torch.zeros(1, dtype=torch.int64, device=device)
         self.step_index = np.zeros(n_rows, dtype=np.int64)
         self.rows = 0
 
-    @torch.no_grad()
+    def reset(self) -> None:
+        """Empty, in place, for the next epoch."""
+        self.buf.zero_()
+        self.cursor.zero_()
+        self.step_index[:] = 0
+        self.rows = 0
+
     def record(self, step: int, loss: torch.Tensor, grads: list[torch.Tensor], weight_idx: list[int]):
         """``grads``: every parameter's gradient; ``weight_idx``: positions of GRAD_LAYERS' weights."""
+        self._check_room()
+        self.accumulate(loss, grads, weight_idx)
+        self.count(step)
+
+    def _check_room(self) -> None:
+        if self.rows >= self.n_rows:
+            raise IndexError(f"GradientNorms holds {self.n_rows} rows; reset() it first")
+
+    @torch.no_grad()
+    def accumulate(self, loss: torch.Tensor, grads: list[torch.Tensor], weight_idx: list[int]) -> None:
+        """The device half of ``record``."""
         norms = torch._foreach_norm(grads)
         total = torch.linalg.vector_norm(torch.stack(norms))
-        self.buf[self.rows] = torch.stack([loss.detach().float(), total] + [norms[i] for i in weight_idx])
+        row = torch.stack([loss.detach().float(), total] + [norms[i] for i in weight_idx])
+        self.buf.index_copy_(0, self.cursor, row.unsqueeze(0))
+        self.cursor += 1
+
+    def count(self, step: int) -> None:
+        """The host half of ``record``: the row just written belongs to ``step``."""
+        self._check_room()
         self.step_index[self.rows] = step
         self.rows += 1
 
     def finish(self) -> dict[str, np.ndarray]:
         """Columns for the ``steps`` table (without trial_id and epoch)."""
-        data = self.buf[: self.rows].cpu().numpy()
+        data = self.buf[: self.rows].cpu().numpy().copy()  # on a CPU, .numpy() would share buf
         out = {"step": self.step_index[: self.rows].copy()}
         out.update({name: data[:, j] for j, name in enumerate(self.columns)})
         return out

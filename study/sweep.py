@@ -179,6 +179,10 @@ def make_parser() -> argparse.ArgumentParser:
                    "idle; 8 gave 5.3x the images/s of 1 on an H200 (bench/gpu_check.sh)")
     w.add_argument("--cpus-per-trial", type=_positive_int("--cpus-per-trial"), default=1,
                    help="CPUs reserved per trial, also torch's intra-op threads")
+    w.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay each GPU trial's training steps from CUDA graphs (same numbers as "
+                   "the eager steps, far fewer kernel launches); default: study.train's "
+                   "CUDA_GRAPH_DEFAULT, now off until verified on a GPU. CPU trials ignore it")
     w.add_argument("--address", default=None,
                    help="join a running Ray cluster (host:port or auto; RAY_ADDRESS works too); "
                    "without it the sweep joins a cluster started on this machine by `ray start` "
@@ -414,7 +418,7 @@ def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], resource
 
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, data=data_to_numpy(data),
-                             cpus_per_trial=args.cpus_per_trial),
+                             cpus_per_trial=args.cpus_per_trial, cuda_graph=args.cuda_graph),
         {k.lower(): v for k, v in resources.items()},
     )
     writer = ParquetWriterCallback(str(out), name, data.name, sizes)

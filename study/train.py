@@ -20,14 +20,19 @@ import torch
 import torch.nn.functional as F
 
 from study.config import TrialConfig
-from study.data import DataArrays, augment, normalise, train_val_split
+from study.data import DataArrays, normalise, train_val_split
 from study.model import SeedCNN, build_model
 from study.probes import StepProber
 from study.results import GRAD_LAYERS
 from study.stats import ActivationMoments, GradientNorms
+from study.step import GraphedTrainStep, TrainStep
 
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
+
+#: Whether a trial on a GPU replays its steps from CUDA graphs when ``run_trial`` is not told.
+#: Off until tests/test_gpu.py's graph-equals-eager test has passed on a GPU (bench/gpu_check.sh).
+CUDA_GRAPH_DEFAULT = False
 
 #: How often (in steps) a CPU trial looks at the loss for divergence. A look would wait for a
 #: GPU, so there the loop looks only at the end of the epoch (a lost epoch is cheap there).
@@ -114,15 +119,22 @@ def run_trial(
     resume_from: dict | None = None,
     device: str | None = None,
     threads: int | None = None,
+    cuda_graph: bool | None = None,
 ) -> dict:
     """Train one trial; call ``on_epoch(record, state)`` after every epoch.
 
     ``record`` holds the epoch's rows for the results tables (``epoch``: a dict,
     ``layers``: a list of dicts, ``steps``: a dict of columns) and ``status``;
     ``state`` is a ``torch.save``-able dict that ``resume_from`` continues from,
-    giving the same numbers as a run that never stopped. Returns a summary dict.
+    giving the same numbers as a run that never stopped. ``cuda_graph`` replays the full
+    batches' steps from CUDA graphs (GPU only; None: ``CUDA_GRAPH_DEFAULT`` on a GPU), with
+    the eager step's numbers. Returns a summary dict.
     """
     dev = pick_device(device)
+    if cuda_graph is None:
+        cuda_graph = CUDA_GRAPH_DEFAULT and dev.type == "cuda"
+    if cuda_graph and dev.type != "cuda":
+        raise ValueError(f"cuda_graph needs a CUDA device; this trial runs on {dev}")
     if threads:
         torch.set_num_threads(threads)
     seed_torch, seed_data, seed_noise = trial_seeds(cfg.seed)
@@ -136,9 +148,8 @@ def run_trial(
     model = build_model(cfg.norm, cfg.noise, cfg.noise_scope).to(dev)
     model.set_noise_generator(gens["noise"])
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    params = list(model.parameters())
     prober = StepProber(cfg.probe_every, cfg.probe_etas, cfg.lr)  # Santurkar's probes (0: off)
-    weights = model.weight_layers()
+    params, weights = list(model.parameters()), model.weight_layers()
     weight_idx = [next(i for i, p in enumerate(params) if p is weights[n].weight) for n in GRAD_LAYERS]
 
     first_epoch, history, status, elapsed = 1, [], "running", 0.0
@@ -153,41 +164,34 @@ def run_trial(
     n_train, bs = len(d.train_y), cfg.batch_size
     check_often = dev.type == "cpu"
     steps_per_epoch = math.ceil(n_train / bs)
+    # the epoch's accumulators live for the whole trial: a captured graph holds their addresses
+    acts = ActivationMoments(steps_per_epoch, cfg.hist_bins, cfg.hist_range, dev)
+    grads = GradientNorms(math.ceil(steps_per_epoch / cfg.grad_every), dev)
+    train_step = TrainStep(model, opt, d.train_x, d.train_y, gens["data"], acts, grads, weight_idx)
+    graphed = GraphedTrainStep(train_step, bs, list(gens.values())) if cuda_graph else None
     model.train()
     epoch = first_epoch
     while epoch <= cfg.epochs and status == "running":
         t0 = time.perf_counter()
-        acts = ActivationMoments(steps_per_epoch, cfg.hist_bins, cfg.hist_range, dev)
-        grads = GradientNorms(math.ceil(steps_per_epoch / cfg.grad_every), dev)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-        correct = torch.zeros((), dtype=torch.int64, device=dev)
+        train_step.reset()
         order = torch.randperm(n_train, generator=gens["data"], device=dev)
-        seen = 0
         with STEP_LOOP_CONTEXT():
             for i in range(steps_per_epoch):
                 idx = order[i * bs : (i + 1) * bs]
-                x, y = augment(d.train_x[idx], gens["data"]), d.train_y[idx]
-                taps: list = []
-                prober.before_forward((epoch - 1) * steps_per_epoch + i)
-                logits = model(x, taps)
-                loss = F.cross_entropy(logits, y)
-                opt.zero_grad(set_to_none=False)
-                loss.backward()
-                acts.record(taps, hist=i % cfg.hist_every == 0)
                 step = (epoch - 1) * steps_per_epoch + i
-                if i % cfg.grad_every == 0:
-                    grads.record(step, loss, [p.grad for p in params], weight_idx)
-                prober.after_backward(model, opt, x, y, loss, epoch)  # before the step; changes nothing
-                opt.step()
-                loss_sum += loss.detach() * len(y)
-                correct += (logits.argmax(1) == y).sum()
-                seen += len(y)
-                if check_often and (i + 1) % DIVERGENCE_CHECK_EVERY == 0 and not loss_sum.isfinite():
+                hist, grad = i % cfg.hist_every == 0, i % cfg.grad_every == 0
+                if graphed is not None and len(idx) == bs and not prober.due(step):
+                    graphed(idx, step, hist, grad)
+                else:
+                    train_step(idx, step, hist, grad, prober, epoch)
+                if (check_often and (i + 1) % DIVERGENCE_CHECK_EVERY == 0
+                        and not train_step.loss_sum.isfinite()):
                     status = "diverged"
                     break
         if dev.type == "cuda":  # the epoch's one wait for the device, so the timing is true
             torch.cuda.synchronize(dev)
         train_s = time.perf_counter() - t0
+        loss_sum, correct, seen = train_step.loss_sum, train_step.correct, train_step.seen
         if not torch.isfinite(loss_sum):
             status = "diverged"
 

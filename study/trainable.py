@@ -42,8 +42,11 @@ def load_checkpoint_state(checkpoint: tune.Checkpoint) -> dict | None:
         return None
 
 
-def train_trial(space: dict, data: dict, cpus_per_trial: int = 1) -> None:
-    """Tune function trainable: ``space["trial"]`` is a TrialConfig dict; ``data`` the arrays."""
+def train_trial(space: dict, data: dict, cpus_per_trial: int = 1, cuda_graph: bool | None = None) -> None:
+    """Tune function trainable: ``space["trial"]`` is a TrialConfig dict; ``data`` the arrays.
+
+    ``cuda_graph``: replay the steps from CUDA graphs where the trial runs on a GPU (None: the
+    default of ``study.train``); a trial on a CPU trains eagerly whatever it says."""
     cfg = TrialConfig.from_dict(space["trial"])
     arrays = DataArrays(**data)
     gpu_share = tune.get_context().get_trial_resources().required_resources.get("GPU", 0)
@@ -65,7 +68,8 @@ def train_trial(space: dict, data: dict, cpus_per_trial: int = 1) -> None:
             torch.save(state, Path(d) / STATE_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
-    run_trial(cfg, arrays, on_epoch, resume_from=resume, device=device, threads=cpus_per_trial)
+    run_trial(cfg, arrays, on_epoch, resume_from=resume, device=device, threads=cpus_per_trial,
+              cuda_graph=None if cuda_graph is None else cuda_graph and device == "cuda")
 
 
 class ParquetWriterCallback(tune.Callback):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -42,12 +43,14 @@ def test_sync_debug_mode_turns_a_host_sync_into_an_error():
 
 
 @pytest.mark.parametrize(
-    "norm,noise,probe_every",
+    "norm,noise,probe_every,cuda_graph",
     # probes wait for the device by design, inside study.probes' own sync-allowed block; the
-    # steps around them must still not wait
-    [("none", 0.0, 0), ("batch", 0.0, 0), ("noisy_batch", 1.0, 0), ("noisy_batch", 1.0, 4)],
+    # steps around them must still not wait. With CUDA graphs, probed steps run eagerly
+    # between replays.
+    [("none", 0.0, 0, False), ("batch", 0.0, 0, False), ("noisy_batch", 1.0, 0, False),
+     ("noisy_batch", 1.0, 4, False), ("batch", 0.0, 0, True), ("noisy_batch", 1.0, 4, True)],
 )
-def test_step_loop_never_waits_for_the_device(monkeypatch, norm, noise, probe_every):
+def test_step_loop_never_waits_for_the_device(monkeypatch, norm, noise, probe_every, cuda_graph):
     import study.train as train
     from study.config import TrialConfig
     from study.data import load_dataset
@@ -65,7 +68,9 @@ def test_step_loop_never_waits_for_the_device(monkeypatch, norm, noise, probe_ev
                       probe_etas=(0.5, 1.0, 2.0) if probe_every else ())
     data = load_dataset("synthetic", subset=210, log=lambda s: None)
     records: list[dict] = []
-    out = train.run_trial(cfg, data, on_epoch=lambda rec, state: records.append(rec), device="cuda")
+    with no_capture_failure():
+        out = train.run_trial(cfg, data, on_epoch=lambda rec, state: records.append(rec), device="cuda",
+                              cuda_graph=cuda_graph)
 
     assert len(entered) == cfg.epochs, "run_trial did not enter STEP_LOOP_CONTEXT once per epoch"
     assert torch.cuda.get_sync_debug_mode() == 0
@@ -81,7 +86,66 @@ def test_step_loop_never_waits_for_the_device(monkeypatch, norm, noise, probe_ev
         assert bool(rec.get("probes")) == bool(probe_every)
 
 
-def test_resume_on_the_gpu_gives_the_same_numbers():
+@contextlib.contextmanager
+def no_capture_failure():
+    """A failed capture falls back to eager with a warning; here it must fail the test."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="CUDA graph capture failed", category=RuntimeWarning)
+        yield
+
+
+def _numbers(records: list[dict]) -> list:
+    return [(r["epoch"]["train_loss"], r["epoch"]["test_acc"], r["steps"]["grad_norm"].tolist(),
+             [(x["mean"], x["var"], x["hist"]) for x in r["layers"]]) for r in records]
+
+
+@pytest.mark.parametrize("norm,noise", [("none", 0.0), ("batch", 0.0), ("noisy_batch", 1.0)])
+def test_cuda_graph_steps_give_the_eager_numbers(norm, noise):
+    """The graphed step against the eager reference: every statistic to fp32 tolerance.
+
+    170 training images at batch 16: 10 full steps (graphed after 3 eager warm-up steps) and a
+    short last one (eager); hist_every=3 and grad_every=2 make all four kinds of graph.
+    Two epochs: the second starts from the RNG offsets the replays advanced.
+    """
+    from study.config import TrialConfig
+    from study.data import load_dataset
+    from study.train import run_trial
+
+    cfg = TrialConfig(norm=norm, noise=noise, lr=0.01, batch_size=16, epochs=2, seed=5,
+                      hist_every=3, grad_every=2)
+    data = load_dataset("synthetic", subset=213, log=lambda s: None)
+
+    def run(cuda_graph: bool) -> list[dict]:
+        records: list[dict] = []
+        with torch.backends.cudnn.flags(enabled=True, deterministic=True, benchmark=False):
+            out = run_trial(cfg, data, lambda rec, state: records.append(rec), device="cuda",
+                            cuda_graph=cuda_graph)
+        assert out["status"] == "done"
+        return records
+
+    eager = run(False)
+    with no_capture_failure():
+        graphed = run(True)
+    tol = dict(rtol=1e-5, atol=1e-6)
+    for e, g in zip(eager, graphed, strict=True):
+        assert e["epoch"]["steps"] == g["epoch"]["steps"] == 11
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"):
+            np.testing.assert_allclose(g["epoch"][key], e["epoch"][key], **tol, err_msg=key)
+        assert g["steps"]["step"].tolist() == e["steps"]["step"].tolist()
+        for col in e["steps"]:
+            np.testing.assert_allclose(g["steps"][col], e["steps"][col], **tol, err_msg=col)
+        for le, lg in zip(e["layers"], g["layers"], strict=True):
+            assert (lg["layer"], lg["site"], lg["count"]) == (le["layer"], le["site"], le["count"])
+            for key in ("mean", "var", "batch_mean_std", "batch_var_std"):
+                scale = max(abs(le[key]), math.sqrt(le["var"]) * 1e-3)
+                assert abs(lg[key] - le[key]) <= 1e-5 * scale, (le["layer"], le["site"], key)
+            # a value within rounding of a bin edge may land one bin over
+            assert sum(lg["hist"]) == sum(le["hist"])
+            assert np.abs(np.subtract(lg["hist"], le["hist"])).sum() <= 1e-4 * sum(le["hist"]) + 2
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_resume_on_the_gpu_gives_the_same_numbers(cuda_graph):
     """2 epochs straight vs 1 epoch, a torch.save/load round trip of the state, then 1 more."""
     import io
 
@@ -102,20 +166,17 @@ def test_resume_on_the_gpu_gives_the_same_numbers():
                 raise StopIteration
 
         try:
-            run_trial(cfg, data, on_epoch, resume_from=resume, device="cuda")
+            run_trial(cfg, data, on_epoch, resume_from=resume, device="cuda", cuda_graph=cuda_graph)
         except StopIteration:
             pass
         return records, states
 
-    def numbers(records):
-        return [(r["epoch"]["train_loss"], r["epoch"]["test_acc"], r["steps"]["grad_norm"].tolist(),
-                 [(x["mean"], x["var"], x["hist"]) for x in r["layers"]]) for r in records]
-
-    with torch.backends.cudnn.flags(enabled=True, deterministic=True, benchmark=False):
+    with no_capture_failure(), torch.backends.cudnn.flags(enabled=True, deterministic=True,
+                                                           benchmark=False):
         straight, _ = run()
         first, states = run(stop_after=1)
         buf = io.BytesIO()
         torch.save(states[-1], buf)
         buf.seek(0)
         rest, _ = run(resume=torch.load(buf, weights_only=False))
-    assert numbers(first + rest) == numbers(straight)
+    assert _numbers(first + rest) == _numbers(straight)

@@ -62,3 +62,24 @@ def test_gradient_norms_match_vector_norm():
         ref = torch.linalg.vector_norm(grads[i].double()).item()
         np.testing.assert_allclose(cols[f"grad_norm_{name}"], [ref], rtol=1e-5)
     assert cols["loss"].tolist() == [2.5]
+
+
+def test_finished_rows_survive_the_next_epochs_reset():
+    """The accumulators are reused across epochs: what ``finish`` handed out must not alias them."""
+    batches = _batches()
+    acts = ActivationMoments(n_steps=len(batches), bins=16, value_range=8.0, device=torch.device("cpu"))
+    grads = GradientNorms(n_rows=2, device=torch.device("cpu"))
+    for taps in batches:
+        acts.record(taps)
+    grads.record(3, torch.tensor(1.5), [torch.ones(4)], weight_idx=[0] * 5)
+    rows, cols = acts.finish(), grads.finish()
+    kept = ([dict(r) for r in rows], {k: v.copy() for k, v in cols.items()})
+    acts.reset()
+    grads.reset()
+    for taps in batches[:2]:
+        acts.record(taps)
+    grads.record(9, torch.tensor(7.0), [torch.full((4,), 3.0)], weight_idx=[0] * 5)
+    assert rows == kept[0]
+    assert all(np.array_equal(cols[k], kept[1][k]) for k in cols)
+    assert cols["loss"].tolist() == [1.5] and grads.finish()["loss"].tolist() == [7.0]
+    assert acts.finish()[0]["count"] == sum(t[0][0].numel() for t in batches[:2])

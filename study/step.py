@@ -1,0 +1,162 @@
+"""One training step of a trial, run eagerly or replayed from a CUDA graph.
+
+``TrainStep`` is the reference: gather the batch from the device-resident data, augment it,
+forward with taps, backward, record the statistics, take the optimiser step and add the loss
+and accuracy to the epoch's totals. All of it is device work; nothing waits for the device.
+
+``GraphedTrainStep`` captures that same device work once per kind of step (with or without
+the histogram, with or without gradient norms) into a CUDA graph and replays it. At batch 16
+a step is about a hundred small kernels and the GPU waits on their launches, so one replay
+per step is what lets a trial use the GPU. The numbers are the eager step's: replay runs the
+captured kernels on the same tensors, and the trial's generators are registered with the
+graph, so each replay draws the random numbers the eager step would have drawn next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from study.data import augment
+from study.model import SeedCNN
+from study.stats import ActivationMoments, GradientNorms
+
+
+@contextlib.contextmanager
+def syncs_allowed() -> Iterator[None]:
+    """CUDA's sync-debug mode off for a while: for work that waits for the device by design
+    (probes every N steps, capturing a graph once), inside a step loop that must not."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        yield
+        return
+    mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
+
+
+class TrainStep:
+    """One SGD step and its statistics, in the order the seed's loop takes them.
+
+    ``device_work`` is everything the device does for a step; ``book`` is the host's side (the
+    accumulators' counts, images seen). Calling the object does both, eagerly.
+    """
+
+    def __init__(self, model: SeedCNN, optimizer: torch.optim.Optimizer, train_x: torch.Tensor,
+                 train_y: torch.Tensor, generator: torch.Generator, acts: ActivationMoments,
+                 grads: GradientNorms, weight_idx: list[int]) -> None:
+        self.model, self.opt = model, optimizer
+        self.params = list(model.parameters())
+        self.train_x, self.train_y, self.generator = train_x, train_y, generator
+        self.acts, self.grads, self.weight_idx = acts, grads, weight_idx
+        dev = train_x.device
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        self.correct = torch.zeros((), dtype=torch.int64, device=dev)
+        self.seen = 0
+
+    def reset(self) -> None:
+        """Empty the epoch's totals and accumulators, in place (a captured graph holds them)."""
+        self.acts.reset()
+        self.grads.reset()
+        self.loss_sum.zero_()
+        self.correct.zero_()
+        self.seen = 0
+
+    def __call__(self, idx: torch.Tensor, step: int, hist: bool, grad: bool,
+                 prober=None, epoch: int = 0) -> None:
+        numels = self.device_work(idx, hist, grad, prober, step, epoch)
+        self.book(numels, step, hist, grad, len(idx))
+
+    def device_work(self, idx: torch.Tensor, hist: bool, grad: bool, prober=None, step: int = 0,
+                    epoch: int = 0) -> list[int]:
+        """Train on the images at ``idx``; returns the taps' element counts for ``book``."""
+        x, y = augment(self.train_x[idx], self.generator), self.train_y[idx]
+        taps: list = []
+        if prober is not None:
+            prober.before_forward(step)
+        logits = self.model(x, taps)
+        loss = F.cross_entropy(logits, y)
+        self.opt.zero_grad(set_to_none=False)
+        loss.backward()
+        numels = self.acts.accumulate(taps, hist)
+        if grad:
+            self.grads.accumulate(loss, [p.grad for p in self.params], self.weight_idx)
+        if prober is not None:  # before the optimiser step; changes nothing
+            prober.after_backward(self.model, self.opt, x, y, loss, epoch)
+        self.opt.step()
+        self.loss_sum += loss.detach() * len(y)
+        self.correct += (logits.argmax(1) == y).sum()
+        return numels
+
+    def book(self, numels: list[int], step: int, hist: bool, grad: bool, n_images: int) -> None:
+        self.acts.count(numels, hist)
+        if grad:
+            self.grads.count(step)
+        self.seen += n_images
+
+
+class GraphedTrainStep:
+    """``TrainStep`` replayed from CUDA graphs, for full batches (same shapes every step).
+
+    The first ``warmup`` calls run eagerly on a side stream (real steps: cuDNN, cuBLAS and the
+    optimiser's momentum buffers are set up before any capture, as PyTorch's CUDA-graph notes
+    ask). Each kind of step (histogram or not, gradient norms or not) is then captured the
+    first time it comes and replayed ever after; the step's batch indices go in through one
+    static buffer. If a capture fails, the trial warns once and goes on eagerly.
+    """
+
+    def __init__(self, step: TrainStep, batch_size: int, generators: list[torch.Generator],
+                 warmup: int = 3) -> None:
+        dev = step.train_x.device
+        if dev.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, not {dev}")
+        self.step, self.generators, self.warmup = step, list(generators), warmup
+        self.idx = torch.zeros(batch_size, dtype=torch.int64, device=dev)
+        self.graphs: dict[tuple[bool, bool], tuple[torch.cuda.CUDAGraph, list[int]]] = {}
+        self.side = torch.cuda.Stream(dev)
+        self.failed: str | None = None
+
+    def __call__(self, idx: torch.Tensor, step: int, hist: bool, grad: bool) -> None:
+        if len(idx) != len(self.idx):
+            raise ValueError(f"a graphed step takes batches of {len(self.idx)}, not {len(idx)}")
+        if self.failed is not None:
+            self.step(idx, step, hist, grad)
+            return
+        if self.warmup > 0:
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                self.step(idx, step, hist, grad)
+            torch.cuda.current_stream().wait_stream(self.side)
+            self.warmup -= 1
+            return
+        key = (hist, grad)
+        if key not in self.graphs and not self._capture(key):
+            self.step(idx, step, hist, grad)
+            return
+        graph, numels = self.graphs[key]
+        self.idx.copy_(idx)
+        graph.replay()
+        self.step.book(numels, step, hist, grad, len(idx))
+
+    def _capture(self, key: tuple[bool, bool]) -> bool:
+        """Capture the device work of one kind of step (it does not run; a replay runs it)."""
+        graph = torch.cuda.CUDAGraph()
+        try:
+            for g in self.generators:  # the default generator (dropout) is registered by capture
+                graph.register_generator_state(g)
+            # capturing synchronises once; "thread_local": Ray's other threads may touch CUDA
+            with syncs_allowed(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                numels = self.step.device_work(self.idx, *key)
+        except Exception as e:  # noqa: BLE001 -- any capture failure: the eager step is the reference
+            self.failed = f"{type(e).__name__}: {e}"
+            warnings.warn(f"CUDA graph capture failed, training eagerly instead ({self.failed})",
+                          RuntimeWarning, stacklevel=3)
+            return False
+        self.graphs[key] = (graph, numels)
+        return True
