@@ -5,7 +5,9 @@ one repetition to the next) so that whatever else loads the machine weighs on al
 alike; every ratio is the median over repetitions of the ratio within one repetition.
 
   a  bare step: ``build_model("batch")`` + SGD on pre-made, normalised float batches; no
-     augmentation, no statistics, no taps
+     augmentation, no statistics, no taps; in run_trial's memory layout (channels-last on a
+     CPU, ``study.train.CPU_CHANNELS_LAST``), and beside it in the NCHW layout (a_nchw, as is
+     b_nchw for run_trial), which says what the layout gains
   b  ``study.train.run_trial`` itself (norm batch, every statistic on: activation moments,
      a histogram every ``hist_every``-th step, per-step gradient norms), on synthetic data;
      its step loop is timed through the ``STEP_LOOP_CONTEXT`` hook (synchronised on a GPU),
@@ -66,6 +68,14 @@ PARTS = (
 )
 
 
+def trial_layout(model: torch.nn.Module, device: torch.device,
+                 channels_last: bool | None = None) -> torch.nn.Module:
+    """The model in run_trial's memory layout on ``device`` (or the one asked for)."""
+    if channels_last is None:
+        channels_last = device.type == "cpu" and train_mod.CPU_CHANNELS_LAST
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -121,9 +131,11 @@ def time_steps(step: Callable[[], int], steps: int, warmup: int, device: torch.d
 class BareStep:
     """A training step of the same model on pre-made normalised float batches: nothing else."""
 
-    def __init__(self, data: DataArrays, cfg: TrialConfig, device: torch.device, n_batches: int = 32):
+    def __init__(self, data: DataArrays, cfg: TrialConfig, device: torch.device, n_batches: int = 32,
+                 channels_last: bool | None = None):
         torch.manual_seed(0)
-        self.model = build_model(cfg.norm, cfg.noise, cfg.noise_scope).to(device)
+        self.model = trial_layout(build_model(cfg.norm, cfg.noise, cfg.noise_scope).to(device), device,
+                                  channels_last)
         if self.model.noisy_layers():
             self.model.set_noise_generator(torch.Generator(device).manual_seed(0))
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
@@ -177,9 +189,11 @@ class GraphedBareStep(BareStep):
 
 
 def run_trial_window(data: DataArrays, cfg: TrialConfig, device: torch.device,
-                     threads: int | None, cuda_graph: bool | None = None) -> Window:
+                     threads: int | None, cuda_graph: bool | None = None,
+                     channels_last: bool | None = None) -> Window:
     """The real ``run_trial`` (``cfg.epochs`` epochs); its last epoch's step loop, timed through
-    STEP_LOOP_CONTEXT. With CUDA graphs give 2 epochs: the first pays for the captures."""
+    STEP_LOOP_CONTEXT. With CUDA graphs give 2 epochs: the first pays for the captures.
+    ``channels_last`` overrides ``study.train.CPU_CHANNELS_LAST`` for this run."""
     loops: list[tuple[float, float, float, float]] = []
 
     @contextlib.contextmanager
@@ -193,8 +207,11 @@ def run_trial_window(data: DataArrays, cfg: TrialConfig, device: torch.device,
     records: list[dict] = []
     hooked = hasattr(train_mod, "STEP_LOOP_CONTEXT")
     old = getattr(train_mod, "STEP_LOOP_CONTEXT", None)
+    old_layout = getattr(train_mod, "CPU_CHANNELS_LAST", None)
     if hooked:
         train_mod.STEP_LOOP_CONTEXT = timed_loop
+    if channels_last is not None:
+        train_mod.CPU_CHANNELS_LAST = channels_last
     try:
         c0, t0 = time.process_time(), time.perf_counter()
         kw = {} if cuda_graph is None else dict(cuda_graph=cuda_graph)
@@ -204,6 +221,8 @@ def run_trial_window(data: DataArrays, cfg: TrialConfig, device: torch.device,
     finally:
         if hooked:
             train_mod.STEP_LOOP_CONTEXT = old
+        if channels_last is not None:
+            train_mod.CPU_CHANNELS_LAST = old_layout
     row = records[-1]["epoch"]
     reported = float(row["images_per_s"])
     if not loops:  # no hook: fall back to run_trial's own number
@@ -230,7 +249,7 @@ class ReplicaStep:
         torch.manual_seed(seed_torch)
         self.gen = torch.Generator(device).manual_seed(seed_data)
         self.d = DeviceData.from_arrays(data, cfg, device)
-        self.model = build_model(cfg.norm, cfg.noise, cfg.noise_scope).to(device)
+        self.model = trial_layout(build_model(cfg.norm, cfg.noise, cfg.noise_scope).to(device), device)
         self.model.set_noise_generator(torch.Generator(device).manual_seed(seed_noise))
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
         self.params = list(self.model.parameters())
@@ -414,6 +433,10 @@ def main(argv: list[str] | None = None) -> int:
 
         add(f"a/{t}", lambda t=t, s=steps_of: s(lambda: BareStep(data, cfg, device)))
         add(f"b/{t}", lambda t=t: run_trial_window(data, cfg, device, t))
+        if device.type == "cpu":
+            add(f"a_nchw/{t}", lambda t=t, s=steps_of: s(
+                lambda: BareStep(data, cfg, device, channels_last=False)))
+            add(f"b_nchw/{t}", lambda t=t: run_trial_window(data, cfg, device, t, channels_last=False))
         add(f"c/{t}", lambda t=t, s=steps_of: s(lambda: SeedLoop(data, cfg, device, n_images=seed_images)))
         add(f"c_nohooks/{t}", lambda t=t, s=steps_of: s(
             lambda: SeedLoop(data, cfg, device, hooks=False, n_images=seed_images)))
@@ -459,18 +482,26 @@ def main(argv: list[str] | None = None) -> int:
         rows = [
             (f"a/{t}", "a  bare step (pre-made floats, no stats)"),
             (f"b/{t}", "b  run_trial, all statistics (step loop)"),
+            (f"a_nchw/{t}", "   a in the NCHW layout"),
+            (f"b_nchw/{t}", "   b in the NCHW layout"),
             (f"c/{t}", "c  seed-style loop (DataLoader+PIL, .item() stats)"),
             (f"c_nohooks/{t}", "   c without the per-layer .item() moments"),
             (f"c_loader/{t}", "   c's DataLoader + PIL transforms alone"),
         ]
         for key, label in rows:
+            if key not in results:
+                continue
             cpu = statistics.median(w.cpu_util for w in results[key])
             print(f"  {label:<52}{median_range(ips(key)):>32}  {cpu:.2f} {statistics.median(ipc(key)):10.1f}")
         reported = [w.extra.get("reported", float("nan")) for w in results[f"b/{t}"]]
         print(f"  {'   b as run_trial reports it (images_per_s)':<52}{median_range(reported):>32}")
         print("  ratios, median of per-repetition ratios [min-max]:")
-        for name, num, den, goal in (("b / a", "b", "a", GOAL_B_OVER_A), ("b / c", "b", "c", GOAL_B_OVER_C),
-                                     ("a / c", "a", "c", None), ("c_nohooks / c", "c_nohooks", "c", None)):
+        for name, num, den, goal in (
+                ("b / a", "b", "a", GOAL_B_OVER_A), ("b / c", "b", "c", GOAL_B_OVER_C),
+                ("a / c", "a", "c", None), ("c_nohooks / c", "c_nohooks", "c", None),
+                ("a / a_nchw", "a", "a_nchw", None), ("b / b_nchw", "b", "b_nchw", None)):
+            if f"{den}/{t}" not in results:
+                continue
             for metric, fn in (("wall", ips), ("CPU", ipc)):
                 r, text = ratio_text(fn(f"{num}/{t}"), fn(f"{den}/{t}"))
                 met = "met" if goal is not None and r >= goal else "NOT met"

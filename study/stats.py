@@ -20,6 +20,14 @@ import torch
 from study.results import ACT_LAYERS, GRAD_LAYERS, SITES
 
 
+def flat_view(t: torch.Tensor) -> torch.Tensor:
+    """The elements of ``t`` as a 1-D view in memory order (no copy for NCHW or channels-last
+    tensors): moments and histograms do not depend on the order."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(-1)
+    return t.reshape(-1)
+
+
 class ActivationMoments:
     """Per-batch moments of each (layer, site), merged over the epoch, and a histogram.
 
@@ -37,7 +45,8 @@ class ActivationMoments:
         self.bins, self.lo, self.hi = bins, -float(value_range), float(value_range)
         self.scale = bins / (self.hi - self.lo)
         self.n_steps = n_steps
-        self.sums = torch.zeros(n_steps, self.n_taps, 2, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(n_steps, self.n_taps, 2, dtype=torch.float32, device=device)
+        self._row = torch.zeros(self.n_taps, 2, dtype=torch.float32, device=device)
         self.cursor = torch.zeros(1, dtype=torch.int64, device=device)  # the row the next batch fills
         self.counts = np.zeros((n_steps, self.n_taps), dtype=np.int64)
         self.hist = torch.zeros(self.n_taps, bins, dtype=torch.int64, device=device)
@@ -73,21 +82,31 @@ class ActivationMoments:
     @torch.no_grad()
     def accumulate(self, taps: Sequence[tuple[torch.Tensor, torch.Tensor]], hist: bool) -> list[int]:
         """The device half of ``record``; returns each tap's element count for ``count``."""
-        flat = [t.detach().reshape(-1) for pair in taps for t in pair]
-        sums: dict[int, torch.Tensor] = {}
-        for t in flat:  # for `none`, conv and preact are the same tensor: reduce it once
-            if id(t) not in sums:
-                sums[id(t)] = torch.stack([t.sum(), torch.dot(t, t)])
-        row = torch.stack([sums[id(t)] for t in flat]).to(torch.float64)
+        flat: list[torch.Tensor] = []
+        first: dict[int, int] = {}  # for `none`, conv and preact are one tensor: reduce it once
+        row = self._row  # this batch's (sum, sum of squares) per tap, written in place
+        for i, tap in enumerate(t for pair in taps for t in pair):
+            j = first.setdefault(id(tap), i)
+            flat.append(flat_view(tap.detach()) if j == i else flat[j])
+            if j == i:
+                torch.sum(flat[i], dim=0, out=row[i, 0])
+                torch.dot(flat[i], flat[i], out=row[i, 1])
+            else:
+                row[i].copy_(row[j])
         self.sums.index_copy_(0, self.cursor, row.unsqueeze(0))
         self.cursor += 1
         if hist:
+            binned: dict[int, torch.Tensor] = {}
             for i, t in enumerate(flat):
-                idx = self.bin_index(t)
-                if idx.is_cuda:  # bincount would wait for the device to size its output
-                    self.hist[i].index_add_(0, idx, torch.ones_like(idx))
+                if id(t) not in binned:
+                    idx = self.bin_index(t)
+                    # on a GPU bincount would wait for the device to size its output
+                    binned[id(t)] = idx if idx.is_cuda else torch.bincount(idx, minlength=self.bins)
+                b = binned[id(t)]
+                if b.is_cuda:
+                    self.hist[i].index_add_(0, b, torch.ones_like(b))
                 else:
-                    self.hist[i] += torch.bincount(idx, minlength=self.bins)
+                    self.hist[i] += b
         return [t.numel() for t in flat]
 
     def count(self, numels: Sequence[int], hist: bool) -> None:
@@ -101,7 +120,7 @@ class ActivationMoments:
     def finish(self) -> list[dict]:
         """One row per (layer, site) for the ``layers`` table (without trial_id and epoch)."""
         k = self.steps
-        s = self.sums[:k].cpu().numpy()
+        s = self.sums[:k].cpu().numpy().astype(np.float64)
         hist = self.hist.cpu().numpy()
         n = self.counts[:k].astype(np.float64)
         rows = []

@@ -83,3 +83,25 @@ def test_finished_rows_survive_the_next_epochs_reset():
     assert all(np.array_equal(cols[k], kept[1][k]) for k in cols)
     assert cols["loss"].tolist() == [1.5] and grads.finish()["loss"].tolist() == [7.0]
     assert acts.finish()[0]["count"] == sum(t[0][0].numel() for t in batches[:2])
+
+
+def test_channels_last_taps_give_the_same_statistics_without_a_copy():
+    from study.stats import flat_view
+
+    batches = _batches(seed=1)
+    cl = [[tuple(t.contiguous(memory_format=torch.channels_last) for t in pair) for pair in taps]
+          for taps in batches]
+    t = cl[0][0][0]
+    assert not t.is_contiguous() and flat_view(t).data_ptr() == t.data_ptr()
+    assert sorted(flat_view(t).tolist()) == sorted(t.reshape(-1).tolist())
+    rows = {}
+    for name, bs in (("nchw", batches), ("cl", cl)):
+        acc = ActivationMoments(n_steps=len(bs), bins=32, value_range=8.0, device=torch.device("cpu"))
+        for taps in bs:
+            acc.record(taps)
+        rows[name] = acc.finish()
+    for a, b in zip(rows["nchw"], rows["cl"], strict=True):
+        assert a["hist"] == b["hist"] and a["count"] == b["count"]
+        sd = a["var"] ** 0.5
+        assert abs(a["mean"] - b["mean"]) <= 1e-6 * max(abs(a["mean"]), sd)
+        assert abs(a["var"] - b["var"]) <= 1e-6 * a["var"]

@@ -59,6 +59,28 @@ def test_resume_gives_the_same_numbers_as_an_uninterrupted_run(norm, noise):
     assert [comparable(r) for r in first + rest] == [comparable(r) for r in straight]
 
 
+def test_channels_last_on_the_cpu_gives_the_numbers_of_the_nchw_layout(monkeypatch):
+    """The CPU's channels-last layout is a speed choice only: same statistics to fp32 rounding."""
+    import study.train as train
+
+    cfg = TrialConfig(norm="noisy_batch", noise=1.0, epochs=1, lr=0.01, hist_every=1)
+    data = tiny_data()
+    runs = {}
+    for layout in (False, True):
+        monkeypatch.setattr(train, "CPU_CHANNELS_LAST", layout)
+        runs[layout], _, _ = collect(cfg, data)
+    (ref,), (cl,) = runs[False], runs[True]
+    for key in ("train_loss", "train_acc", "val_loss", "test_loss", "test_acc"):
+        assert cl["epoch"][key] == pytest.approx(ref["epoch"][key], rel=1e-4, abs=1e-6), key
+    np.testing.assert_allclose(cl["steps"]["grad_norm"], ref["steps"]["grad_norm"], rtol=1e-4)
+    np.testing.assert_allclose(cl["steps"]["loss"], ref["steps"]["loss"], rtol=1e-4)
+    for a, b in zip(ref["layers"], cl["layers"], strict=True):
+        assert b["count"] == a["count"]
+        assert b["mean"] == pytest.approx(a["mean"], rel=1e-4, abs=1e-4 * a["var"] ** 0.5)
+        assert b["var"] == pytest.approx(a["var"], rel=1e-4)
+        assert np.abs(np.subtract(a["hist"], b["hist"])).sum() <= 1e-3 * a["count"]
+
+
 def test_diverging_trial_ends_cleanly_as_diverged():
     cfg = TrialConfig(norm="none", lr=1e4, epochs=3)
     records, _, summary = collect(cfg, tiny_data())
