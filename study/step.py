@@ -25,6 +25,10 @@ from study.data import augment
 from study.model import SeedCNN
 from study.stats import ActivationMoments, GradientNorms
 
+#: Where ``GraphedTrainStep`` takes CUDAGraph, graph, Stream, stream and current_stream from.
+#: tests/cuda_graph_emulation.py puts a CPU emulation of their semantics here.
+graph_api = torch.cuda
+
 
 @contextlib.contextmanager
 def syncs_allowed() -> Iterator[None]:
@@ -114,12 +118,12 @@ class GraphedTrainStep:
     def __init__(self, step: TrainStep, batch_size: int, generators: list[torch.Generator],
                  warmup: int = 3) -> None:
         dev = step.train_x.device
-        if dev.type != "cuda":
-            raise ValueError(f"CUDA graphs need a CUDA device, not {dev}")
+        if dev.type != "cuda" and graph_api is torch.cuda:
+            raise ValueError(f"CUDA graphs need a CUDA device; this trial runs on {dev}")
         self.step, self.generators, self.warmup = step, list(generators), warmup
         self.idx = torch.zeros(batch_size, dtype=torch.int64, device=dev)
         self.graphs: dict[tuple[bool, bool], tuple[torch.cuda.CUDAGraph, list[int]]] = {}
-        self.side = torch.cuda.Stream(dev)
+        self.side = graph_api.Stream(dev)
         self.failed: str | None = None
 
     def __call__(self, idx: torch.Tensor, step: int, hist: bool, grad: bool) -> None:
@@ -129,10 +133,10 @@ class GraphedTrainStep:
             self.step(idx, step, hist, grad)
             return
         if self.warmup > 0:
-            self.side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.side):
+            self.side.wait_stream(graph_api.current_stream())
+            with graph_api.stream(self.side):
                 self.step(idx, step, hist, grad)
-            torch.cuda.current_stream().wait_stream(self.side)
+            graph_api.current_stream().wait_stream(self.side)
             self.warmup -= 1
             return
         key = (hist, grad)
@@ -146,12 +150,12 @@ class GraphedTrainStep:
 
     def _capture(self, key: tuple[bool, bool]) -> bool:
         """Capture the device work of one kind of step (it does not run; a replay runs it)."""
-        graph = torch.cuda.CUDAGraph()
+        graph = graph_api.CUDAGraph()
         try:
             for g in self.generators:  # the default generator (dropout) is registered by capture
                 graph.register_generator_state(g)
             # capturing synchronises once; "thread_local": Ray's other threads may touch CUDA
-            with syncs_allowed(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with syncs_allowed(), graph_api.graph(graph, capture_error_mode="thread_local"):
                 numels = self.step.device_work(self.idx, *key)
         except Exception as e:  # noqa: BLE001 -- any capture failure: the eager step is the reference
             self.failed = f"{type(e).__name__}: {e}"

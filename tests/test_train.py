@@ -12,7 +12,7 @@ from study.train import run_trial
 from tests.conftest import tiny_data
 
 
-def collect(cfg, data, resume_from=None, stop_after=None):
+def collect(cfg, data, resume_from=None, stop_after=None, **run_kw):
     records, states = [], []
 
     def on_epoch(record, state):
@@ -22,7 +22,7 @@ def collect(cfg, data, resume_from=None, stop_after=None):
             raise StopIteration
 
     try:
-        summary = run_trial(cfg, data, on_epoch, resume_from=resume_from, device="cpu")
+        summary = run_trial(cfg, data, on_epoch, resume_from=resume_from, device="cpu", **run_kw)
     except StopIteration:
         summary = None
     return records, states, summary
