@@ -154,8 +154,7 @@ class GraphedTrainStep:
         try:
             for g in self.generators:  # the default generator (dropout) is registered by capture
                 graph.register_generator_state(g)
-            # capturing synchronises once; "thread_local": Ray's other threads may touch CUDA
-            with syncs_allowed(), graph_api.graph(graph, capture_error_mode="thread_local"):
+            with syncs_allowed(), graph_api.graph(graph):  # capturing synchronises, once
                 numels = self.step.device_work(self.idx, *key)
         except Exception as e:  # noqa: BLE001 -- any capture failure: the eager step is the reference
             self.failed = f"{type(e).__name__}: {e}"
