@@ -372,7 +372,7 @@ def _plain_log(ax, lo: float, hi: float) -> None:
     if ratio < 10:  # less than a decade: evenly spaced values read better than 1, 2, 5
         ax.yaxis.set_major_locator(ticker.MaxNLocator(nbins=5))
     else:
-        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0) if ratio < 1e3 else 1.0))
+        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0) if ratio < 1e3 else (1.0,)))
     ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.yaxis.set_minor_formatter(ticker.NullFormatter())
 

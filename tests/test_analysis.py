@@ -327,3 +327,22 @@ def test_study_json_is_optional_and_shown(study, tmp_path):
     assert "study.json: preset" in index
     config = json.loads((study["folder"] / "study.json").read_text())
     assert config["epochs"] == 3
+
+
+@pytest.mark.parametrize("lo,hi", [(0.5, 2.0), (0.1, 50.0), (1e-4, 10.0), (1e-3, float("inf"))])
+def test_log_axes_draw_over_any_range(lo, hi):
+    """A variance axis spanning many decades (a diverging trial) once broke the demo's figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from analysis.figures import _plain_log
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [lo, hi if np.isfinite(hi) else 1e6])
+    _plain_log(ax, lo, hi)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    assert labels and all(float(x) > 0 for x in labels)
+    plt.close(fig)
