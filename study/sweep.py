@@ -26,8 +26,10 @@ from study.model import NOISY_VARIANTS, NORM_VARIANTS
 from study.probes import DEFAULT_ETA_MULTIPLES
 
 EXIT_USAGE = 2
-#: Rough per-trial training speed (images/s) used by --dry-run's time estimate; see bench/.
-NOMINAL_IMAGES_PER_S = {"cpu": 1500.0, "gpu": 8000.0}
+#: Rough per-trial training speed (images/s) used by --dry-run's time estimate, batch 16: CPU,
+#: run_trial with 1 thread on a 2-core VM (bench/throughput.py, 1,822); GPU, one of 8 eager
+#: trials sharing an H200 (bench/gpu_check.sh: 5.25 x 4,457 / 8).
+NOMINAL_IMAGES_PER_S = {"cpu": 1800.0, "gpu": 2900.0}
 NOMINAL_SIZES = {"cifar10": (50_000, 10_000), "synthetic": (50_000, 10_000)}
 
 
