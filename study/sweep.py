@@ -239,6 +239,12 @@ def study_record(name: str, p: Preset, grid: list[TrialConfig], dataset: str) ->
                 trials=[c.to_dict() for c in grid], trial_ids=[c.trial_id for c in grid])
 
 
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} hours"
+    return f"{seconds / 60:.0f} minutes" if seconds >= 60 else f"{seconds:.0f} seconds"
+
+
 def dry_run_text(name: str, p: Preset, grid: list[TrialConfig], resources: dict) -> str:
     n_train, n_test = NOMINAL_SIZES.get(p.dataset.split(":")[0], (50_000, 10_000))
     if p.dataset.startswith("imagefolder:"):
@@ -260,7 +266,7 @@ def dry_run_text(name: str, p: Preset, grid: list[TrialConfig], resources: dict)
         f"resources per trial: {resources}",
         f"work: {len(grid)} trials × {p.epochs} epochs × {fit:,} training images "
         f"= {images:,} images, {steps:,} steps (batch {p.batch_size})",
-        f"estimate: ~{hours:.1f} trial-hours at ~{NOMINAL_IMAGES_PER_S[kind]:,.0f} images/s "
+        f"estimate: ~{_duration(hours * 3600)} of trial time at ~{NOMINAL_IMAGES_PER_S[kind]:,.0f} images/s "
         f"per trial on {kind.upper()}; divide by the trials that run at once",
     ]
     return "\n".join(lines)
