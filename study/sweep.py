@@ -234,9 +234,13 @@ def check_out_dir(out: Path) -> None:
         raise UsageError(f"--out: cannot write to {out}: {e.strerror or e}") from None
 
 
-def study_record(name: str, p: Preset, grid: list[TrialConfig], dataset: str) -> dict:
+def study_record(name: str, p: Preset, grid: list[TrialConfig], dataset: str,
+                 execution: dict | None = None) -> dict:
+    """study.json: the grid, and how it was run (``execution``: what may change speed, not
+    the numbers beyond fp32 rounding: GPUs, packing, threads, layout, CUDA graphs)."""
     return dict(name=name, preset=p.__dict__ | {"dataset": dataset},
-                trials=[c.to_dict() for c in grid], trial_ids=[c.trial_id for c in grid])
+                trials=[c.to_dict() for c in grid], trial_ids=[c.trial_id for c in grid],
+                execution=execution or {})
 
 
 def _duration(seconds: float) -> str:
@@ -353,7 +357,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     check_out_dir(out)
     storage = args.storage or str(out / "tune")
-    record = study_record(name, p, grid, dataset)
+    from study.train import CPU_CHANNELS_LAST, CUDA_GRAPH_DEFAULT
+
+    cuda_graph = CUDA_GRAPH_DEFAULT if args.cuda_graph is None else args.cuda_graph
+    execution = dict(gpus=args.gpus, trials_per_gpu=args.trials_per_gpu if args.gpus else None,
+                     cpus_per_trial=args.cpus_per_trial, cuda_graph=bool(cuda_graph and args.gpus),
+                     cpu_channels_last=CPU_CHANNELS_LAST)
+    record = study_record(name, p, grid, dataset, execution)
     study_file = out / "study.json"
     if study_file.exists():
         old = json.loads(study_file.read_text())
@@ -426,7 +436,8 @@ def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], resource
 
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, data=data_to_numpy(data),
-                             cpus_per_trial=args.cpus_per_trial, cuda_graph=args.cuda_graph),
+                             cpus_per_trial=args.cpus_per_trial,
+                             cuda_graph=record["execution"]["cuda_graph"]),
         {k.lower(): v for k, v in resources.items()},
     )
     writer = ParquetWriterCallback(str(out), name, data.name, sizes)

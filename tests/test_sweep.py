@@ -55,7 +55,10 @@ def test_local_sweep_writes_every_table(tiny_reference):
                      (tables["steps"], ["trial_id", "step"]),
                      (tables["layers"], ["trial_id", "epoch", "layer", "site"])):
         assert not df.duplicated(keys).any()
-    assert json.loads((out / "study.json").read_text())["trial_ids"]
+    study = json.loads((out / "study.json").read_text())
+    assert study["trial_ids"]
+    assert study["execution"] == dict(gpus=0, trials_per_gpu=None, cpus_per_trial=1, cuda_graph=False,
+                                      cpu_channels_last=True)
 
 
 def read_steps_columns(out: Path) -> list[str]:
