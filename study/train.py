@@ -1,8 +1,9 @@
 """One trial's training loop: plain PyTorch, no Ray, checkpointable at every epoch.
 
 Read top to bottom: set up (data on the device, model, optimiser, generators), then per
-epoch: shuffle, augment, step, record statistics on the device; evaluate; hand the
-epoch's rows and a checkpointable state to ``on_epoch``.
+epoch: shuffle; take the steps (``study.step``: augment, forward, backward, statistics on the
+device, SGD; eagerly, or replayed from CUDA graphs); evaluate; hand the epoch's rows and a
+checkpointable state to ``on_epoch``.
 """
 
 from __future__ import annotations
