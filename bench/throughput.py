@@ -531,6 +531,9 @@ def main(argv: list[str] | None = None) -> int:
         run = {m: statistics.median(f(f"b/{t}")) for m, f in per_step.items()}
         print(f"    {'= replica, all parts':<40}{full['cpu']:9.2f}{'':>9}{full['wall']:10.2f}")
         print(f"    {'   run_trial step loop (b)':<40}{run['cpu']:9.2f}{'':>9}{run['wall']:10.2f}")
+        _, text = ratio_text(ips(f"r_{PARTS[-1][0]}/{t}"), ips(f"r_{PARTS[0][0]}/{t}"))
+        print(f"  statistics alone, stats on / off with the same data pipeline (replica, all parts / "
+              f"{PARTS[0][0]} only), wall: {text}")
     return 0
 
 
