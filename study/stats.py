@@ -50,7 +50,6 @@ class ActivationMoments:
         self.cursor = torch.zeros(1, dtype=torch.int64, device=device)  # the row the next batch fills
         self.counts = np.zeros((n_steps, self.n_taps), dtype=np.int64)
         self.hist = torch.zeros(self.n_taps, bins, dtype=torch.int64, device=device)
-        self.hist_count = np.zeros(self.n_taps, dtype=np.int64)
         self.steps = 0
 
     def reset(self) -> None:
@@ -59,7 +58,6 @@ class ActivationMoments:
         self.cursor.zero_()
         self.hist.zero_()
         self.counts[:] = 0
-        self.hist_count[:] = 0
         self.steps = 0
 
     def bin_index(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +71,7 @@ class ActivationMoments:
     def record(self, taps: Sequence[tuple[torch.Tensor, torch.Tensor]], hist: bool = True) -> None:
         """Add one batch; ``taps`` is the model's list of (conv output, ReLU input) per layer."""
         self._check_room()
-        self.count(self.accumulate(taps, hist), hist)
+        self.count(self.accumulate(taps, hist))
 
     def _check_room(self) -> None:
         if self.steps >= self.n_steps:
@@ -109,12 +107,10 @@ class ActivationMoments:
                     self.hist[i] += b
         return [t.numel() for t in flat]
 
-    def count(self, numels: Sequence[int], hist: bool) -> None:
+    def count(self, numels: Sequence[int]) -> None:
         """The host half of ``record``: one more batch of ``numels`` elements per tap."""
         self._check_room()
         self.counts[self.steps] = numels
-        if hist:
-            self.hist_count += numels
         self.steps += 1
 
     def finish(self) -> list[dict]:

@@ -75,7 +75,7 @@ class TrainStep:
     def __call__(self, idx: torch.Tensor, step: int, hist: bool, grad: bool,
                  prober=None, epoch: int = 0) -> None:
         numels = self.device_work(idx, hist, grad, prober, step, epoch)
-        self.book(numels, step, hist, grad, len(idx))
+        self.book(numels, step, grad, len(idx))
 
     def device_work(self, idx: torch.Tensor, hist: bool, grad: bool, prober=None, step: int = 0,
                     epoch: int = 0) -> list[int]:
@@ -98,8 +98,8 @@ class TrainStep:
         self.correct += (logits.argmax(1) == y).sum()
         return numels
 
-    def book(self, numels: list[int], step: int, hist: bool, grad: bool, n_images: int) -> None:
-        self.acts.count(numels, hist)
+    def book(self, numels: list[int], step: int, grad: bool, n_images: int) -> None:
+        self.acts.count(numels)
         if grad:
             self.grads.count(step)
         self.seen += n_images
@@ -146,7 +146,7 @@ class GraphedTrainStep:
         graph, numels = self.graphs[key]
         self.idx.copy_(idx)
         graph.replay()
-        self.step.book(numels, step, hist, grad, len(idx))
+        self.step.book(numels, step, grad, len(idx))
 
     def _capture(self, key: tuple[bool, bool]) -> bool:
         """Capture the device work of one kind of step (it does not run; a replay runs it)."""
