@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,9 @@ import torch.nn.functional as F
 from study.data import augment
 from study.model import SeedCNN
 from study.stats import ActivationMoments, GradientNorms
+
+if TYPE_CHECKING:  # study.probes imports this module
+    from study.probes import StepProber
 
 #: Where ``GraphedTrainStep`` takes CUDAGraph, graph, Stream, stream and current_stream from.
 #: tests/cuda_graph_emulation.py puts a CPU emulation of their semantics here.
@@ -73,12 +77,12 @@ class TrainStep:
         self.seen = 0
 
     def __call__(self, idx: torch.Tensor, step: int, hist: bool, grad: bool,
-                 prober=None, epoch: int = 0) -> None:
+                 prober: StepProber | None = None, epoch: int = 0) -> None:
         numels = self.device_work(idx, hist, grad, prober, step, epoch)
         self.book(numels, step, grad, len(idx))
 
-    def device_work(self, idx: torch.Tensor, hist: bool, grad: bool, prober=None, step: int = 0,
-                    epoch: int = 0) -> list[int]:
+    def device_work(self, idx: torch.Tensor, hist: bool, grad: bool, prober: StepProber | None = None,
+                    step: int = 0, epoch: int = 0) -> list[int]:
         """Train on the images at ``idx``; returns the taps' element counts for ``book``."""
         x, y = augment(self.train_x[idx], self.generator), self.train_y[idx]
         taps: list = []
