@@ -135,7 +135,7 @@ def test_landscape_matches_the_closed_form_on_a_quadratic(lr):
     blocks = [Block("u", "u", ("u",)), Block("v", "v", ("v",))]
     got = probe_module(model, opt, (None,), lambda out: out, blocks, None, etas)
 
-    l0, gg, gag, ag = float(loss), float(g @ g), float(g @ a @ g), float(torch.linalg.norm(a @ g))
+    l0, gg, gag, ag = float(loss.detach()), float(g @ g), float(g @ a @ g), float(torch.linalg.norm(a @ g))
     along = [l0 - eta * gg + 0.5 * eta**2 * gag for eta in etas]
     assert got["loss_min"] == pytest.approx(min(along), rel=1e-12)
     assert got["loss_max"] == pytest.approx(max(along), rel=1e-12)
