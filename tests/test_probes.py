@@ -211,7 +211,7 @@ def test_cnn_probe_replays_the_step_and_changes_nothing(norm, noise, device):
     # CPU; cuDNN's weight gradients may sum in another order), which holds only if the dropout
     # masks and the noise sample are the step's.
     got = probe_step(model, opt, x, y, before, [0.0])
-    assert got["loss_min"] == got["loss_max"] == float(loss)
+    assert got["loss_min"] == got["loss_max"] == float(loss.detach())
     g_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])))
     assert got["grad_pred"] <= (0.0 if device == "cpu" else 1e-5 * g_norm)
     assert math.isnan(got["beta_smooth"]) or device != "cpu"
@@ -229,7 +229,7 @@ def test_without_the_saved_rng_the_dropout_masks_differ(device):
     """The replay test above has teeth: other dropout masks give another loss."""
     model, opt, x, y, loss, _, _ = cnn_step("batch", 0.0, device=device)
     got = probe_step(model, opt, x, y, save_rng(), [0.0])  # the post-step state: new masks
-    assert got["loss_min"] != float(loss) and got["grad_pred"] > 0
+    assert got["loss_min"] != float(loss.detach()) and got["grad_pred"] > 0
 
 
 def test_step_prober_skips_a_non_finite_step_and_names_rows():
