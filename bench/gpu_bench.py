@@ -321,7 +321,35 @@ def table(folder: Path) -> str:
             verdict = "skipped"
         lines.append(f"{'tests/test_gpu.py (no host sync; graphs = eager)':<{w}}{verdict}: "
                      f"{last[0].strip('= ') if last else ''}")
+    graphs = graph_test_outcomes(folder / "test_gpu.xml")
+    if graphs:
+        ok = all(o == "passed" for o in graphs.values())
+        lines.append(f"{'CUDA-graph tests':<{w}}{sum(o == 'passed' for o in graphs.values())}/{len(graphs)} "
+                     f"passed" + ("" if ok else ": " + ", ".join(f"{k} {o}" for k, o in graphs.items()
+                                                                     if o != "passed")))
+        lines.append(f"{'   so study.train.CUDA_GRAPH_DEFAULT':<{w}}"
+                     f"{'may be True' if ok else 'stays False'}")
     return "\n".join(lines)
+
+
+def graph_test_outcomes(xml: Path) -> dict[str, str]:
+    """Outcome of each CUDA-graph test case (name contains 'cuda_graph' or a graph parameter)
+    in pytest's JUnit XML; empty where there is none."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.parse(xml).getroot()
+    except (OSError, ET.ParseError):
+        return {}
+    out = {}
+    for case in root.iter("testcase"):
+        name = case.get("name", "")
+        if "cuda_graph" not in name and "True]" not in name:
+            continue
+        kinds = {child.tag for child in case}
+        out[name] = ("failed" if kinds & {"failure", "error"} else
+                     "skipped" if "skipped" in kinds else "passed")
+    return out
 
 
 def part_env(args) -> dict:

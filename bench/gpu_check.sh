@@ -61,7 +61,8 @@ part() {  # part NAME SECONDS
 # most telling first: whether graphs give the eager numbers, then one trial's speed
 part env 25
 echo "== tests/test_gpu.py (limit 75s)" | tee -a "$LOG"
-timeout -k 10 75 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py >"$WORK/test_gpu.txt" 2>&1
+timeout -k 10 75 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$WORK/test_gpu.xml" tests/test_gpu.py \
+    >"$WORK/test_gpu.txt" 2>&1
 echo $? >"$WORK/test_gpu.rc"
 cat "$WORK/test_gpu.txt" >>"$LOG"
 tail -n 3 "$WORK/test_gpu.txt" | sed 's/^/   | /'
@@ -83,6 +84,7 @@ part concurrency_graph 85
 
 if [ -n "${OUT:-}" ]; then
     cp "$WORK/gpu_check.txt" "$WORK/gpu_check.log" "$OUT/" 2>/dev/null
+    cp "$WORK/test_gpu.xml" "$OUT/" 2>/dev/null
     cat "$WORK"/*.json >"$OUT/gpu_check.json" 2>/dev/null
 fi
 exit 0
