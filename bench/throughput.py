@@ -150,11 +150,14 @@ class BareStep:
     def step(self) -> int:
         x, y = self.batches[self.i % len(self.batches)]
         self.i += 1
+        self.train_on(x, y)
+        return len(y)
+
+    def train_on(self, x: torch.Tensor, y: torch.Tensor) -> None:
         loss = F.cross_entropy(self.model(x), y)
         self.opt.zero_grad(set_to_none=False)
         loss.backward()
         self.opt.step()
-        return len(y)
 
 
 class GraphedBareStep(BareStep):
@@ -171,10 +174,7 @@ class GraphedBareStep(BareStep):
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            loss = F.cross_entropy(self.model(self.x), self.y)
-            self.opt.zero_grad(set_to_none=False)
-            loss.backward()
-            self.opt.step()
+            self.train_on(self.x, self.y)
 
     def step(self) -> int:
         x, y = self.batches[self.i % len(self.batches)]

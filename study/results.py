@@ -14,7 +14,8 @@ Conventions the analysis relies on: accuracies are fractions in [0, 1]; epochs c
 ``step`` is the trial's global step from 0; in ``probes``, the landscape columns (loss_min,
 loss_max, grad_pred, beta_smooth) belong to the step and repeat on each layer's row.
 ``study.json`` holds ``name``, ``preset`` (the grid's settings), ``trials`` (each trial's
-config) and ``trial_ids`` (the grid, in order).
+config), ``trial_ids`` (the grid, in order) and ``execution`` (how it ran: GPUs, packing,
+threads, CPU layout, CUDA graphs).
 
 This module imports only pyarrow and the standard library, so the analysis side
 can use it without torch or Ray.

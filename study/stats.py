@@ -70,12 +70,7 @@ class ActivationMoments:
 
     def record(self, taps: Sequence[tuple[torch.Tensor, torch.Tensor]], hist: bool = True) -> None:
         """Add one batch; ``taps`` is the model's list of (conv output, ReLU input) per layer."""
-        self._check_room()
         self.count(self.accumulate(taps, hist))
-
-    def _check_room(self) -> None:
-        if self.steps >= self.n_steps:
-            raise IndexError(f"ActivationMoments holds {self.n_steps} batches; reset() it first")
 
     @torch.no_grad()
     def accumulate(self, taps: Sequence[tuple[torch.Tensor, torch.Tensor]], hist: bool) -> list[int]:
@@ -109,7 +104,8 @@ class ActivationMoments:
 
     def count(self, numels: Sequence[int]) -> None:
         """The host half of ``record``: one more batch of ``numels`` elements per tap."""
-        self._check_room()
+        if self.steps >= self.n_steps:
+            raise IndexError(f"ActivationMoments holds {self.n_steps} batches; reset() it first")
         self.counts[self.steps] = numels
         self.steps += 1
 
@@ -168,13 +164,8 @@ class GradientNorms:
 
     def record(self, step: int, loss: torch.Tensor, grads: list[torch.Tensor], weight_idx: list[int]):
         """``grads``: every parameter's gradient; ``weight_idx``: positions of GRAD_LAYERS' weights."""
-        self._check_room()
         self.accumulate(loss, grads, weight_idx)
         self.count(step)
-
-    def _check_room(self) -> None:
-        if self.rows >= self.n_rows:
-            raise IndexError(f"GradientNorms holds {self.n_rows} rows; reset() it first")
 
     @torch.no_grad()
     def accumulate(self, loss: torch.Tensor, grads: list[torch.Tensor], weight_idx: list[int]) -> None:
@@ -187,7 +178,8 @@ class GradientNorms:
 
     def count(self, step: int) -> None:
         """The host half of ``record``: the row just written belongs to ``step``."""
-        self._check_room()
+        if self.rows >= self.n_rows:
+            raise IndexError(f"GradientNorms holds {self.n_rows} rows; reset() it first")
         self.step_index[self.rows] = step
         self.rows += 1
 

@@ -235,12 +235,12 @@ def check_out_dir(out: Path) -> None:
 
 
 def study_record(name: str, p: Preset, grid: list[TrialConfig], dataset: str,
-                 execution: dict | None = None) -> dict:
+                 execution: dict) -> dict:
     """study.json: the grid, and how it was run (``execution``: what may change speed, not
     the numbers beyond fp32 rounding: GPUs, packing, threads, layout, CUDA graphs)."""
     return dict(name=name, preset=p.__dict__ | {"dataset": dataset},
                 trials=[c.to_dict() for c in grid], trial_ids=[c.trial_id for c in grid],
-                execution=execution or {})
+                execution=execution)
 
 
 def _duration(seconds: float) -> str:

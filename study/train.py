@@ -35,8 +35,8 @@ torch.backends.cuda.matmul.allow_tf32 = False
 #: Off until tests/test_gpu.py's graph-equals-eager test has passed on a GPU (bench/gpu_check.sh).
 CUDA_GRAPH_DEFAULT = False
 
-#: Memory layout of the model's weights and images on a CPU: channels-last convolutions made the
-#: bare batch-16 step 1.26x as fast on this project's 2-core VM (bench/throughput.py).
+#: Memory layout of the model's weights on a CPU: channels-last convolutions made the bare
+#: batch-16 step ~1.3x as fast on this project's 2-core VM (bench/throughput.py, a / a_nchw).
 CPU_CHANNELS_LAST = True
 
 #: How often (in steps) a CPU trial looks at the loss for divergence. A look would wait for a

@@ -69,7 +69,7 @@ def train_trial(space: dict, data: dict, cpus_per_trial: int = 1, cuda_graph: bo
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
     run_trial(cfg, arrays, on_epoch, resume_from=resume, device=device, threads=cpus_per_trial,
-              cuda_graph=None if cuda_graph is None else cuda_graph and device == "cuda")
+              cuda_graph=cuda_graph and device == "cuda")
 
 
 class ParquetWriterCallback(tune.Callback):
