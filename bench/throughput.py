@@ -50,11 +50,18 @@ from _common import loadavg  # noqa: E402  (bench/ is on sys.path when run as a 
 
 import study.train as train_mod  # noqa: E402
 from study.config import TrialConfig  # noqa: E402
-from study.data import DataArrays, augment, load_dataset, normalise, train_val_split  # noqa: E402
+from study.data import (  # noqa: E402
+    DataArrays,
+    augment_thetas,
+    augment_with,
+    load_dataset,
+    normalise,
+    train_val_split,
+)
 from study.model import build_model  # noqa: E402
 from study.results import GRAD_LAYERS  # noqa: E402
 from study.stats import ActivationMoments, GradientNorms  # noqa: E402
-from study.train import DeviceData, run_trial, trial_seeds  # noqa: E402
+from study.train import DeviceData, build_optimizer, run_trial, trial_seeds  # noqa: E402
 
 GOAL_B_OVER_A = 0.90
 GOAL_B_OVER_C = 1.5
@@ -138,7 +145,7 @@ class BareStep:
                                   channels_last)
         if self.model.noisy_layers():
             self.model.set_noise_generator(torch.Generator(device).manual_seed(0))
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+        self.opt = build_optimizer(self.model, cfg, device)  # run_trial's optimiser
         bs = cfg.batch_size
         n = min(len(data.train_y) // bs, n_batches) * bs
         x = normalise(torch.from_numpy(data.train_x[:n])).to(device)
@@ -251,7 +258,7 @@ class ReplicaStep:
         self.d = DeviceData.from_arrays(data, cfg, device)
         self.model = trial_layout(build_model(cfg.norm, cfg.noise, cfg.noise_scope).to(device), device)
         self.model.set_noise_generator(torch.Generator(device).manual_seed(seed_noise))
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+        self.opt = build_optimizer(self.model, cfg, device)
         self.params = list(self.model.parameters())
         weights = self.model.weight_layers()
         self.weight_idx = [next(i for i, p in enumerate(self.params) if p is weights[n].weight)
@@ -259,6 +266,7 @@ class ReplicaStep:
         self.cfg, self.dev, self.parts = cfg, device, parts
         self.n = len(self.d.train_y)
         self.order = torch.randperm(self.n, generator=self.gen, device=device)
+        self.thetas = augment_thetas(self.n, self.gen, *self.d.train_x.shape[-2:])
         self.acts = ActivationMoments(capacity, cfg.hist_bins, cfg.hist_range, device)
         self.grads = GradientNorms(capacity, device)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -276,21 +284,23 @@ class ReplicaStep:
         i = self.i % self.spe
         if "data" in parts:
             idx = self.order[i * bs : (i + 1) * bs]
-            x, y = augment(self.d.train_x[idx], self.gen), self.d.train_y[idx]
+            x = augment_with(self.d.train_x.index_select(0, idx), self.thetas[i * bs : (i + 1) * bs])
+            y = self.d.train_y.index_select(0, idx)
         else:
             x, y = self.batches[i]
-        taps: list | None = [] if "moments" in parts else None
+        hist = "hist" in parts and i % cfg.hist_every == 0
+        taps = self.acts.tap_reducer(hist) if "moments" in parts else None
         logits = self.model(x, taps)
+        if taps is not None:
+            self.acts.count(taps.commit())
         loss = F.cross_entropy(logits, y)
         self.opt.zero_grad(set_to_none=False)
         loss.backward()
-        if taps is not None:
-            self.acts.record(taps, hist="hist" in parts and i % cfg.hist_every == 0)
         if "grads" in parts and i % cfg.grad_every == 0:
             self.grads.record(self.i, loss, [p.grad for p in self.params], self.weight_idx)
         self.opt.step()
         if "book" in parts:
-            self.loss_sum += loss.detach() * len(y)
+            self.loss_sum.add_(loss.detach(), alpha=len(y))
             self.correct += (logits.argmax(1) == y).sum()
             if self.dev.type == "cpu" and (i + 1) % train_mod.DIVERGENCE_CHECK_EVERY == 0:
                 bool(self.loss_sum.isfinite())

@@ -1,9 +1,9 @@
 """One trial's training loop: plain PyTorch, no Ray, checkpointable at every epoch.
 
 Read top to bottom: set up (data on the device, model, optimiser, generators), then per
-epoch: shuffle; take the steps (``study.step``: augment, forward, backward, statistics on the
-device, SGD; eagerly, or replayed from CUDA graphs); evaluate; hand the epoch's rows and a
-checkpointable state to ``on_epoch``.
+epoch: shuffle and draw every image's flip and rotation; take the steps (``study.step``:
+augment, forward, backward, statistics on the device, SGD; eagerly, or replayed from CUDA
+graphs); evaluate; hand the epoch's rows and a checkpointable state to ``on_epoch``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from study.config import TrialConfig
-from study.data import DataArrays, normalise, train_val_split
+from study.data import DataArrays, augment_thetas, normalise, train_val_split
 from study.model import SeedCNN, build_model
 from study.probes import StepProber
 from study.results import GRAD_LAYERS
@@ -77,6 +77,15 @@ def pick_device(device: str | None = None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def build_optimizer(model: SeedCNN, cfg: TrialConfig, device: torch.device) -> torch.optim.SGD:
+    """The trial's SGD with momentum. On a CPU it is PyTorch's fused kernel (one pass over each
+    parameter for momentum and update): ~0.36 ms a batch-16 step against the per-parameter
+    loop's ~0.6 ms. On a GPU it is PyTorch's default (foreach), the path the CUDA-graph
+    step was written and tested against."""
+    fused = {"fused": True} if device.type == "cpu" else {}
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, **fused)
 
 
 def trial_seeds(seed: int) -> tuple[int, int, int]:
@@ -152,7 +161,7 @@ def run_trial(
     if dev.type == "cpu" and CPU_CHANNELS_LAST:
         model = model.to(memory_format=torch.channels_last)
     model.set_noise_generator(gens["noise"])
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    opt = build_optimizer(model, cfg, dev)
     prober = StepProber(cfg.probe_every, cfg.probe_etas, cfg.lr)  # Santurkar's probes (0: off)
     params, weights = list(model.parameters()), model.weight_layers()
     weight_idx = [next(i for i, p in enumerate(params) if p is weights[n].weight) for n in GRAD_LAYERS]
@@ -172,7 +181,7 @@ def run_trial(
     # the epoch's accumulators live for the whole trial: a captured graph holds their addresses
     acts = ActivationMoments(steps_per_epoch, cfg.hist_bins, cfg.hist_range, dev)
     grads = GradientNorms(math.ceil(steps_per_epoch / cfg.grad_every), dev)
-    train_step = TrainStep(model, opt, d.train_x, d.train_y, gens["data"], acts, grads, weight_idx)
+    train_step = TrainStep(model, opt, d.train_x, d.train_y, acts, grads, weight_idx)
     graphed = GraphedTrainStep(train_step, bs, list(gens.values())) if cuda_graph else None
     model.train()
     epoch = first_epoch
@@ -180,15 +189,16 @@ def run_trial(
         t0 = time.perf_counter()
         train_step.reset()
         order = torch.randperm(n_train, generator=gens["data"], device=dev)
+        thetas = augment_thetas(n_train, gens["data"], *d.train_x.shape[-2:])  # each slot's flip, rotation
         with STEP_LOOP_CONTEXT():
             for i in range(steps_per_epoch):
-                idx = order[i * bs : (i + 1) * bs]
+                idx, theta = order[i * bs : (i + 1) * bs], thetas[i * bs : (i + 1) * bs]
                 step = (epoch - 1) * steps_per_epoch + i
                 hist, grad = i % cfg.hist_every == 0, i % cfg.grad_every == 0
                 if graphed is not None and len(idx) == bs and not prober.due(step):
-                    graphed(idx, step, hist, grad)
+                    graphed(idx, theta, step, hist, grad)
                 else:
-                    train_step(idx, step, hist, grad, prober, epoch)
+                    train_step(idx, theta, step, hist, grad, prober, epoch)
                 if (check_often and (i + 1) % DIVERGENCE_CHECK_EVERY == 0
                         and not train_step.loss_sum.isfinite()):
                     status = "diverged"

@@ -36,6 +36,8 @@ _SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.defaul
 def _fresh_outputs(func, out) -> list[torch.Tensor]:
     """The outputs that are new tensors (not an alias of an argument, per the op's schema)."""
     rets = func._schema.returns
+    if not rets:  # an op that returns nothing (e.g. the fused optimiser's in-place step)
+        return []
     outs = out if len(rets) > 1 else (out,)
     fresh = []
     for r, o in zip(rets, outs, strict=True):
@@ -61,6 +63,8 @@ class _Recorder(TorchDispatchMode):
     def _save(self, t: torch.Tensor) -> None:
         # Every pre-existing tensor an op touches is saved, not only those its schema says it
         # writes: some ops write without saying so (native_batch_norm's running statistics).
+        if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape, strict=True)):
+            return  # a broadcast (expanded) view: no op may write it, and copy_ could not restore it
         ptr = t.untyped_storage().data_ptr()
         key = (ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
         if ptr not in self.made and key not in self._saved_keys:

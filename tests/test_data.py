@@ -35,6 +35,7 @@ from study.data import (
     resolve_dataset_spec,
     rotate_flip,
     train_val_split,
+    warp,
 )
 
 CIFAR10_JPEG = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10_jpeg.tar.gz"
@@ -245,6 +246,18 @@ def test_augment_varies_per_image_and_flips_both_ways() -> None:
     assert torch.equal(flips, flipped)
     torch.testing.assert_close(out, normalise(rotate_flip(x, angles, flips)), rtol=0, atol=0)
     torch.testing.assert_close(out, augment(x, torch.Generator().manual_seed(5)), rtol=0, atol=0)
+
+
+def test_warp_samples_where_affine_grid_says() -> None:
+    """warp reuses a cached base grid; its sampling must be affine_grid's, bit for bit, for
+    square and non-square images and for the base grid's second and later uses."""
+    g = torch.Generator().manual_seed(3)
+    for shape in ((16, 3, 32, 32), (5, 2, 20, 36), (16, 3, 32, 32)):
+        x = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+        theta = torch.randn(shape[0], 2, 3, generator=g) * 0.7
+        grid = F.affine_grid(theta, [shape[0], 1, *shape[-2:]], align_corners=False)
+        ref = F.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        assert torch.equal(warp(x, theta), ref)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

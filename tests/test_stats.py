@@ -105,3 +105,45 @@ def test_channels_last_taps_give_the_same_statistics_without_a_copy():
         sd = a["var"] ** 0.5
         assert abs(a["mean"] - b["mean"]) <= 1e-6 * max(abs(a["mean"]), sd)
         assert abs(a["var"] - b["var"]) <= 1e-6 * a["var"]
+
+
+def test_shared_conv_and_relu_input_count_once_per_site():
+    """The `none` variant hands the same tensor as conv output and ReLU input: both sites get
+    its statistics, and reducing it once must not leave either site short."""
+    batches = [[(c, c) for c, _ in taps] for taps in _batches(1)]
+    acc = ActivationMoments(n_steps=len(batches), bins=32, value_range=8.0, device=torch.device("cpu"))
+    for taps in batches:
+        acc.record(taps)
+    rows = acc.finish()
+    for layer in range(3):
+        conv, pre = rows[2 * layer], rows[2 * layer + 1]
+        x = np.concatenate([taps[layer][0].double().numpy().ravel() for taps in batches])
+        for row in (conv, pre):
+            assert row["count"] == x.size and sum(row["hist"]) == x.size
+            assert abs(row["mean"] - x.mean()) <= 1e-6 * max(1.0, abs(x.mean()))
+            assert abs(row["var"] - x.var()) <= 1e-6 * x.var()
+        assert conv["hist"] == pre["hist"]
+
+
+def test_taps_reduced_during_the_forward_pass_equal_the_taps_reduced_after():
+    """The trial hands the model a TapReducer, which reduces each layer while the forward pass
+    runs; it must record what the same taps give when reduced afterwards."""
+    from study.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model("batch")
+    x = torch.randn(16, 3, 32, 32)
+    during = ActivationMoments(n_steps=1, bins=32, value_range=8.0, device=torch.device("cpu"))
+    after = ActivationMoments(n_steps=1, bins=32, value_range=8.0, device=torch.device("cpu"))
+    reducer = during.tap_reducer(hist=True)
+    model(x, reducer)
+    during.count(reducer.commit())
+    assert len(reducer) == 3
+    after.record([(c.detach().clone(), p.detach().clone()) for c, p in reducer])
+    rows = during.finish()
+    assert rows == after.finish()
+    for row, t in zip(rows, (t for pair in reducer for t in pair), strict=True):
+        ref = t.detach().double().numpy().ravel()
+        assert row["count"] == ref.size and sum(row["hist"]) == ref.size
+        assert abs(row["mean"] - ref.mean()) <= 1e-6 * max(1.0, ref.std())
+        assert abs(row["var"] - ref.var()) <= 1e-6 * ref.var()
