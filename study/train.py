@@ -190,9 +190,10 @@ def run_trial(
         train_step.reset()
         order = torch.randperm(n_train, generator=gens["data"], device=dev)
         thetas = augment_thetas(n_train, gens["data"], *d.train_x.shape[-2:])  # each slot's flip, rotation
+        batches = list(zip(order.split(bs), thetas.split(bs), strict=True))  # views, made at once
         with STEP_LOOP_CONTEXT():
             for i in range(steps_per_epoch):
-                idx, theta = order[i * bs : (i + 1) * bs], thetas[i * bs : (i + 1) * bs]
+                idx, theta = batches[i]
                 step = (epoch - 1) * steps_per_epoch + i
                 hist, grad = i % cfg.hist_every == 0, i % cfg.grad_every == 0
                 if graphed is not None and len(idx) == bs and not prober.due(step):
