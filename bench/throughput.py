@@ -64,7 +64,7 @@ from study.data import (  # noqa: E402
 )
 from study.model import build_model  # noqa: E402
 from study.results import GRAD_LAYERS  # noqa: E402
-from study.stats import ActivationMoments, GradientNorms  # noqa: E402
+from study.stats import EpochStats  # noqa: E402
 from study.train import DeviceData, build_optimizer, run_trial, trial_seeds  # noqa: E402
 
 GOAL_B_OVER_A = 0.90
@@ -72,10 +72,10 @@ GOAL_B_OVER_C = 1.5
 #: Cumulative parts of the replica of run_trial's step, in the order they are switched on.
 PARTS = (
     ("data", "+ gather uint8 batch & augment"),
-    ("moments", "+ activation moments (taps)"),
+    ("moments", "+ activation moments (taps, the row)"),
     ("hist", "+ histogram (every hist_every-th)"),
     ("grads", "+ gradient norms"),
-    ("book", "+ loss/accuracy bookkeeping"),
+    ("book", "+ loss and number correct"),
 )
 
 
@@ -250,9 +250,9 @@ def run_trial_window(data: DataArrays, cfg: TrialConfig, device: torch.device,
 class ReplicaStep:
     """run_trial's inner loop (same calls, same order) with its parts switched on by name:
     ``data`` (gather the uint8 batch and augment it; else pre-made float batches as in a),
-    ``moments`` (taps + ActivationMoments.record), ``hist`` (its histogram every
-    hist_every-th step), ``grads`` (GradientNorms.record), ``book`` (loss/accuracy sums and
-    the CPU divergence look)."""
+    ``moments`` (taps reduced by EpochStats, the step's row written), ``hist`` (the histogram
+    every hist_every-th step), ``grads`` (the gradient norms in the row), ``book`` (loss and
+    number correct in the row, and the CPU divergence look). Parts after ``moments`` need it."""
 
     def __init__(self, data: DataArrays, cfg: TrialConfig, device: torch.device, parts: set[str],
                  capacity: int):
@@ -271,10 +271,10 @@ class ReplicaStep:
         self.n = len(self.d.train_y)
         self.order = torch.randperm(self.n, generator=self.gen, device=device)
         self.thetas = augment_thetas(self.n, self.gen, *self.d.train_x.shape[-2:])
-        self.acts = ActivationMoments(capacity, cfg.hist_bins, cfg.hist_range, device)
-        self.grads = GradientNorms(capacity, device)
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        if parts & {"hist", "grads", "book"} and "moments" not in parts:
+            raise ValueError("the replica's hist, grads and book parts need its moments part")
+        self.stats = EpochStats(capacity, len(self.params), self.weight_idx, cfg.hist_bins, cfg.hist_range,
+                                device)
         bs = cfg.batch_size
         self.spe = self.n // bs
         if "data" not in parts:
@@ -293,21 +293,20 @@ class ReplicaStep:
         else:
             x, y = self.batches[i]
         hist = "hist" in parts and i % cfg.hist_every == 0
-        taps = self.acts.tap_reducer(hist) if "moments" in parts else None
+        taps = self.stats.tap_reducer(hist) if "moments" in parts else None
         logits = self.model(x, taps)
-        if taps is not None:
-            self.acts.count(taps.commit())
         loss = F.cross_entropy(logits, y)
         self.opt.zero_grad(set_to_none=False)
         loss.backward()
-        if "grads" in parts and i % cfg.grad_every == 0:
-            self.grads.record(self.i, loss, [p.grad for p in self.params], self.weight_idx)
+        if taps is not None:
+            grad = "grads" in parts and i % cfg.grad_every == 0
+            book = dict(loss=loss, logits=logits, y=y) if "book" in parts else {}
+            numels = self.stats.accumulate(taps, grads=[p.grad for p in self.params] if grad else None,
+                                           **book)
+            self.stats.count(numels, self.i, grad, len(y))
         self.opt.step()
-        if "book" in parts:
-            self.loss_sum.add_(loss.detach(), alpha=len(y))
-            self.correct += (logits.argmax(1) == y).sum()
-            if self.dev.type == "cpu" and (i + 1) % train_mod.DIVERGENCE_CHECK_EVERY == 0:
-                bool(self.loss_sum.isfinite())
+        if "book" in parts and self.dev.type == "cpu" and (i + 1) % train_mod.DIVERGENCE_CHECK_EVERY == 0:
+            self.stats.losses_finite()
         self.i += 1
         return len(y)
 

@@ -1,13 +1,20 @@
-"""On-device accumulators for one epoch's activation and gradient statistics (DESIGN §2).
+"""One epoch's statistics, accumulated on the training device (DESIGN §2).
 
-Nothing here waits for the device during an epoch: each step writes into preallocated
-device buffers, and ``finish()`` moves them to the host once, at the end of the epoch.
+Nothing here waits for the device during an epoch. Each step writes one row of a
+preallocated device buffer: the (sum, sum of squares) of every tap (the conv output and the
+ReLU input of each conv layer), the batch's loss and number of correct predictions, and on a
+gradient step the l2 norm of every parameter's gradient. One stack and one write a step:
+inside a CPU training loop each small operation costs 10-15 µs, and writing the three kinds
+of statistic separately took seven more of them (~0.2 ms of a ~8 ms step). Every
+``hist_every``-th step also counts each tap into its histogram. ``finish()`` moves it all to
+the host once, at the end of the epoch, and derives the rows of the layers and steps tables
+and the epoch's training loss and accuracy, in float64.
 
-Each ``record`` is two halves so that a CUDA graph can replay the first: ``accumulate`` is
+Recording a step is two halves so that a CUDA graph can replay the first: ``accumulate`` is
 device work only (it writes the row a device-side cursor points at, then advances it) and
-``count`` is the host's bookkeeping (element counts, step numbers), which a graph replay
-cannot do and the caller repeats after each replay. The buffers live for the whole trial
-(a captured graph holds their addresses); ``reset()`` empties them for the next epoch.
+``count`` is the host's bookkeeping (element counts, step numbers, images), which a graph
+replay cannot do and the caller repeats after each replay. The buffers live for the whole
+trial (a captured graph holds their addresses); ``reset()`` empties them for the next epoch.
 """
 
 from __future__ import annotations
@@ -30,36 +37,55 @@ def flat_view(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1)
 
 
-class ActivationMoments:
-    """Per-batch moments of each (layer, site), merged over the epoch, and a histogram.
+class EpochStats:
+    """Per step: each tap's moments, the loss and number correct, and every parameter's
+    gradient norm; per tap: a histogram every ``hist_every``-th step.
 
     Per batch the sum and the sum of squares are taken in float32 (a pairwise sum and a
     BLAS dot: one fast pass each); the epoch's mean and variance are then merged from the
     per-batch moments in float64 (Chan et al.'s parallel formula), which also gives the
     spread of the per-batch moments across the epoch. The histogram has equal bins over
-    [-range, range] (values outside land in the first or last bin) and counts every
-    ``hist_every``-th batch: binning every element of every batch would cost a third
-    of a CPU training step (at ``hist_every = 50`` it costs 1%).
+    [-range, range] (values outside land in the first or last bin); binning every element of
+    every batch would cost a third of a CPU training step (at ``hist_every = 50``, 1%). The
+    global gradient norm and the layers' (``weight_idx``: positions of GRAD_LAYERS' weights
+    among the parameters) are taken from the parameters' norms on the host, in float64.
     """
 
-    def __init__(self, n_steps: int, bins: int, value_range: float, device: torch.device):
+    def __init__(self, n_steps: int, n_params: int, weight_idx: Sequence[int], bins: int,
+                 value_range: float, device: torch.device):
         self.n_taps = len(ACT_LAYERS) * len(SITES)
+        self.n_params, self.weight_idx = n_params, list(weight_idx)
+        if len(self.weight_idx) != len(GRAD_LAYERS) or not all(0 <= i < n_params for i in self.weight_idx):
+            raise ValueError(f"weight_idx must give {len(GRAD_LAYERS)} positions among {n_params} "
+                             f"parameters, not {self.weight_idx}")
         self.bins, self.lo, self.hi = bins, -float(value_range), float(value_range)
         self.scale = bins / (self.hi - self.lo)
         self.n_steps = n_steps
-        self.sums = torch.zeros(n_steps, self.n_taps, 2, dtype=torch.float32, device=device)
-        self.cursor = torch.zeros(1, dtype=torch.int64, device=device)  # the row the next batch fills
-        self.counts = np.zeros((n_steps, self.n_taps), dtype=np.int64)
+        self.loss_col = 2 * self.n_taps  # then the number correct, then the parameters' norms
+        width = self.loss_col + 2 + n_params
+        self.rows = torch.zeros(n_steps, width, dtype=torch.float32, device=device)
+        self.cursor = torch.zeros(1, dtype=torch.int64, device=device)  # the row the next step fills
         self.hist = torch.zeros(self.n_taps, bins, dtype=torch.int64, device=device)
+        self._zero = torch.zeros((), dtype=torch.float32, device=device)  # what a step did not record
+        self.numels = np.zeros((n_steps, self.n_taps), dtype=np.int64)
+        self.step_index = np.zeros(n_steps, dtype=np.int64)
+        self.grad_step = np.zeros(n_steps, dtype=bool)
+        self.images = np.zeros(n_steps, dtype=np.int64)
         self.steps = 0
 
     def reset(self) -> None:
         """Empty, in place, for the next epoch."""
-        self.sums.zero_()
+        self.rows.zero_()
         self.cursor.zero_()
         self.hist.zero_()
-        self.counts[:] = 0
+        for a in (self.numels, self.step_index, self.grad_step, self.images):
+            a[:] = 0
         self.steps = 0
+
+    @property
+    def seen(self) -> int:
+        """Images trained on this epoch."""
+        return int(self.images[: self.steps].sum())
 
     def bin_index(self, x: torch.Tensor) -> torch.Tensor:
         """Bin of each element: floor((x - lo) * bins / (hi - lo)), clamped to the edge bins.
@@ -70,10 +96,6 @@ class ActivationMoments:
         idx = x.reshape(-1).sub(self.lo).mul_(self.scale).clamp_(0, self.bins - 1).to(torch.int32)
         return idx.clamp_(0, self.bins - 1)
 
-    def record(self, taps: Sequence[tuple[torch.Tensor, torch.Tensor]], hist: bool = True) -> None:
-        """Add one batch; ``taps`` is the model's list of (conv output, ReLU input) per layer."""
-        self.count(self.accumulate(taps, hist))
-
     def add_to_hist(self, k: int, bins: torch.Tensor) -> None:
         """Count ``bins`` (``bin_index`` of a tap's elements) into tap k's histogram."""
         if bins.is_cuda:  # bincount would wait for the device to size its output
@@ -83,29 +105,85 @@ class ActivationMoments:
 
     def tap_reducer(self, hist: bool) -> TapReducer:
         """A list to hand ``SeedCNN.forward`` as its taps: it reduces each layer's pair as the
-        forward pass appends it; its ``commit()`` is then ``accumulate``'s work, done."""
+        forward pass appends it (then ``accumulate`` takes it as the step's taps)."""
         return TapReducer(self, hist)
 
-    def accumulate(self, taps: Sequence[tuple[torch.Tensor, torch.Tensor]], hist: bool) -> list[int]:
-        """The device half of ``record``; returns each tap's element count for ``count``."""
-        reducer = self.tap_reducer(hist)
-        for pair in taps:
-            reducer.append(pair)
-        return reducer.commit()
+    @torch.no_grad()
+    def accumulate(self, taps: TapReducer | Sequence[tuple[torch.Tensor, torch.Tensor]], hist: bool = False,
+                   loss: torch.Tensor | None = None, logits: torch.Tensor | None = None,
+                   y: torch.Tensor | None = None, grads: Sequence[torch.Tensor] | None = None) -> list[int]:
+        """The device half of ``record``: write the step's row; returns the taps' element
+        counts for ``count``. ``taps``: a filled ``tap_reducer`` or the model's list of (conv
+        output, ReLU input) pairs (reduced here, histogram if ``hist``); ``grads``: every
+        parameter's gradient, on a gradient step."""
+        if not isinstance(taps, TapReducer):
+            reducer = self.tap_reducer(hist)
+            for pair in taps:
+                reducer.append(pair)
+            taps = reducer
+        if len(taps.numels) != self.n_taps:
+            raise ValueError(f"expected {self.n_taps} taps, got {len(taps.numels)}")
+        z = self._zero
+        batch = [z if loss is None else loss.detach().float(),
+                 z if logits is None else (logits.argmax(1) == y).sum(dtype=torch.float32)]
+        if grads is None:
+            norms = [z] * self.n_params
+        elif len(grads) != self.n_params:
+            raise ValueError(f"expected {self.n_params} gradients, got {len(grads)}")
+        else:
+            norms = list(torch._foreach_norm(list(grads)))
+        row = torch.stack(taps.moments + batch + norms)
+        self.rows.index_copy_(0, self.cursor, row.unsqueeze(0))
+        self.cursor += 1
+        return taps.numels
 
-    def count(self, numels: Sequence[int]) -> None:
-        """The host half of ``record``: one more batch of ``numels`` elements per tap."""
+    def count(self, numels: Sequence[int], step: int, grad: bool, n_images: int) -> None:
+        """The host half of ``record``: the row just written is ``step``'s, of ``n_images``
+        images with ``numels`` elements per tap, with gradient norms if ``grad``."""
         if self.steps >= self.n_steps:
-            raise IndexError(f"ActivationMoments holds {self.n_steps} batches; reset() it first")
-        self.counts[self.steps] = numels
+            raise IndexError(f"EpochStats holds {self.n_steps} steps; reset() it first")
+        k = self.steps
+        self.numels[k], self.step_index[k], self.grad_step[k], self.images[k] = numels, step, grad, n_images
         self.steps += 1
 
-    def finish(self) -> list[dict]:
-        """One row per (layer, site) for the ``layers`` table (without trial_id and epoch)."""
+    def record(self, taps: Sequence[tuple[torch.Tensor, torch.Tensor]], hist: bool = True,
+               loss: torch.Tensor | None = None, logits: torch.Tensor | None = None,
+               y: torch.Tensor | None = None, grads: Sequence[torch.Tensor] | None = None,
+               step: int = 0) -> None:
+        """Add one step (both halves); ``taps`` is the model's list of (conv output, ReLU
+        input) per layer."""
+        numels = self.accumulate(taps, hist, loss, logits, y, grads)
+        self.count(numels, step, grads is not None, len(taps[0][0]))
+
+    def losses_finite(self) -> bool:
+        """Whether every loss so far is finite. Reads the device: a CPU trial's divergence check."""
+        return bool(torch.isfinite(self.rows[: self.steps, self.loss_col]).all())
+
+    def finish(self) -> dict:
+        """The epoch on the host: ``layers`` (a row per (layer, site) for the layers table),
+        ``steps`` (columns of the steps table, one entry per gradient step), ``loss_sum``
+        (the sum of the batches' mean loss x their images) and ``correct`` (without trial_id
+        and epoch)."""
         k = self.steps
-        s = self.sums[:k].cpu().numpy().astype(np.float64)
+        rows = self.rows[:k].cpu().numpy().astype(np.float64)
+        loss, correct = rows[:, self.loss_col], rows[:, self.loss_col + 1]
+        with np.errstate(invalid="ignore"):  # inf * 0 in a diverged batch is NaN: fine
+            loss_sum = float((loss * self.images[:k]).sum())
+        g = self.grad_step[:k]
+        norms = rows[g, self.loss_col + 2 :]
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = np.sqrt((norms**2).sum(1))
+        steps = {"step": self.step_index[:k][g].copy(), "loss": loss[g].astype(np.float32),
+                 "grad_norm": total.astype(np.float32)}
+        for name, i in zip(GRAD_LAYERS, self.weight_idx, strict=True):
+            steps[f"grad_norm_{name}"] = norms[:, i].astype(np.float32)
+        return dict(layers=self._layer_rows(rows[:, : self.loss_col].reshape(k, self.n_taps, 2)),
+                    steps=steps, loss_sum=loss_sum, correct=int(correct.sum()))
+
+    def _layer_rows(self, s: np.ndarray) -> list[dict]:
+        k = self.steps
         hist = self.hist.cpu().numpy()
-        n = self.counts[:k].astype(np.float64)
+        n = self.numels[:k].astype(np.float64)
         rows = []
         for i in range(self.n_taps):
             layer, site = ACT_LAYERS[i // len(SITES)], SITES[i % len(SITES)]
@@ -141,16 +219,16 @@ class TapReducer(list):
     just written them finds them in cache: on a CPU the moments then cost ~20% less than
     after the backward pass."""
 
-    def __init__(self, acts: ActivationMoments, hist: bool) -> None:
+    def __init__(self, stats: EpochStats, hist: bool) -> None:
         super().__init__()
-        self.acts, self.hist = acts, hist
+        self.stats, self.hist = stats, hist
         self.moments: list[torch.Tensor] = []  # sum, sum of squares, sum, ... tap after tap
         self.numels: list[int] = []
 
     @torch.no_grad()
     def append(self, pair: tuple[torch.Tensor, torch.Tensor]) -> None:
         super().append(pair)
-        acts, bins = self.acts, None
+        stats, bins = self.stats, None
         for t in pair:
             k = len(self.numels)
             if k % 2 == 1 and t is pair[0]:  # `none`: the ReLU input is the conv output
@@ -160,65 +238,6 @@ class TapReducer(list):
                 f = flat_view(t)
                 self.moments += (f.sum(), torch.dot(f, f))
                 self.numels.append(f.numel())
-                bins = acts.bin_index(f) if self.hist else None
+                bins = stats.bin_index(f) if self.hist else None
             if bins is not None:
-                acts.add_to_hist(k, bins)
-
-    @torch.no_grad()
-    def commit(self) -> list[int]:
-        """Write the batch's moments to the accumulator's next row; the taps' element counts."""
-        acts = self.acts
-        if len(self.numels) != acts.n_taps:
-            raise ValueError(f"expected {acts.n_taps} taps, got {len(self.numels)}")
-        row = torch.stack(self.moments).view(1, acts.n_taps, 2)
-        acts.sums.index_copy_(0, acts.cursor, row)
-        acts.cursor += 1
-        return self.numels
-
-
-class GradientNorms:
-    """Per recorded step: loss, global gradient l2 norm and each layer's weight-gradient norm."""
-
-    columns = ("loss", "grad_norm") + tuple(f"grad_norm_{n}" for n in GRAD_LAYERS)
-
-    def __init__(self, n_rows: int, device: torch.device):
-        self.n_rows = n_rows
-        self.buf = torch.zeros(n_rows, len(self.columns), dtype=torch.float32, device=device)
-        self.cursor = torch.zeros(1, dtype=torch.int64, device=device)
-        self.step_index = np.zeros(n_rows, dtype=np.int64)
-        self.rows = 0
-
-    def reset(self) -> None:
-        """Empty, in place, for the next epoch."""
-        self.buf.zero_()
-        self.cursor.zero_()
-        self.step_index[:] = 0
-        self.rows = 0
-
-    def record(self, step: int, loss: torch.Tensor, grads: list[torch.Tensor], weight_idx: list[int]):
-        """``grads``: every parameter's gradient; ``weight_idx``: positions of GRAD_LAYERS' weights."""
-        self.accumulate(loss, grads, weight_idx)
-        self.count(step)
-
-    @torch.no_grad()
-    def accumulate(self, loss: torch.Tensor, grads: list[torch.Tensor], weight_idx: list[int]) -> None:
-        """The device half of ``record``."""
-        norms = torch._foreach_norm(grads)
-        total = torch.linalg.vector_norm(torch.stack(norms))
-        row = torch.stack([loss.detach().float(), total] + [norms[i] for i in weight_idx])
-        self.buf.index_copy_(0, self.cursor, row.unsqueeze(0))
-        self.cursor += 1
-
-    def count(self, step: int) -> None:
-        """The host half of ``record``: the row just written belongs to ``step``."""
-        if self.rows >= self.n_rows:
-            raise IndexError(f"GradientNorms holds {self.n_rows} rows; reset() it first")
-        self.step_index[self.rows] = step
-        self.rows += 1
-
-    def finish(self) -> dict[str, np.ndarray]:
-        """Columns for the ``steps`` table (without trial_id and epoch)."""
-        data = self.buf[: self.rows].cpu().numpy().copy()  # on a CPU, .numpy() would share buf
-        out = {"step": self.step_index[: self.rows].copy()}
-        out.update({name: data[:, j] for j, name in enumerate(self.columns)})
-        return out
+                stats.add_to_hist(k, bins)

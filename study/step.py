@@ -2,8 +2,9 @@
 
 ``TrainStep`` is the reference: gather the batch from the device-resident data, augment it
 (with the flips and rotations the trial drew for the epoch),
-forward with taps, backward, record the statistics, take the optimiser step and add the loss
-and accuracy to the epoch's totals. All of it is device work; nothing waits for the device.
+forward with taps, backward, write the step's row of statistics (activation moments, loss,
+number correct, gradient norms) and take the optimiser step. All of it is device work;
+nothing waits for the device.
 
 ``GraphedTrainStep`` captures that same device work once per kind of step (with or without
 the histogram, with or without gradient norms) into a CUDA graph and replays it. At batch 16
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from study.data import augment_with
 from study.model import SeedCNN
-from study.stats import ActivationMoments, GradientNorms
+from study.stats import EpochStats
 
 if TYPE_CHECKING:  # study.probes imports this module
     from study.probes import StepProber
@@ -54,28 +55,18 @@ class TrainStep:
     """One SGD step and its statistics, in the order the seed's loop takes them.
 
     ``device_work`` is everything the device does for a step; ``book`` is the host's side (the
-    accumulators' counts, images seen). Calling the object does both, eagerly.
+    statistics' counts, step numbers, images). Calling the object does both, eagerly.
     """
 
     def __init__(self, model: SeedCNN, optimizer: torch.optim.Optimizer, train_x: torch.Tensor,
-                 train_y: torch.Tensor, acts: ActivationMoments, grads: GradientNorms,
-                 weight_idx: list[int]) -> None:
+                 train_y: torch.Tensor, stats: EpochStats) -> None:
         self.model, self.opt = model, optimizer
         self.params = list(model.parameters())
-        self.train_x, self.train_y = train_x, train_y
-        self.acts, self.grads, self.weight_idx = acts, grads, weight_idx
-        dev = train_x.device
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-        self.correct = torch.zeros((), dtype=torch.int64, device=dev)
-        self.seen = 0
+        self.train_x, self.train_y, self.stats = train_x, train_y, stats
 
     def reset(self) -> None:
-        """Empty the epoch's totals and accumulators, in place (a captured graph holds them)."""
-        self.acts.reset()
-        self.grads.reset()
-        self.loss_sum.zero_()
-        self.correct.zero_()
-        self.seen = 0
+        """Empty the epoch's statistics, in place (a captured graph holds them)."""
+        self.stats.reset()
 
     def __call__(self, idx: torch.Tensor, theta: torch.Tensor, step: int, hist: bool, grad: bool,
                  prober: StepProber | None = None, epoch: int = 0) -> None:
@@ -89,28 +80,22 @@ class TrainStep:
         # index_select, not x[idx]: the same gather without advanced indexing's ~25 µs on a CPU
         x = augment_with(self.train_x.index_select(0, idx), theta)
         y = self.train_y.index_select(0, idx)
-        taps = self.acts.tap_reducer(hist)  # reduces each layer's activations as they are made
+        taps = self.stats.tap_reducer(hist)  # reduces each layer's activations as they are made
         if prober is not None:
             prober.before_forward(step)
         logits = self.model(x, taps)
-        numels = taps.commit()
         loss = F.cross_entropy(logits, y)
         self.opt.zero_grad(set_to_none=False)
         loss.backward()
-        if grad:
-            self.grads.accumulate(loss, [p.grad for p in self.params], self.weight_idx)
+        numels = self.stats.accumulate(taps, loss=loss, logits=logits, y=y,
+                                       grads=[p.grad for p in self.params] if grad else None)
         if prober is not None:  # before the optimiser step; changes nothing
             prober.after_backward(self.model, self.opt, x, y, loss, epoch)
         self.opt.step()
-        self.loss_sum.add_(loss.detach(), alpha=len(y))
-        self.correct += (logits.argmax(1) == y).sum()
         return numels
 
     def book(self, numels: list[int], step: int, grad: bool, n_images: int) -> None:
-        self.acts.count(numels)
-        if grad:
-            self.grads.count(step)
-        self.seen += n_images
+        self.stats.count(numels, step, grad, n_images)
 
 
 class GraphedTrainStep:

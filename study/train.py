@@ -25,7 +25,7 @@ from study.data import DataArrays, augment_thetas, normalise, train_val_split
 from study.model import SeedCNN, build_model
 from study.probes import StepProber
 from study.results import GRAD_LAYERS
-from study.stats import ActivationMoments, GradientNorms
+from study.stats import EpochStats
 from study.step import GraphedTrainStep, TrainStep
 
 torch.backends.cudnn.allow_tf32 = False
@@ -178,10 +178,9 @@ def run_trial(
     n_train, bs = len(d.train_y), cfg.batch_size
     check_often = dev.type == "cpu"
     steps_per_epoch = math.ceil(n_train / bs)
-    # the epoch's accumulators live for the whole trial: a captured graph holds their addresses
-    acts = ActivationMoments(steps_per_epoch, cfg.hist_bins, cfg.hist_range, dev)
-    grads = GradientNorms(math.ceil(steps_per_epoch / cfg.grad_every), dev)
-    train_step = TrainStep(model, opt, d.train_x, d.train_y, acts, grads, weight_idx)
+    # the epoch's statistics live for the whole trial: a captured graph holds their addresses
+    stats = EpochStats(steps_per_epoch, len(params), weight_idx, cfg.hist_bins, cfg.hist_range, dev)
+    train_step = TrainStep(model, opt, d.train_x, d.train_y, stats)
     graphed = GraphedTrainStep(train_step, bs, list(gens.values())) if cuda_graph else None
     model.train()
     epoch = first_epoch
@@ -200,18 +199,17 @@ def run_trial(
                     graphed(idx, theta, step, hist, grad)
                 else:
                     train_step(idx, theta, step, hist, grad, prober, epoch)
-                if (check_often and (i + 1) % DIVERGENCE_CHECK_EVERY == 0
-                        and not train_step.loss_sum.isfinite()):
+                if check_often and (i + 1) % DIVERGENCE_CHECK_EVERY == 0 and not stats.losses_finite():
                     status = "diverged"
                     break
         if dev.type == "cuda":  # the epoch's one wait for the device, so the timing is true
             torch.cuda.synchronize(dev)
         train_s = time.perf_counter() - t0
-        loss_sum, correct, seen = train_step.loss_sum, train_step.correct, train_step.seen
-        if not torch.isfinite(loss_sum):
+        epoch_stats, seen = stats.finish(), stats.seen
+        if not math.isfinite(epoch_stats["loss_sum"]):
             status = "diverged"
 
-        steps = grads.finish()
+        steps = epoch_stats["steps"]
         if status == "diverged":
             val_loss = val_acc = test_loss = test_acc = float("nan")
             bad = np.flatnonzero(~np.isfinite(steps["loss"]))
@@ -226,14 +224,14 @@ def run_trial(
         elapsed += wall
         row = dict(
             epoch=epoch,
-            train_loss=float(loss_sum) / max(seen, 1),
-            train_acc=int(correct) / max(seen, 1),
+            train_loss=epoch_stats["loss_sum"] / max(seen, 1),
+            train_acc=epoch_stats["correct"] / max(seen, 1),
             val_loss=val_loss,
             val_acc=val_acc,
             test_loss=test_loss,
             test_acc=test_acc,
             lr=opt.param_groups[0]["lr"],
-            steps=acts.steps,
+            steps=stats.steps,
             wall_s=wall,
             images_per_s=seen / train_s,
             diverged=status == "diverged",
@@ -245,7 +243,7 @@ def run_trial(
             status = "done"
         history.append(row)
         steps["epoch"] = np.full(len(steps["step"]), epoch, dtype=np.int64)
-        record = dict(epoch=row, layers=acts.finish(), steps=steps, status=status)
+        record = dict(epoch=row, layers=epoch_stats["layers"], steps=steps, status=status)
         record["probes"] = prober.take_rows()
         state = dict(
             epoch=epoch,

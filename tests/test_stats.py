@@ -1,9 +1,13 @@
-"""The on-device accumulators against a plain float64 recomputation of the same batches."""
+"""The on-device epoch statistics against a plain float64 recomputation of the same batches."""
 
 import numpy as np
 import torch
 
-from study.stats import ActivationMoments, GradientNorms
+from study.stats import EpochStats
+
+
+def _stats(n_steps: int, bins: int = 64, n_params: int = 1, weight_idx=(0,) * 5) -> EpochStats:
+    return EpochStats(n_steps, n_params, weight_idx, bins, 8.0, torch.device("cpu"))
 
 
 def _batches(seed: int = 0):
@@ -22,10 +26,10 @@ def _batches(seed: int = 0):
 
 def test_activation_moments_match_float64_reference():
     batches = _batches()
-    acc = ActivationMoments(n_steps=len(batches), bins=64, value_range=8.0, device=torch.device("cpu"))
+    acc = _stats(len(batches))
     for taps in batches:
         acc.record(taps)
-    rows = acc.finish()
+    rows = acc.finish()["layers"]
     for i, row in enumerate(rows):
         layer, site = i // 2, i % 2
         xs = [taps[layer][site].numpy() for taps in batches]
@@ -50,10 +54,11 @@ def test_activation_moments_match_float64_reference():
 def test_gradient_norms_match_vector_norm():
     torch.manual_seed(0)
     grads = [torch.randn(16, 3, 3, 3), torch.randn(16), torch.randn(500, 1024) * 1e-3, torch.randn(10)]
-    acc = GradientNorms(n_rows=2, device=torch.device("cpu"))
-    loss = torch.tensor(2.5)
-    acc.record(7, loss, grads, weight_idx=[0, 2, 2, 0, 3])
-    cols = acc.finish()
+    acc = _stats(3, n_params=4, weight_idx=[0, 2, 2, 0, 3])
+    taps = _batches()[0]
+    acc.record(taps, loss=torch.tensor(2.5), grads=grads, step=7)
+    acc.record(taps, loss=torch.tensor(9.0), step=8)  # not a gradient step: no row in the table
+    cols = acc.finish()["steps"]
     ref_global = torch.linalg.vector_norm(torch.cat([g.flatten().double() for g in grads]))
     assert cols["step"].tolist() == [7]
     # rtol 1e-5: the device sums 0.5 M squares in float32
@@ -62,27 +67,45 @@ def test_gradient_norms_match_vector_norm():
         ref = torch.linalg.vector_norm(grads[i].double()).item()
         np.testing.assert_allclose(cols[f"grad_norm_{name}"], [ref], rtol=1e-5)
     assert cols["loss"].tolist() == [2.5]
+    assert all(v.dtype == (np.int64 if k == "step" else np.float32) for k, v in cols.items())
+
+
+def test_epoch_loss_and_accuracy_match_a_float64_recount():
+    g = torch.Generator().manual_seed(4)
+    batches = _batches(2)
+    acc = _stats(len(batches))
+    ref_loss = ref_correct = n = 0
+    for taps in batches:
+        b = len(taps[0][0])
+        logits, y = torch.randn(b, 10, generator=g), torch.randint(0, 10, (b,), generator=g)
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        acc.record(taps, loss=loss, logits=logits, y=y)
+        ref_loss += float(torch.nn.functional.cross_entropy(logits.double(), y, reduction="sum"))
+        ref_correct += int((logits.argmax(1) == y).sum())
+        n += b
+    out = acc.finish()
+    assert acc.seen == n == 16 * 4 + 7
+    assert out["correct"] == ref_correct
+    assert abs(out["loss_sum"] - ref_loss) <= 1e-6 * ref_loss
 
 
 def test_finished_rows_survive_the_next_epochs_reset():
-    """The accumulators are reused across epochs: what ``finish`` handed out must not alias them."""
+    """The statistics are reused across epochs: what ``finish`` handed out must not alias them."""
     batches = _batches()
-    acts = ActivationMoments(n_steps=len(batches), bins=16, value_range=8.0, device=torch.device("cpu"))
-    grads = GradientNorms(n_rows=2, device=torch.device("cpu"))
-    for taps in batches:
-        acts.record(taps)
-    grads.record(3, torch.tensor(1.5), [torch.ones(4)], weight_idx=[0] * 5)
-    rows, cols = acts.finish(), grads.finish()
-    kept = ([dict(r) for r in rows], {k: v.copy() for k, v in cols.items()})
-    acts.reset()
-    grads.reset()
+    acc = _stats(len(batches), bins=16, n_params=1)
+    for k, taps in enumerate(batches):
+        acc.record(taps, loss=torch.tensor(1.5), grads=[torch.ones(4)] if k == 0 else None, step=3 + k)
+    out = acc.finish()
+    kept = ([dict(r) for r in out["layers"]], {k: v.copy() for k, v in out["steps"].items()})
+    acc.reset()
     for taps in batches[:2]:
-        acts.record(taps)
-    grads.record(9, torch.tensor(7.0), [torch.full((4,), 3.0)], weight_idx=[0] * 5)
-    assert rows == kept[0]
-    assert all(np.array_equal(cols[k], kept[1][k]) for k in cols)
-    assert cols["loss"].tolist() == [1.5] and grads.finish()["loss"].tolist() == [7.0]
-    assert acts.finish()[0]["count"] == sum(t[0][0].numel() for t in batches[:2])
+        acc.record(taps, loss=torch.tensor(7.0), grads=[torch.full((4,), 3.0)], step=9)
+    assert out["layers"] == kept[0]
+    assert all(np.array_equal(out["steps"][k], kept[1][k]) for k in kept[1])
+    again = acc.finish()
+    assert out["steps"]["loss"].tolist() == [1.5] and again["steps"]["loss"].tolist() == [7.0, 7.0]
+    assert again["layers"][0]["count"] == sum(t[0][0].numel() for t in batches[:2])
+    assert acc.steps == 2 and acc.seen == 32
 
 
 def test_channels_last_taps_give_the_same_statistics_without_a_copy():
@@ -96,10 +119,10 @@ def test_channels_last_taps_give_the_same_statistics_without_a_copy():
     assert sorted(flat_view(t).tolist()) == sorted(t.reshape(-1).tolist())
     rows = {}
     for name, bs in (("nchw", batches), ("cl", cl)):
-        acc = ActivationMoments(n_steps=len(bs), bins=32, value_range=8.0, device=torch.device("cpu"))
+        acc = _stats(len(bs), bins=32)
         for taps in bs:
             acc.record(taps)
-        rows[name] = acc.finish()
+        rows[name] = acc.finish()["layers"]
     for a, b in zip(rows["nchw"], rows["cl"], strict=True):
         assert a["hist"] == b["hist"] and a["count"] == b["count"]
         sd = a["var"] ** 0.5
@@ -111,10 +134,10 @@ def test_shared_conv_and_relu_input_count_once_per_site():
     """The `none` variant hands the same tensor as conv output and ReLU input: both sites get
     its statistics, and reducing it once must not leave either site short."""
     batches = [[(c, c) for c, _ in taps] for taps in _batches(1)]
-    acc = ActivationMoments(n_steps=len(batches), bins=32, value_range=8.0, device=torch.device("cpu"))
+    acc = _stats(len(batches), bins=32)
     for taps in batches:
         acc.record(taps)
-    rows = acc.finish()
+    rows = acc.finish()["layers"]
     for layer in range(3):
         conv, pre = rows[2 * layer], rows[2 * layer + 1]
         x = np.concatenate([taps[layer][0].double().numpy().ravel() for taps in batches])
@@ -133,15 +156,14 @@ def test_taps_reduced_during_the_forward_pass_equal_the_taps_reduced_after():
     torch.manual_seed(0)
     model = build_model("batch")
     x = torch.randn(16, 3, 32, 32)
-    during = ActivationMoments(n_steps=1, bins=32, value_range=8.0, device=torch.device("cpu"))
-    after = ActivationMoments(n_steps=1, bins=32, value_range=8.0, device=torch.device("cpu"))
+    during, after = _stats(1, bins=32), _stats(1, bins=32)
     reducer = during.tap_reducer(hist=True)
     model(x, reducer)
-    during.count(reducer.commit())
+    during.count(during.accumulate(reducer), 0, False, len(x))
     assert len(reducer) == 3
     after.record([(c.detach().clone(), p.detach().clone()) for c, p in reducer])
-    rows = during.finish()
-    assert rows == after.finish()
+    rows = during.finish()["layers"]
+    assert rows == after.finish()["layers"]
     for row, t in zip(rows, (t for pair in reducer for t in pair), strict=True):
         ref = t.detach().double().numpy().ravel()
         assert row["count"] == ref.size and sum(row["hist"]) == ref.size
