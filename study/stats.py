@@ -216,8 +216,8 @@ class TapReducer(list):
     """The taps list of one batch, reduced as it fills: the sum and the sum of squares of each
     tensor (float32, one pass each: a pairwise sum and a BLAS dot), and its histogram on a
     histogram step. Reducing a layer's (conv output, ReLU input) while the forward pass has
-    just written them finds them in cache: on a CPU the moments then cost ~20% less than
-    after the backward pass."""
+    just written them finds them in cache: on a CPU the moments then cost ~15% less than
+    after the backward pass (0.58 against 0.67 ms a step, interleaved)."""
 
     def __init__(self, stats: EpochStats, hist: bool) -> None:
         super().__init__()

@@ -1,10 +1,9 @@
 """One training step of a trial, run eagerly or replayed from a CUDA graph.
 
 ``TrainStep`` is the reference: gather the batch from the device-resident data, augment it
-(with the flips and rotations the trial drew for the epoch),
-forward with taps, backward, write the step's row of statistics (activation moments, loss,
-number correct, gradient norms) and take the optimiser step. All of it is device work;
-nothing waits for the device.
+(with the flips and rotations the trial drew for the epoch), forward with taps, backward,
+write the step's row of statistics (activation moments, loss, number correct, gradient
+norms) and take the optimiser step. All of it is device work; nothing waits for the device.
 
 ``GraphedTrainStep`` captures that same device work once per kind of step (with or without
 the histogram, with or without gradient norms) into a CUDA graph and replays it. At batch 16
