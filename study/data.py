@@ -213,10 +213,11 @@ def _base_grid(h: int, w: int, device: torch.device) -> torch.Tensor:
 
 def flip_rotation_thetas(angles_deg: torch.Tensor, flips: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """(n, 2, 3) affine matrices (affine_grid's theta) that flip (where ``flips``), then rotate
-    by ``angles_deg`` (degrees, counter-clockwise) an (h, w) image about its centre."""
+    by ``angles_deg`` (degrees, counter-clockwise) an (h, w) image about its centre. Both on
+    one device."""
     rad = torch.deg2rad(angles_deg.to(torch.float32))
     cos, sin = rad.cos(), rad.sin()
-    sign = torch.where(flips.to(device=rad.device, dtype=torch.bool), -1.0, 1.0)
+    sign = torch.where(flips.to(torch.bool), -1.0, 1.0)
     zero = torch.zeros_like(cos)
     # Output pixel p samples the input at S·R·p (normalised coordinates): R rotates back by the
     # angle, with the aspect ratio undone for non-square images, and S = diag(-1, 1) mirrors x.

@@ -308,18 +308,24 @@ def running_cluster_address() -> str | None:
     return address
 
 
-def init_ray(address: str | None):
-    """Join ``--address`` / RAY_ADDRESS, else the cluster running on this machine, else start
-    a private local Ray (``--address local`` forces that)."""
+def resolve_address(address: str | None) -> str:
+    """Where the sweep runs Ray: ``--address`` / RAY_ADDRESS, else the cluster running on this
+    machine, else ``local`` (a private Ray; ``--address local`` forces it)."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        return address
+    address = running_cluster_address()
+    if address:
+        print(f"joining the Ray cluster running on this machine at {address} "
+              "(--address local starts a private one instead)")
+    return address or "local"
+
+
+def init_ray(address: str):
+    """Join the Ray cluster at ``address`` (from ``resolve_address``) or start a local one."""
     import ray
 
-    address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        address = running_cluster_address()
-        if address:
-            print(f"joining the Ray cluster running on this machine at {address} "
-                  "(--address local starts a private one instead)")
-    if address and address != "local":
+    if address != "local":
         _check_address(address)
         try:
             ray.init(address=address, logging_level="WARNING")
@@ -391,14 +397,14 @@ def run(args: argparse.Namespace) -> int:
                   "nothing to do")
             return 0
 
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    if args.gpus and address in (None, "local") and not running_cluster_address():
+    address = resolve_address(args.address)
+    if args.gpus and address == "local":
         import torch
 
         if args.gpus > torch.cuda.device_count():
             raise UsageError(f"--gpus {args.gpus}: this machine has {torch.cuda.device_count()} "
                              "GPUs (use --address to join a cluster)")
-    ray = init_ray(args.address)
+    ray = init_ray(address)
     try:
         return _run_tune(ray, args, p, name, grid, resources, dataset, out, storage, record)
     finally:
