@@ -65,6 +65,7 @@ from study.data import (  # noqa: E402
 from study.model import build_model  # noqa: E402
 from study.results import GRAD_LAYERS  # noqa: E402
 from study.stats import EpochStats  # noqa: E402
+from study.step import grads_to_none  # noqa: E402
 from study.train import DeviceData, build_optimizer, run_trial, trial_seeds  # noqa: E402
 
 GOAL_B_OVER_A = 0.90
@@ -166,7 +167,7 @@ class BareStep:
 
     def train_on(self, x: torch.Tensor, y: torch.Tensor) -> None:
         loss = F.cross_entropy(self.model(x), y)
-        self.opt.zero_grad(set_to_none=False)
+        self.opt.zero_grad(set_to_none=grads_to_none(x.device))  # as run_trial
         loss.backward()
         self.opt.step()
 
@@ -296,7 +297,7 @@ class ReplicaStep:
         taps = self.stats.tap_reducer(hist) if "moments" in parts else None
         logits = self.model(x, taps)
         loss = F.cross_entropy(logits, y)
-        self.opt.zero_grad(set_to_none=False)
+        self.opt.zero_grad(set_to_none=grads_to_none(x.device))
         loss.backward()
         if taps is not None:
             grad = "grads" in parts and i % cfg.grad_every == 0

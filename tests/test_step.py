@@ -101,3 +101,16 @@ def test_graphs_on_a_cpu_without_the_emulation_are_one_clear_error():
 
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
         run_trial(TrialConfig(epochs=1), tiny_data(), device="cpu", cuda_graph=True)
+
+
+@pytest.mark.parametrize("norm,noise", [("batch", 0.0), ("noisy_batch", 1.0)])
+def test_dropping_the_gradients_gives_the_numbers_of_zeroing_them_in_place(monkeypatch, norm, noise):
+    """A CPU step lets backward hand over fresh gradients (zero_grad(set_to_none=True)); the
+    reference is PyTorch's zeroing in place, which a GPU step (and a graph) keeps."""
+    cfg = TrialConfig(norm=norm, noise=noise, lr=0.01, batch_size=24, epochs=2, seed=3, hist_every=3)
+    data = tiny_data()
+    assert step_mod.grads_to_none(torch.device("cpu"))
+    dropped, _, _ = collect(cfg, data)
+    monkeypatch.setattr(step_mod, "grads_to_none", lambda device: False)
+    in_place, _, _ = collect(cfg, data)
+    assert [comparable(r) for r in dropped] == [comparable(r) for r in in_place]
