@@ -28,6 +28,7 @@ from study.data import (
     DataArrays,
     DataError,
     augment,
+    augment_with,
     draw_augment_params,
     load_dataset,
     make_synthetic,
@@ -558,3 +559,17 @@ def test_real_cifar10_images_are_learnable_with_bn(cifar10_jpeg_dir: Path, tmp_p
     summary = run_trial(cfg, data, device="cpu", threads=1)
     assert summary["status"] == "done"
     assert summary["final"]["test_acc"] > 0.2, summary["final"]
+
+
+def test_normalise_is_torchvisions_arithmetic_to_the_bit() -> None:
+    """x/127.5 - 1 against ToTensor + Normalize(0.5, 0.5)'s own operations, every pixel value."""
+    v = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    ref = v.to(torch.float32).div(255).sub(0.5).div(0.5)
+    assert torch.equal(normalise(v), ref)
+    hwc = v[0].permute(1, 2, 0).expand(16, 16, 3).contiguous().numpy()
+    tv = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
+    assert torch.equal(normalise(torch.from_numpy(hwc).permute(2, 0, 1)), tv(Image.fromarray(hwc)))
+    f = v.to(torch.float32)
+    assert torch.equal(normalise(f), ref) and torch.equal(f, v.to(torch.float32))  # input untouched
+    theta = torch.eye(2, 3).expand(1, 2, 3)  # the identity warp: augment_with is normalise
+    assert torch.equal(augment_with(v.expand(1, 3, 16, 16), theta), normalise(v.expand(1, 3, 16, 16)))
