@@ -12,9 +12,12 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# A second `make demo` continues the study in $(DEMO_OUT) (a finished one is kept as it is).
+DEMO_OUT ?= results/demo
 demo: $(STAMP)
-	$(VENV)/bin/python -m study.sweep --preset smoke --out results/demo
-	$(VENV)/bin/python -m analysis.figures results/demo
+	$(VENV)/bin/python -m study.sweep --preset smoke --out $(DEMO_OUT) \
+		$$(test -e $(DEMO_OUT)/study.json && echo --resume)
+	$(VENV)/bin/python -m analysis.figures $(DEMO_OUT)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
