@@ -101,9 +101,12 @@ def load_study(path: str | Path, *, step_columns: Sequence[str] | None = None) -
         raise ResultsError(f"{root} is not a folder (expected a results folder)")
     files = {name: _table_files(root / name) for name in TABLE_NAMES}
     if not any(files.values()):
+        studies = sorted(str(d) for d in root.iterdir() if d.is_dir() and _table_files(d / "trials"))
+        hint = f"; it holds studies in {', '.join(studies)}: pass one of them" if studies else ""
         raise ResultsError(
             f"{root} holds no results: no Parquet files under "
             + ", ".join(f"{name}/" for name in TABLE_NAMES)
+            + hint
         )
     if not files["trials"]:
         raise ResultsError(f"{root}: no trials table (trials/*.parquet), so runs cannot be grouped")

@@ -267,6 +267,16 @@ def test_folder_without_results_is_refused(tmp_path, kind):
     assert not (folder / "figures").exists()
 
 
+def test_a_folder_of_studies_is_refused_with_the_studies_named(study):
+    """`python -m analysis.figures results/` where results/ holds study folders (`make demo`'s
+    results/demo): the message says which folders to pass."""
+    parent = study["folder"].parent
+    code, _, err = run_main([str(parent)])
+    assert_refused(code, err, "pass one of them")
+    assert str(study["folder"]) in err
+    assert not (parent / "figures").exists()
+
+
 def test_corrupt_file_is_refused_and_named(study, tmp_path):
     folder = tmp_path / "corrupt"
     write_synthetic_study(
