@@ -18,6 +18,7 @@ import os
 import socket
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def build_grid(p: Preset, grad_every: int = 1, probe_every: int = 0,
 def _list(kind, name: str):
     def parse(text: str):
         try:
-            values = tuple(kind(v) for v in text.split(",") if v.strip())
+            values = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name}: {text!r} is not a comma-separated list "
                                              f"of {kind.__name__}s") from None
@@ -195,7 +196,8 @@ def make_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-failures", type=_positive_int("--max-failures", 0), default=3,
                    help="retries of a failed trial, each from its last checkpoint")
     w.add_argument("--resume", action="store_true",
-                   help="continue a stopped study in OUT (only what is missing runs)")
+                   help="continue a stopped study in OUT, with its own settings (only what is "
+                   "missing runs)")
     w.add_argument("--dry-run", action="store_true",
                    help="print the grid, trial count, resources and an estimate, then exit")
     return p
@@ -346,6 +348,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     if not grid:
         raise UsageError("the grid is empty")
+    repeated = sorted(tid for tid, n in Counter(c.trial_id for c in grid).items() if n > 1)
+    if repeated:
+        raise UsageError(f"the grid names {len(repeated)} trial(s) more than once ({', '.join(repeated[:3])}"
+                         f"{', ...' if len(repeated) > 3 else ''}): a value repeats in --norms, --noises "
+                         "or --lrs (values equal to 6 significant digits name the same trial)")
     resources: dict = {"CPU": args.cpus_per_trial}
     if args.gpus:
         resources["GPU"] = 1 / args.trials_per_gpu
@@ -372,28 +379,30 @@ def run(args: argparse.Namespace) -> int:
     record = study_record(name, p, grid, dataset, execution)
     study_file = out / "study.json"
     if study_file.exists():
-        old = json.loads(study_file.read_text())
+        try:
+            old = json.loads(study_file.read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{study_file} is unreadable ({e}); move it away to start the study "
+                             "afresh there, or use another --out") from None
         if old.get("trial_ids") != record["trial_ids"] or old.get("name") != name:
             raise UsageError(f"{out} holds a different study ({old.get('name')!r}, "
                              f"{len(old.get('trial_ids', []))} trials); use another --out")
         if not args.resume:
             raise UsageError(f"{out} already holds this study; add --resume to continue it, "
                              "or use another --out")
+        changed = changed_settings(old, record)
+        if changed:
+            raise UsageError(f"--resume: {out} holds this study run with other settings "
+                             f"({'; '.join(changed)}); resume with the study's own settings, "
+                             "or use another --out")
     elif args.resume:
         raise UsageError(f"--resume: no study in {out} to resume")
 
+    pending = grid
     if args.resume:
-        from study import results
-        done = []
-        for tid in record["trial_ids"]:
-            path = results.table_path(out, "trials", tid)
-            if path.exists():
-                status = results.read_table_file(path).column("status")[0].as_py()
-                done.append(status in ("done", "diverged"))
-            else:
-                done.append(False)
-        if all(done):
-            print(f"study {name!r} in {out} is already complete ({len(done)} trials); "
+        pending = [c for c in grid if not trial_finished(out, c.trial_id)]
+        if not pending:
+            print(f"study {name!r} in {out} is already complete ({len(grid)} trials); "
                   "nothing to do")
             return 0
 
@@ -406,13 +415,45 @@ def run(args: argparse.Namespace) -> int:
                              "GPUs (use --address to join a cluster)")
     ray = init_ray(address)
     try:
-        return _run_tune(ray, args, p, name, grid, resources, dataset, out, storage, record)
+        return _run_tune(ray, args, p, name, grid, pending, resources, dataset, out, storage, record)
     finally:
         ray.shutdown()
 
 
-def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], resources: dict,
-              dataset: str, out: Path, storage: str, record: dict) -> int:
+def changed_settings(old: dict, new: dict) -> list[str]:
+    """What differs between a study.json and the study a command asks for, beyond the trial
+    ids (which the caller compares): the preset's settings (dataset, subset, ...) and the
+    trials' configs (epochs, batch size, probes, ...), as 'key: old -> new'. Keys an older
+    study.json lacks are not compared."""
+    new = json.loads(json.dumps(new))  # tuples as lists, as the file has them
+    changed = {}
+    for k, v in new["preset"].items():
+        if k in old.get("preset", {}) and old["preset"][k] != v:
+            changed[k] = (old["preset"][k], v)
+    for a, b in zip(old.get("trials", []), new["trials"], strict=False):  # an old file may lack them
+        for k, v in b.items():
+            if k in a and a[k] != v and k not in changed:
+                changed[k] = (a[k], v)
+    return [f"{k}: {a} -> {b}" for k, (a, b) in changed.items()]
+
+
+def trial_finished(out: Path, trial_id: str) -> bool:
+    """Whether the results folder records the trial as done or diverged (an end, not a fault)."""
+    from study import results
+
+    path = results.table_path(out, "trials", trial_id)
+    if not path.exists():
+        return False
+    try:
+        status = results.read_table_file(path).column("status")[0].as_py()
+    except Exception as e:  # noqa: BLE001 -- a damaged file: one clear message, nothing deleted
+        raise UsageError(f"--resume: {path} is unreadable ({type(e).__name__}: {e}); move it away "
+                         "and that trial runs again") from None
+    return status in ("done", "diverged")
+
+
+def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], pending: list[TrialConfig],
+              resources: dict, dataset: str, out: Path, storage: str, record: dict) -> int:
     from ray import tune
 
     from study.data import DataError, load_dataset
@@ -450,8 +491,17 @@ def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], resource
     exp_path = os.path.join(storage, name)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # so the trimmed CLIReporter is used
     if args.resume and tune.Tuner.can_restore(exp_path):
-        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
+        # Tune brings back the study's own run settings (failures, concurrency); its Parquet
+        # writer is this run's (the folder may have moved): see ParquetWriterCallback
+        with ParquetWriterCallback.driving(writer):
+            tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
+        print(f"resuming {name!r} from Tune's experiment in {exp_path}: {len(grid) - len(pending)} of "
+              f"{len(grid)} trials are finished")
     else:
+        if args.resume:
+            print(f"resuming {name!r}: {len(grid) - len(pending)} of {len(grid)} trials are finished; "
+                  f"Tune's experiment in {exp_path} cannot be restored, so the other "
+                  f"{len(pending)} start from their first epoch")
         reporter = tune.CLIReporter(
             parameter_columns={"trial/norm": "norm", "trial/noise": "noise", "trial/lr": "lr",
                                "trial/seed": "seed"},
@@ -461,7 +511,7 @@ def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], resource
         )
         tuner = tune.Tuner(
             trainable,
-            param_space={"trial": tune.grid_search([c.to_dict() for c in grid])},
+            param_space={"trial": tune.grid_search([c.to_dict() for c in pending])},
             tune_config=tune.TuneConfig(
                 trial_name_creator=trial_name,
                 trial_dirname_creator=trial_name,

@@ -9,10 +9,12 @@ Tune's own loggers see it. So results arrive wherever the trial ran.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -77,10 +79,30 @@ class ParquetWriterCallback(tune.Callback):
 
     Rows of an epoch replace rows of the same epoch already written, so a trial
     retried from its checkpoint or a restored study never duplicates rows.
+
+    Tune pickles its callbacks into the experiment and ``Tuner.restore`` brings them back as
+    they were, so a restored study would write to the folder it was started in, even after
+    the folder moved. Unpickled inside ``driving(writer)``, a writer becomes ``writer``: the
+    one the resuming command made for its ``--out``.
     """
+
+    _driving: ParquetWriterCallback | None = None
 
     def __init__(self, out_dir: str, study: str, dataset: str, sizes: dict[str, int]):
         self.out_dir, self.study, self.dataset, self.sizes = str(out_dir), study, dataset, sizes
+
+    @classmethod
+    @contextlib.contextmanager
+    def driving(cls, writer: ParquetWriterCallback) -> Iterator[None]:
+        """Writers unpickled meanwhile (a restored Tuner's) are ``writer``."""
+        cls._driving = writer
+        try:
+            yield
+        finally:
+            cls._driving = None
+
+    def __reduce__(self):
+        return _unpickle_writer, (self.out_dir, self.study, self.dataset, self.sizes)
 
     def _trial_row(self, cfg: TrialConfig, status: str, history: list[dict], **extra) -> dict:
         last = history[-1] if history else {}
@@ -132,6 +154,10 @@ class ParquetWriterCallback(tune.Callback):
         path = results.table_path(self.out_dir, "epochs", cfg.trial_id)
         history = results.read_table_file(path).to_pylist() if path.exists() else []
         results.write_trial_row(self.out_dir, self._trial_row(cfg, "error", history, error=err))
+
+
+def _unpickle_writer(out_dir: str, study: str, dataset: str, sizes: dict[str, int]) -> ParquetWriterCallback:
+    return ParquetWriterCallback._driving or ParquetWriterCallback(out_dir, study, dataset, sizes)
 
 
 def data_to_numpy(data: DataArrays) -> dict:

@@ -77,7 +77,7 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path, fault_refe
     assert len({r["pid"] for r in killed}) == 2  # it really ran in a second process
 
 
-def test_killed_driver_resumes_without_loss_or_duplicates(tmp_path, fault_reference):
+def test_killed_driver_resumes_in_a_moved_folder_without_loss_or_duplicates(tmp_path, fault_reference):
     out = tmp_path / "results"
     t0 = time.time()
     proc = subprocess.Popen(sweep_cmd(*FAULT, "--out", str(out)), cwd=ROOT, env=sweep_env(),
@@ -91,12 +91,18 @@ def test_killed_driver_resumes_without_loss_or_duplicates(tmp_path, fault_refere
         proc.wait(timeout=30)
     finally:
         proc.kill()
-    before = {f.relative_to(out): f.read_bytes() for f in out.glob("epochs/*.parquet")}
-    before_rows = pd.concat([pd.read_parquet(out / f) for f in before]).drop(
+    # the user moves the folder before resuming: Tune's experiment (under it) says where the
+    # study was; results must go where --out says now
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    before = {f.relative_to(moved): f.read_bytes() for f in moved.glob("epochs/*.parquet")}
+    before_rows = pd.concat([pd.read_parquet(moved / f) for f in before]).drop(
         columns=["wall_s", "images_per_s"])
-    run_sweep(*FAULT, "--out", str(out), "--resume")
+    proc = run_sweep(*FAULT, "--out", str(moved), "--resume")
     TIMINGS["driver killed"] = time.time() - t0
-    after = read_tables(out)
+    assert "resuming 'fault' from Tune's experiment" in proc.stdout, proc.stdout[-2000:]
+    assert not out.exists()
+    after = read_tables(moved)
     assert_tables_equal(fault_reference, after)
     # rows written before the kill are still there, with the same numbers
     merged = before_rows.merge(after["epochs"], on=["trial_id", "epoch"], suffixes=("", "_after"))

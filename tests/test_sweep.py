@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from study import results, sweep
-from tests.conftest import ROOT, TINY, read_tables, run_sweep, sweep_env
+from tests.conftest import ROOT, TINY, assert_tables_equal, read_tables, run_sweep, sweep_env
 
 EXPECTED_STEP_COLS = ["trial_id", "step", "epoch", "loss", "grad_norm"] + [
     f"grad_norm_{n}" for n in results.GRAD_LAYERS]
@@ -73,6 +73,64 @@ def test_resume_of_a_finished_study_does_nothing(tiny_reference):
     assert {f: f.stat().st_mtime_ns for f in out.rglob("*.parquet")} == mtimes
 
 
+def test_list_flags_take_spaces_after_commas(capsys):
+    assert sweep.main(["--norms", "batch, none", "--lrs", "0.01, 0.1", "--dry-run"]) == 0
+    assert "20 trials" in capsys.readouterr().out
+
+
+def _copy_study(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_resume_refuses_other_settings_and_damaged_files(tiny_reference, tmp_path, capsys):
+    """Refused before Ray starts, with one line, and nothing in the folder touched."""
+    out = _copy_study(tiny_reference[0], tmp_path / "results")
+    tid = "none-lr0.02-seed1"
+    (out / "trials" / f"{tid}.parquet").unlink()  # so the study is not complete
+    snapshot = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    base = [*TINY, "--out", str(out), "--resume"]
+
+    def refused(args: list[str], *words: str) -> None:
+        assert sweep.main(args) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and all(w in err for w in words), err
+        assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == snapshot
+
+    refused([*base[:7], "5", *base[8:]], "other settings", "epochs: 3 -> 5")
+    refused([*base, "--subset", "100", "--batch-size", "8"], "subset: 200 -> 100", "batch_size: 16 -> 8")
+    refused([*base, "--probe-every", "2"], "probe_every: 0 -> 2")
+    damaged = out / "trials" / "batch-lr0.02-seed0.parquet"
+    good = damaged.read_bytes()
+    damaged.write_bytes(good[: len(good) // 2])
+    snapshot[damaged] = damaged.read_bytes()
+    refused(base, "unreadable", damaged.name)
+    damaged.write_bytes(good)
+    snapshot[damaged] = good
+    (out / "study.json").write_text('{"name": "smo')
+    snapshot[out / "study.json"] = (out / "study.json").read_bytes()
+    refused(base, "study.json is unreadable")
+
+
+def test_resume_without_tunes_experiment_runs_only_the_unfinished_trials(tiny_reference, tmp_path):
+    """Tune's experiment lost (another --storage, a deleted tune/): the results folder says
+    which trials are finished, and only the others run, giving the reference numbers."""
+    import shutil
+
+    out = _copy_study(tiny_reference[0], tmp_path / "results")
+    shutil.rmtree(out / "tune")
+    tid = "batch-lr0.02-seed1"
+    for table in ("trials", "epochs", "layers", "steps"):
+        (out / table / f"{tid}.parquet").unlink()
+    kept = {f: f.stat().st_mtime_ns for f in out.rglob("*.parquet")}
+    proc = run_sweep(*TINY, "--out", str(out), "--resume")
+    assert "3 of 4 trials are finished" in proc.stdout and "cannot be restored" in proc.stdout
+    assert {f: f.stat().st_mtime_ns for f in kept} == kept  # the finished trials were not rerun
+    assert_tables_equal(tiny_reference[1], read_tables(out))
+
+
 def test_refuses_to_mix_studies(tiny_reference):
     out, _ = tiny_reference
     mtimes = {f: f.stat().st_mtime_ns for f in out.rglob("*.parquet")}
@@ -95,6 +153,8 @@ def test_refuses_to_mix_studies(tiny_reference):
     ("--dataset", "mnist", "mnist"),
     ("--out", "/proc/forbidden/results", "cannot write"),
     ("--address", "127.0.0.1:1", "cannot reach a Ray cluster"),
+    ("--norms", "batch,none,batch", "more than once"),
+    ("--lrs", "1e-3,1.0000001e-3", "more than once"),  # the same trial id: lr0.001
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, flag, value, message):
     existing = tmp_path / "results"
