@@ -16,7 +16,9 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TrialConfig:
-    """Everything that determines one trial's numbers (the seed preset's values by default)."""
+    """Everything that determines one trial's numbers. The defaults are the seed notebook's
+    training settings; its noise draws are per layer (``noise_scope="layer"``, the ``seed``
+    preset), the default here is per channel, as in the paper's Algorithm 1."""
 
     norm: str = "batch"
     noise: float = 0.0

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 IMAGE_SIZE = 32
+#: Classes the CNN can tell apart (its last layer's outputs, study.model): CIFAR-10's.
+N_CLASSES = 10
 #: Maximum rotation of the training augmentation, in degrees (RandomRotation(10)).
 MAX_ANGLE = 10.0
 #: Sizes of the synthetic dataset when no subset is asked for (CIFAR-10's).
@@ -589,6 +591,9 @@ def _load_imagefolder(root: Path, data_dir: Path, log: Callable[[str], object]) 
             f"imagefolder: {root}/train and {root}/test have different classes "
             f"(only in train: {only_train or 'none'}; only in test: {only_test or 'none'})"
         )
+    if len(train_classes) > N_CLASSES:
+        raise DataError(f"imagefolder: {root} has {len(train_classes)} classes; the study's CNN has "
+                        f"{N_CLASSES} outputs, so at most {N_CLASSES}")
     name = f"imagefolder:{root}"
     cache = data_dir / "cache" / f"imagefolder-{_cache_key(root, [train_files, test_files])}.npz"
     arrays = None

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from study.data import N_CLASSES
+
 
 def noise_constants(noise: float) -> tuple[float, float, float, float]:
     """(n_mu, n_sigma, r_mu, r_sigma) at noise magnitude ``noise``; 1 is Santurkar et al.'s."""
@@ -88,7 +90,7 @@ class SeedCNN(nn.Module):
             setattr(self, f"norm{i + 1}", NORM_VARIANTS[norm](widths[i + 1], noise, noise_scope))
         self.dropout = nn.Dropout(0.25)
         self.fc1 = nn.Linear(64 * 4 * 4, 500)
-        self.fc2 = nn.Linear(500, 10)
+        self.fc2 = nn.Linear(500, N_CLASSES)
 
     def forward(self, x: torch.Tensor, taps: list | None = None) -> torch.Tensor:
         for i, name in enumerate(self.conv_layers):

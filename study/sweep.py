@@ -163,8 +163,9 @@ def make_parser() -> argparse.ArgumentParser:
                    "else synthetic) (default: the preset's)")
     g.add_argument("--data-dir", default="data", help="where cifar10 is (downloaded if absent) "
                    "and where decoded image folders are cached")
-    g.add_argument("--subset", type=_positive_int("--subset"), default=None,
-                   help="use at most this many images per split (train, test) for quick runs "
+    g.add_argument("--subset", type=_positive_int("--subset", 3), default=None,
+                   help="use at most this many images per split (train, test) for quick runs; "
+                   "at least 3, as a fifth of the training images validate "
                    "(default: the preset's; all for full and seed)")
     g.add_argument("--grad-every", type=_positive_int("--grad-every"), default=1,
                    help="record per-step gradient norms every k-th step")
@@ -476,9 +477,13 @@ def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], pending:
         raise UsageError(str(e)) from None
     print(f"dataset {data.name}: {len(data.train_y):,} training images, "
           f"{len(data.test_y):,} test images ({time.time() - t0:.1f} s)")
-    (out / "study.json").write_text(json.dumps(record, indent=1))
     n_train = len(data.train_y)
     n_val = round(n_train * grid[0].val_fraction)
+    if n_val < 1 or n_train - n_val < 1:
+        raise UsageError(f"{data.name}: {n_train} training image(s) leave {n_train - n_val} to train on "
+                         f"and {n_val} to validate on ({grid[0].val_fraction:g} of them); it needs "
+                         "at least 3 (--subset)")
+    (out / "study.json").write_text(json.dumps(record, indent=1))
     sizes = dict(train=n_train - n_val, val=n_val, test=len(data.test_y))
 
     trainable = tune.with_resources(

@@ -95,7 +95,10 @@ def trial_seeds(seed: int) -> tuple[int, int, int]:
 
 @torch.no_grad()
 def evaluate(model: SeedCNN, x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[float, float]:
-    """(mean loss, accuracy) in eval mode: BN running statistics, no dropout, no noise."""
+    """(mean loss, accuracy) in eval mode: BN running statistics, no dropout, no noise; NaN
+    for no images."""
+    if len(y) == 0:
+        return float("nan"), float("nan")
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
@@ -104,8 +107,7 @@ def evaluate(model: SeedCNN, x: torch.Tensor, y: torch.Tensor, batch: int) -> tu
         loss_sum += F.cross_entropy(logits, y[i : i + batch], reduction="sum")
         correct += (logits.argmax(1) == y[i : i + batch]).sum()
     model.train()
-    n = max(len(y), 1)
-    return float(loss_sum) / n, int(correct) / n
+    return float(loss_sum) / len(y), int(correct) / len(y)
 
 
 def _rng_state(gens: dict[str, torch.Generator], dev: torch.device) -> dict:
@@ -140,9 +142,10 @@ def run_trial(
     ``record`` holds the epoch's rows for the results tables (``epoch``: a dict,
     ``layers``: a list of dicts, ``steps``: a dict of columns) and ``status``;
     ``state`` is a ``torch.save``-able dict that ``resume_from`` continues from,
-    giving the same numbers as a run that never stopped. ``cuda_graph`` replays the full
-    batches' steps from CUDA graphs (GPU only; None: ``CUDA_GRAPH_DEFAULT`` on a GPU), with
-    the eager step's numbers. Returns a summary dict.
+    giving the same numbers as a run that never stopped; it holds the live model's and
+    optimiser's tensors, so save it during the call (later epochs change them).
+    ``cuda_graph`` replays the full batches' steps from CUDA graphs (GPU only; None:
+    ``CUDA_GRAPH_DEFAULT`` on a GPU), with the eager step's numbers. Returns a summary dict.
     """
     dev = pick_device(device)
     if cuda_graph is None:

@@ -446,6 +446,20 @@ def test_imagefolder_bad_trees(tree, tmp_path) -> None:
     assert "\n" not in str(err.value)
 
 
+def test_imagefolder_with_more_classes_than_the_cnn_has_outputs_is_refused(tmp_path) -> None:
+    root = tmp_path / "eleven"
+    for split in ("train", "test"):
+        for c in range(11):
+            _save(root / split / f"c{c:02d}" / "0.png", np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(DataError, match="11 classes; the study's CNN has 10 outputs"):
+        load_dataset(f"imagefolder:{root}", data_dir=tmp_path)
+    for split in ("train", "test"):  # ten are fine
+        for f in (root / split / "c10").iterdir():
+            f.unlink()
+        (root / split / "c10").rmdir()
+    assert len(load_dataset(f"imagefolder:{root}", data_dir=tmp_path).classes) == 10
+
+
 def test_imagefolder_subset(tree, tmp_path) -> None:
     root, _ = tree
     full = load_dataset(f"imagefolder:{root}", data_dir=tmp_path, log=lambda m: None)

@@ -153,6 +153,7 @@ def test_refuses_to_mix_studies(tiny_reference):
     ("--dataset", "mnist", "mnist"),
     ("--out", "/proc/forbidden/results", "cannot write"),
     ("--address", "127.0.0.1:1", "cannot reach a Ray cluster"),
+    ("--subset", "2", "must be >= 3"),  # an empty validation split
     ("--norms", "batch,none,batch", "more than once"),
     ("--lrs", "1e-3,1.0000001e-3", "more than once"),  # the same trial id: lr0.001
 ])
@@ -223,3 +224,23 @@ def test_no_stray_ray_processes_after_the_sweeps():
     mine = subprocess.run(["pgrep", "-f", "-P", str(os.getpid()), "raylet"], capture_output=True,
                           text=True)
     assert mine.stdout.strip() == ""
+
+
+def test_a_dataset_too_small_to_split_is_refused_before_any_trial(tmp_path):
+    """Two training images leave none to validate on: one message, no study written."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "tiny"
+    for split, n in (("train", 2), ("test", 1)):
+        (root / split / "cat").mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / split / "cat" / f"{i}.png")
+    out = tmp_path / "results"
+    proc = run_sweep("--norms", "batch", "--seeds", "0", "--lrs", "0.01", "--epochs", "1",
+                     "--dataset", f"imagefolder:{root}", "--out", str(out), check=False,
+                     data_dir=tmp_path / "data")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "2 training image(s) leave 2 to train on and 0 to validate on" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (out / "study.json").exists()

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from study.config import ConfigError, TrialConfig
-from study.train import run_trial
+from study.model import build_model
+from study.train import evaluate, run_trial
 from tests.conftest import tiny_data
 
 
@@ -146,3 +147,12 @@ def test_the_cpu_optimiser_takes_plain_sgd_steps():
             opt.step()
     for p, q in zip(fused_model.parameters(), ref_model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_evaluate_on_no_images_is_nan_not_zero():
+    """An empty split has no loss and no accuracy (0.0 would read as a real, bad result)."""
+    model = build_model("batch")
+    x, y = torch.zeros(0, 3, 32, 32, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
+    loss, acc = evaluate(model, x, y, 64)
+    assert math.isnan(loss) and math.isnan(acc)
+    assert model.training  # left in training mode, as after a real evaluation
