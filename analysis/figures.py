@@ -13,6 +13,7 @@ import argparse
 import html
 import json
 import math
+import os
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -142,8 +143,9 @@ def _draw(
 ) -> None:
     """Mean lines with their bands, one per variant (no band where n = 1).
 
-    With ``log``, the axis is logarithmic and band edges at or below zero (a wide t-interval of
-    a positive quantity) are drawn at half the smallest mean instead. ``clip`` limits the bands
+    With ``log``, the axis is logarithmic and band edges below half the smallest mean (those at
+    or below zero of a wide t-interval of a positive quantity, and any lower) are drawn there,
+    so that one wide band does not squeeze the others' decades. ``clip`` limits the bands
     to the range the quantity can take (e.g. a cosine's [-1, 1]).
     """
     if clip is not None:
@@ -153,10 +155,17 @@ def _draw(
         floor = 0.5 * means[means > 0].min()
         est = est.assign(lo=est["lo"].where(est["lo"] > floor, floor))
         _plain_log(ax, floor, float(est["hi"].max()))
-    for variant, g in est.groupby("variant", observed=True, sort=True):
+    positions = np.unique(est[x].to_numpy(dtype=float))
+    if len(positions) == 1:  # one tick at it, not a tiny range of fractional ones
+        ax.set_xlim(positions[0] - 1, positions[0] + 1)
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(positions))
+    groups = list(est.groupby("variant", observed=True, sort=True))
+    for i, (variant, g) in enumerate(groups):
         st = styles[str(variant)]
         g = g.sort_values(x)
         xs = g[x].to_numpy(dtype=float)
+        if len(positions) == 1:  # side by side, so that the error bars do not hide each other
+            xs = xs + 0.12 * (i - (len(groups) - 1) / 2)
         ax.plot(
             xs,
             g["mean"],
@@ -168,7 +177,10 @@ def _draw(
             label=st.label,
         )
         has_band = g["n"].to_numpy() > 1
-        if has_band.any():
+        if len(xs) == 1 and has_band[0]:  # one position (a one-epoch study): no area to fill
+            m, lo, hi = (float(g[c].iloc[0]) for c in ("mean", "lo", "hi"))
+            ax.errorbar(xs, [m], yerr=[[m - lo], [hi - m]], color=st.color, capsize=4, lw=1.2)
+        elif has_band.any():
             ax.fill_between(
                 xs,
                 g["lo"],
@@ -348,8 +360,8 @@ def fig_activations(study: Study, opts: Options, styles, report: Report) -> None
         est,
         "Mean and variance over all activations of each epoch's training batches; top two rows: "
         "the ReLU input (after the norm), bottom two: the conv output (before the norm); "
-        "without BN both are the same. Variance on a log scale (band edges at or below zero "
-        "drawn at half the smallest mean).",
+        "without BN both are the same. Variance on a log scale (band edges below half the "
+        "smallest mean, those at or below zero included, drawn there).",
         _lr_words(opts),
         _excluded_words(study, opts, ["none", "batch"]),
     )
@@ -377,6 +389,12 @@ def _plain_log(ax, lo: float, hi: float) -> None:
     ax.yaxis.set_minor_formatter(ticker.NullFormatter())
 
 
+def _integer_ticks(ax) -> None:
+    """Epochs are whole numbers; a single one keeps the tick ``_draw`` gave it."""
+    if not isinstance(ax.xaxis.get_major_locator(), matplotlib.ticker.FixedLocator):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+
+
 def _activation_axes(ax, stat: str, site: str, layer: str) -> None:
     word = "mean" if stat == "mean" else "variance"
     ax.set_ylabel(f"{word} of {SITE_WORDS[site].split(' (')[0]}")
@@ -384,7 +402,7 @@ def _activation_axes(ax, stat: str, site: str, layer: str) -> None:
     ax.grid(alpha=0.3)
     if stat == "mean":
         ax.axhline(0, color="0.6", lw=0.8, zorder=0)
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    _integer_ticks(ax)
 
 
 def fig_noisy_bn(study: Study, opts: Options, styles, report: Report) -> None:
@@ -426,7 +444,7 @@ def fig_noisy_bn(study: Study, opts: Options, styles, report: Report) -> None:
         ax.grid(alpha=0.3)
     for ax in axes[-1]:
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        _integer_ticks(ax)
     title = "Figure 2 — Noisy BatchNorm: activation distribution vs accuracy"
     caption = _caption(
         study,
@@ -555,8 +573,8 @@ def fig_gradients(study: Study, opts: Options, styles, report: Report) -> None:
         pd.concat(all_est),
         f"Gradient ℓ2 norm after backward(), before the optimiser step; per run a trailing "
         f"moving average over {opts.smooth} steps (--smooth), then averaged into at most "
-        f"{MAX_POINTS} step bins before the bands across seeds. Log scale (band edges at or "
-        "below zero drawn at half the smallest mean).",
+        f"{MAX_POINTS} step bins before the bands across seeds. Log scale (band edges below "
+        "half the smallest mean, those at or below zero included, drawn there).",
         _lr_words(opts),
         _excluded_words(study, opts),
     )
@@ -625,12 +643,17 @@ def accuracy_table(study: Study, opts: Options) -> pd.DataFrame:
     return out[first + [c for c in out.columns if c not in first]]
 
 
-def _cell(mean: float, hw: float, n: int, latex: bool) -> str:
+def _cell(mean: float, lo: float, hi: float, n: int, latex: bool, symmetric: bool) -> str:
+    """``mean ± half-width`` for a symmetric interval (Student-t), ``mean [lo, hi]`` for one
+    that need not be (the percentile bootstrap)."""
     if not np.isfinite(mean):
         return "–"
-    if n <= 1 or not np.isfinite(hw):
+    if n <= 1 or not (np.isfinite(lo) and np.isfinite(hi)):
         return f"{mean:.2f}"
-    return f"${mean:.2f} \\pm {hw:.2f}$" if latex else f"{mean:.2f} ± {hw:.2f}"
+    if symmetric:
+        hw = (hi - lo) / 2
+        return f"${mean:.2f} \\pm {hw:.2f}$" if latex else f"{mean:.2f} ± {hw:.2f}"
+    return f"${mean:.2f}$ [{lo:.2f}, {hi:.2f}]" if latex else f"{mean:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
 def write_accuracy_table(table: pd.DataFrame, study: Study, opts: Options, report: Report) -> None:
@@ -641,8 +664,9 @@ def write_accuracy_table(table: pd.DataFrame, study: Study, opts: Options, repor
     notes = [
         "Accuracy in percent at the last epoch; train accuracy is the running average over the "
         "last epoch (the seed's measure).",
-        f"Mean ± half-width of the {bands.method_label(opts.method, opts.level, opts.reps)} over "
-        "the n runs that finished (status done); no interval where n = 1.",
+        f"{'Mean ± half-width' if opts.method == 't' else 'Mean [interval]'} of the "
+        f"{bands.method_label(opts.method, opts.level, opts.reps)} over the n runs that finished "
+        "(status done); no interval where n = 1.",
         "Diverged runs (a non-finite loss) are counted in the 'diverged' column and excluded "
         "from the means; so are failed ('error') and still running runs.",
         f"Dataset: {', '.join(study.datasets)}.",
@@ -662,7 +686,8 @@ def write_accuracy_table(table: pd.DataFrame, study: Study, opts: Options, repor
     def row(r, tex: bool, variant: str, sep: str) -> str:
         """One table row's cells, for Markdown (``tex`` False) or LaTeX."""
         cells = [variant, format_number(r.lr)]
-        cells += [_cell(getattr(r, f"{m}_mean"), getattr(r, f"{m}_hw"), r.n, tex)
+        cells += [_cell(getattr(r, f"{m}_mean"), getattr(r, f"{m}_lo"), getattr(r, f"{m}_hi"), r.n, tex,
+                        symmetric=opts.method == "t")
                   for m, _ in metrics]
         return sep.join(cells + [str(v) for v in (r.n, r.diverged, r.error, r.running)])
 
@@ -706,18 +731,16 @@ def write_accuracy_table(table: pd.DataFrame, study: Study, opts: Options, repor
     print(f"wrote {opts.out / 'accuracy_table'}.md, .csv, .tex")
 
 
+#: LaTeX's special characters (and two typographic ones) in text mode, replaced in one pass.
+_TEX_SPECIAL = {
+    "\\": "\\textbackslash{}", "&": "\\&", "%": "\\%", "_": "\\_", "#": "\\#", "$": "\\$",
+    "{": "\\{", "}": "\\}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}",
+    "±": "$\\pm$", "–": "--",
+}
+
+
 def _tex_escape(text: str) -> str:
-    for a, b in (
-        ("\\", "\\textbackslash{}"),
-        ("&", "\\&"),
-        ("%", "\\%"),
-        ("_", "\\_"),
-        ("#", "\\#"),
-        ("±", "$\\pm$"),
-        ("–", "--"),
-    ):
-        text = text.replace(a, b)
-    return text
+    return "".join(_TEX_SPECIAL.get(ch, ch) for ch in text)
 
 
 def fig_lr_sensitivity(study: Study, opts: Options, styles, report: Report) -> None:
@@ -1328,10 +1351,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
     except OSError as exc:
-        sys.stderr.write(f"{PROG}: error: cannot create {out}: {_one_line(exc.strerror or exc)}\n")
+        sys.stderr.write(f"{PROG}: error: cannot write to {out}: {_one_line(exc.strerror or exc)}\n")
         return 2
-    run(study, opts)
+    try:
+        run(study, opts)
+    except OSError as exc:  # e.g. a folder where a figure's file should go, or a full disk
+        where = f" {exc.filename}" if exc.filename else ""
+        sys.stderr.write(f"{PROG}: error: cannot write{where}: {_one_line(exc.strerror or exc)}\n")
+        return 2
     return 0
 
 

@@ -167,6 +167,54 @@ def test_accuracy_table_equals_hand_computation(study):
     assert "\\pm" in (study["folder"] / "figures" / "accuracy_table.tex").read_text()
 
 
+def test_bootstrap_table_shows_its_interval_not_a_half_width(study, tmp_path):
+    """A percentile bootstrap interval need not be symmetric about the mean: the table shows it."""
+    out = tmp_path / "boot"
+    code, _, err = run_main([str(study["folder"]), "--ci", "bootstrap", "--out", str(out)])
+    assert code == 0, err
+    table = pd.read_csv(out / "accuracy_table.csv")
+    md = (out / "accuracy_table.md").read_text()
+    shown = 0
+    for r in table[table["n"] > 1].itertuples():
+        assert f"{r.test_mean:.2f} [{r.test_lo:.2f}, {r.test_hi:.2f}]" in md
+        shown += 1
+    assert shown and "Mean [interval] of the" in md and " ± " not in md.split("\n\n")[0]
+    assert "$ [" in (out / "accuracy_table.tex").read_text()
+
+
+def test_one_epoch_gets_an_error_bar_and_one_whole_tick(tmp_path):
+    """One x position has no area for a band to fill: its interval is an error bar, and the
+    axis has one tick at the epoch rather than fractional ones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = figures.variant_styles(pd.DataFrame(
+        dict(variant=["BN", "no BN"], norm=["batch", "none"], noise=[0.0, 0.0])))
+    est = pd.DataFrame(dict(variant=["BN", "no BN"], epoch=[1, 1], mean=[0.5, 0.2],
+                            lo=[0.4, 0.2], hi=[0.7, 0.2], n=[3, 1]))
+    fig, ax = plt.subplots()
+    figures._draw(ax, est, styles, "epoch", markers=True)
+    figures._integer_ticks(ax)
+    bars = [c for c in ax.containers if isinstance(c, matplotlib.container.ErrorbarContainer)]
+    assert len(bars) == 1  # BN's; no BN has n = 1, so no interval
+    (segment,) = bars[0].lines[2][0].get_segments()
+    np.testing.assert_allclose(segment, [[0.94, 0.4], [0.94, 0.7]])  # BN, dodged left of no BN
+    assert list(ax.get_xticks()) == [1.0]
+    plt.close(fig)
+    folder = tmp_path / "one_epoch"  # and the whole command on a one-epoch study
+    write_synthetic_study(folder, epochs=1, steps_per_epoch=20, hist_bins=16, probe_every=0)
+    code, _, err = run_main([str(folder)])
+    assert code == 0, err
+
+
+def test_tex_escape_makes_every_special_character_literal():
+    assert figures._tex_escape(r"a_b & 5% #1 $x$ {y} ~z ^w \ ± –") == (
+        r"a\_b \& 5\% \#1 \$x\$ \{y\} \textasciitilde{}z \textasciicircum{}w "
+        r"\textbackslash{} $\pm$ --")
+
+
 def test_missing_variant_skips_its_figure_and_draws_the_rest(tmp_path):
     folder = tmp_path / "no_none"
     write_synthetic_study(
@@ -265,6 +313,19 @@ def test_folder_without_results_is_refused(tmp_path, kind):
     code, _, err = run_main([str(folder)])
     assert_refused(code, err, str(folder))
     assert not (folder / "figures").exists()
+
+
+def test_an_output_that_cannot_be_written_is_one_line_and_exit_2(study, tmp_path):
+    """Where --out cannot be made, and where a file of it is blocked (a folder in its place)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("precious")
+    code, _, err = run_main([str(study["folder"]), "--out", str(blocker / "figures")])
+    assert_refused(code, err, "cannot write to", "a_file")
+    assert blocker.read_text() == "precious"
+    out = tmp_path / "figs"
+    (out / "accuracy_table.csv").mkdir(parents=True)
+    code, _, err = run_main([str(study["folder"]), "--out", str(out)])
+    assert_refused(code, err, "cannot write", "accuracy_table.csv")
 
 
 def test_a_folder_of_studies_is_refused_with_the_studies_named(study):
