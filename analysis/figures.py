@@ -415,8 +415,11 @@ def fig_noisy_bn(study: Study, opts: Options, styles, report: Report) -> None:
     if "noisy_batch" not in set(sel["norm"].astype(str)):
         raise Skip(f"needs noisy BN (noisy_batch) runs at lr {format_number(opts.lr)}")
     drawn = _ok(sel)
-    epochs = _ok(_at_lr(study.epochs, opts.lr))
+    all_epochs = _at_lr(study.epochs, opts.lr)
+    epochs = _ok(all_epochs)
     epochs = epochs[epochs["norm"].isin(norms)]
+    if all_epochs.empty:
+        raise Skip(f"no accuracy per epoch (epochs table) at lr {format_number(opts.lr)}")
     if drawn.empty or epochs.empty:
         raise Skip("no finished or running runs to draw (all diverged or failed)")
     layers = [name for name in results.ACT_LAYERS if name in set(drawn["layer"])]
@@ -847,6 +850,20 @@ def histogram_densities(layers: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         return edges, np.where(total > 0, counts / total / width, np.nan)
 
 
+def _histogram_batches(study: Study) -> str:
+    """Which training batches the histograms count: every ``hist_every``-th (the trials' config)."""
+    every = set()
+    for text in study.trials.get("config_json", pd.Series(dtype=object)).dropna():
+        try:
+            every.add(int(json.loads(text)["hist_every"]))
+        except (ValueError, KeyError, TypeError):
+            every.add(None)
+    if len(every) != 1 or None in every:
+        return "a sample of the training batches (every hist_every-th; see the trials' config)"
+    (k,) = every
+    return "every training batch" if k == 1 else f"every {k}th training batch (hist_every)"
+
+
 def fig_histograms(study: Study, opts: Options, styles, report: Report) -> None:
     """Activation distributions (ReLU input) over epochs: rows layers, columns variants."""
     sel = _at_lr(study.layers, opts.lr)
@@ -870,7 +887,7 @@ def fig_histograms(study: Study, opts: Options, styles, report: Report) -> None:
     fig, axes = _new_figure(
         len(layers), len(variants), 2.9 * len(variants) + 0.6, 2.4 * len(layers) + 0.6
     )
-    shades = np.linspace(0.3, 1.0, len(shown))
+    shades = np.linspace(0.4, 1.0, len(shown)) if len(shown) > 1 else np.ones(1)  # one epoch: full colour
     n_seeds = []
     visible_range: dict[int, list[float]] = {}
     for c, variant in enumerate(variants):
@@ -929,8 +946,8 @@ def fig_histograms(study: Study, opts: Options, styles, report: Report) -> None:
         study,
         opts,
         None,
-        f"Each panel: the histogram of all ReLU inputs of a layer over an epoch's training "
-        f"batches, normalised to a density and averaged over seeds "
+        f"Each panel: the histogram of all ReLU inputs of a layer in {_histogram_batches(study)} "
+        f"of an epoch, normalised to a density and averaged over seeds "
         f"({bands.describe_n(n_seeds, per='curve', band=False)}); light to dark = early to late "
         f"epochs. The two outermost bins of [{format_number(edges[0])}, "
         f"{format_number(edges[-1])}] also hold the values beyond that range, so they are not "

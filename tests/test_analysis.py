@@ -209,6 +209,33 @@ def test_one_epoch_gets_an_error_bar_and_one_whole_tick(tmp_path):
     assert code == 0, err
 
 
+def test_histogram_caption_says_which_batches_were_counted(study):
+    """Trials count every hist_every-th batch into their histograms (study.stats)."""
+    from types import SimpleNamespace
+
+    def words(*every):
+        configs = [json.dumps({"hist_every": k}) if k else json.dumps({}) for k in every]
+        return figures._histogram_batches(SimpleNamespace(trials=pd.DataFrame({"config_json": configs})))
+
+    assert words(50, 50) == "every 50th training batch (hist_every)"
+    assert words(1) == "every training batch"
+    assert "sample" in words(50, 10) and "sample" in words(None)
+    index = (study["folder"] / "figures" / "index.md").read_text()
+    assert "every hist_every-th" in index  # the synthetic study's configs do not say
+
+
+def test_a_missing_epochs_table_is_named_in_the_skip_notice(study, tmp_path):
+    import shutil
+
+    folder = tmp_path / "no_epochs"
+    shutil.copytree(study["folder"], folder, ignore=shutil.ignore_patterns("figures"))
+    shutil.rmtree(folder / "epochs")
+    code, out, err = run_main([str(folder)])
+    assert code == 0, err
+    notice = next(line for line in (out + err).splitlines() if "fig2_noisy_bn skipped" in line)
+    assert "epochs table" in notice and "diverged" not in notice
+
+
 def test_tex_escape_makes_every_special_character_literal():
     assert figures._tex_escape(r"a_b & 5% #1 $x$ {y} ~z ^w \ ± –") == (
         r"a\_b \& 5\% \#1 \$x\$ \{y\} \textasciitilde{}z \textasciicircum{}w "
