@@ -9,8 +9,9 @@ norms) and take the optimiser step. All of it is device work; nothing waits for 
 the histogram, with or without gradient norms) into a CUDA graph and replays it. At batch 16
 a step is about a hundred small kernels and the GPU waits on their launches, so one replay
 per step is what lets a trial use the GPU. The numbers are the eager step's: replay runs the
-captured kernels on the same tensors, and the trial's generators are registered with the
-graph, so each replay draws the random numbers the eager step would have drawn next.
+captured kernels on the same tensors, and the generators a step draws from (the noise's;
+dropout's default one) are registered with the graph, so each replay draws the random
+numbers the eager step would have drawn next.
 """
 
 from __future__ import annotations

@@ -184,7 +184,9 @@ def run_trial(
     # the epoch's statistics live for the whole trial: a captured graph holds their addresses
     stats = EpochStats(steps_per_epoch, len(params), weight_idx, cfg.hist_bins, cfg.hist_range, dev)
     train_step = TrainStep(model, opt, d.train_x, d.train_y, stats)
-    graphed = GraphedTrainStep(train_step, bs, list(gens.values())) if cuda_graph else None
+    # the graphs draw only the noise (the data generator's order and augmentation are drawn
+    # eagerly at each epoch's start), so only the noise generator is registered with them
+    graphed = GraphedTrainStep(train_step, bs, [gens["noise"]]) if cuda_graph else None
     model.train()
     epoch = first_epoch
     while epoch <= cfg.epochs and status == "running":
