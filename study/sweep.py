@@ -341,6 +341,11 @@ def init_ray(address: str):
 
 def run(args: argparse.Namespace) -> int:
     p = preset_from_args(args)
+    if args.noises is not None and not set(p.norms) & NOISY_VARIANTS:
+        print(f"note: --noises has no effect: none of --norms ({', '.join(p.norms)}) is noisy "
+              f"({', '.join(sorted(NOISY_VARIANTS))})", file=sys.stderr)
+    if args.probe_etas and not args.probe_every:
+        print("note: --probe-etas has no effect without --probe-every", file=sys.stderr)
     name = args.name or args.preset
     probe_etas = args.probe_etas or (DEFAULT_ETA_MULTIPLES if args.probe_every else ())
     try:

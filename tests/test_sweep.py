@@ -78,6 +78,15 @@ def test_list_flags_take_spaces_after_commas(capsys):
     assert "20 trials" in capsys.readouterr().out
 
 
+def test_flags_that_change_nothing_get_a_note(capsys):
+    assert sweep.main(["--norms", "batch,none", "--noises", "2", "--probe-etas", "0.5",
+                       "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "--noises has no effect" in err and "--probe-etas has no effect" in err
+    assert sweep.main(["--norms", "noisy_batch", "--noises", "2", "--dry-run"]) == 0
+    assert "no effect" not in capsys.readouterr().err
+
+
 def _copy_study(src: Path, dst: Path) -> Path:
     import shutil
 
