@@ -777,22 +777,20 @@ def fig_lr_sensitivity(study: Study, opts: Options, styles, report: Report) -> N
         ax.set_ylabel("accuracy (%)" if scale == 100 else "accuracy")
         ax.set_title(words, fontsize=10)
         ax.grid(alpha=0.3)
-        trans = ax.get_xaxis_transform()
+        if len(diverged):  # a shaded strip below the data, so that a cross is never read as one
+            bottom, top = ax.get_ylim()
+            strip = 0.045 * (1 + len(study.variants)) * (top - bottom)
+            ticks = [t for t in ax.get_yticks() if bottom <= t <= top]  # no accuracy ticks in it
+            ax.set_ylim(bottom - strip, top)
+            ax.set_yticks(ticks)
+            ax.axhspan(bottom - strip, bottom, color="0.92", lw=0, zorder=0)
+            ax.text(0.005, bottom - strip / 2, "diverged", transform=ax.get_yaxis_transform(),
+                    rotation=90, va="center", ha="left", fontsize=7, color="0.4")
         for (variant, lr), k in diverged.items():
             st = styles[str(variant)]
-            offset = 0.04 + 0.05 * study.variants.index(str(variant))
-            ax.plot(
-                [lr],
-                [offset],
-                marker="x",
-                color=st.color,
-                ms=8,
-                mew=2,
-                transform=trans,
-                clip_on=False,
-                ls="none",
-            )
-            ax.text(lr, offset, f"  {k}", color=st.color, transform=trans, va="center", fontsize=8)
+            y = bottom - strip * (1 + study.variants.index(str(variant))) / (1 + len(study.variants))
+            ax.plot([lr], [y], marker="x", color=st.color, ms=7, mew=2, ls="none")
+            ax.text(lr, y, f"  {k}", color=st.color, va="center", fontsize=8)
     legend = _legend_handles(styles, _variants_in(final), markers=True)
     if len(diverged):
         legend.append(
@@ -804,7 +802,7 @@ def fig_lr_sensitivity(study: Study, opts: Options, styles, report: Report) -> N
                 ls="none",
                 ms=8,
                 mew=2,
-                label="diverged runs (count), at the bottom",
+                label="diverged runs (count), in the shaded strip",
             )
         )
     title = "Final accuracy against learning rate"
@@ -814,8 +812,8 @@ def fig_lr_sensitivity(study: Study, opts: Options, styles, report: Report) -> N
         pd.concat(all_est),
         "Points: mean over the runs that finished at each learning rate; bands clipped to "
         "[0, 100] %.",
-        "A cross at the bottom marks diverged runs (non-finite loss) with their count; they are "
-        "not in the means."
+        "A cross in the shaded strip at the bottom marks diverged runs (non-finite loss) with "
+        "their count; they are not in the means."
         if len(diverged)
         else "No run diverged.",
     )

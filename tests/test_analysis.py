@@ -236,6 +236,27 @@ def test_a_missing_epochs_table_is_named_in_the_skip_notice(study, tmp_path):
     assert "epochs table" in notice and "diverged" not in notice
 
 
+def test_diverged_marks_sit_below_every_accuracy_drawn(study, tmp_path, monkeypatch):
+    """A diverged run's cross goes in a strip under the data, never among the points."""
+    drawn = {}
+    monkeypatch.setattr(figures, "_finish", lambda fig, name, *a, **k: drawn.setdefault(name, fig))
+    loaded = load.load_study(study["folder"])
+    opts = figures.Options(results=study["folder"], out=tmp_path, lr=loaded.lrs[0])
+    figures.fig_lr_sensitivity(loaded, opts, figures.variant_styles(loaded.trials), figures.Report())
+    def screen_y(artist, xy):  # height on the figure, whatever coordinates the artist uses
+        return artist.get_transform().transform(np.asarray(xy, dtype=float))[:, 1]
+
+    for ax in drawn["fig_lr_sensitivity"].axes:
+        crosses = [ln for ln in ax.lines if ln.get_marker() == "x"]
+        assert crosses
+        low = min(
+            [screen_y(c, p.vertices).min() for c in ax.collections for p in c.get_paths()]
+            + [screen_y(ln, ln.get_xydata()).min() for ln in ax.lines if ln.get_marker() != "x"])
+        assert all(screen_y(ln, ln.get_xydata()).max() < low for ln in crosses)
+        tick_low = ax.transData.transform([[1, min(ax.get_yticks())]])[0, 1]
+        assert tick_low >= low - 1e-6  # no accuracy ticks in the strip
+
+
 def test_tex_escape_makes_every_special_character_literal():
     assert figures._tex_escape(r"a_b & 5% #1 $x$ {y} ~z ^w \ ± –") == (
         r"a\_b \& 5\% \#1 \$x\$ \{y\} \textasciitilde{}z \textasciicircum{}w "
