@@ -284,6 +284,10 @@ def _excluded_words(study: Study, opts: Options, norms: Sequence[str] | None = N
         )
     if running:
         words.append(f"{running} run{'s' if running > 1 else ''} still running (curves end early).")
+    ok = trials["status"].isin(OK_STATUSES)
+    gone = sorted(str(v) for v, g in ok.groupby(trials["variant"].astype(str)) if not g.any())
+    if gone:
+        words.append(f"Not drawn, as none of its runs finished: {', '.join(gone)}.")
     return " ".join(words)
 
 

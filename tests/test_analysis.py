@@ -257,6 +257,18 @@ def test_diverged_marks_sit_below_every_accuracy_drawn(study, tmp_path, monkeypa
         assert tick_low >= low - 1e-6  # no accuracy ticks in the strip
 
 
+def test_a_variant_with_no_finished_run_is_named_as_not_drawn(tmp_path):
+    folder = tmp_path / "no_bn_left"
+    outcome = {trial_id("none", 0.0, 0.001, s): ("diverged", 1) for s in range(3)}
+    write_synthetic_study(folder, epochs=2, steps_per_epoch=20, hist_bins=16, probe_every=0,
+                          outcome=outcome)
+    code, _, err = run_main([str(folder)])
+    assert code == 0, err
+    index = (folder / "figures" / "index.md").read_text()
+    fig1 = index[index.index("Figure 1"):index.index("Figure 2")]
+    assert "Not drawn, as none of its runs finished: no BN." in fig1
+
+
 def test_tex_escape_makes_every_special_character_literal():
     assert figures._tex_escape(r"a_b & 5% #1 $x$ {y} ~z ^w \ ± –") == (
         r"a\_b \& 5\% \#1 \$x\$ \{y\} \textasciitilde{}z \textasciicircum{}w "
