@@ -169,3 +169,21 @@ def test_taps_reduced_during_the_forward_pass_equal_the_taps_reduced_after():
         assert row["count"] == ref.size and sum(row["hist"]) == ref.size
         assert abs(row["mean"] - ref.mean()) <= 1e-6 * max(1.0, ref.std())
         assert abs(row["var"] - ref.var()) <= 1e-6 * ref.var()
+
+
+def test_values_beyond_the_histogram_range_land_in_its_edge_bins():
+    """+inf and huge values in the last bin, -inf, huge negatives and NaN (a diverging trial)
+    in the first, by the definition floor(clip((x - lo)·bins/(hi - lo), 0, bins - 1))."""
+    acc = _stats(1, bins=16)
+    odd = torch.tensor([np.inf, 1e30, 8.0, 7.99, -np.inf, -1e30, -8.0, np.nan, 0.0], dtype=torch.float32)
+    values = torch.cat([odd, torch.zeros(16 * 16 * 32 * 32 - len(odd))]).view(16, 16, 32, 32)
+    taps = [(values, values)] + [(torch.zeros(16, c, s, s),) * 2 for c, s in ((32, 16), (64, 8))]
+    acc.record(taps)
+    hist = np.array(acc.finish()["layers"][0]["hist"])
+    x = odd.numpy().astype(np.float64)
+    x = np.where(np.isnan(x), -np.inf, x)  # NaN counts as below the range
+    ref = np.floor(np.clip((x + 8) * 16 / 16, 0, 15)).astype(int)
+    assert ref.tolist() == [15, 15, 15, 15, 0, 0, 0, 0, 8]
+    expect = np.bincount(ref, minlength=16)
+    expect[8] += values.numel() - len(odd)  # the zeros
+    assert hist.tolist() == expect.tolist()

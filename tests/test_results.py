@@ -1,0 +1,55 @@
+"""Writing results: an epoch reported again replaces its rows, on disk and through the callback.
+
+A retried trial reports epochs again from its checkpoint, so replacing (not appending) is what
+keeps the tables free of duplicates; these tests pin it down without Ray's timing.
+"""
+
+from __future__ import annotations
+
+import pickle
+from types import SimpleNamespace
+
+import pandas as pd
+
+from study import results
+from study.config import TrialConfig
+from study.trainable import ROWS_KEY, ParquetWriterCallback
+from tests.conftest import tiny_data
+from tests.test_train import collect
+
+
+def _epochs(tid: str, rows: list[tuple[int, float]]):
+    return results.to_arrow("epochs", [dict(trial_id=tid, epoch=e, train_loss=v) for e, v in rows])
+
+
+def test_an_epoch_written_again_replaces_its_rows(tmp_path):
+    results.upsert_epoch_rows(tmp_path, "epochs", "t", _epochs("t", [(1, 1.0)]))
+    results.upsert_epoch_rows(tmp_path, "epochs", "t", _epochs("t", [(1, 0.5)]))
+    results.upsert_epoch_rows(tmp_path, "epochs", "t", _epochs("t", [(2, 0.25)]))
+    got = results.read_table_file(results.table_path(tmp_path, "epochs", "t")).to_pandas()
+    assert got[["epoch", "train_loss"]].values.tolist() == [[1, 0.5], [2, 0.25]]
+
+
+def test_the_callback_writes_an_epoch_reported_twice_once(tmp_path):
+    """What a trial retried from its epoch-1 checkpoint does: epochs 1, 2, then 2 again."""
+    cfg = TrialConfig(norm="batch", epochs=2, lr=0.01, batch_size=32)
+    records, _, _ = collect(cfg, tiny_data())
+    writer = ParquetWriterCallback(str(tmp_path), "s", "tiny", dict(train=256, val=64, test=64))
+    trial = SimpleNamespace(config={"trial": cfg.to_dict()})
+    for record in (records[0], records[1], records[1]):
+        result = {ROWS_KEY: pickle.dumps(record), "hostname": "h", "device": "cpu"}
+        writer.on_trial_result(0, [], trial, result)
+    tid = cfg.trial_id
+    tables = {t: results.read_table_file(results.table_path(tmp_path, t, tid)).to_pandas()
+              for t in ("epochs", "layers", "steps", "trials")}
+    assert tables["epochs"]["epoch"].tolist() == [1, 2]
+    assert not tables["layers"].duplicated(["epoch", "layer", "site"]).any()
+    assert len(tables["layers"]) == 2 * len(records[0]["layers"])
+    assert not tables["steps"].duplicated(["step"]).any()
+    assert len(tables["steps"]) == sum(len(r["steps"]["step"]) for r in records)
+    trial_row = tables["trials"].iloc[0]
+    assert trial_row["epochs_done"] == 2 and trial_row["status"] == "done"
+    assert trial_row["final_test_acc"] == records[1]["epoch"]["test_acc"]
+    pd.testing.assert_series_equal(tables["epochs"]["train_loss"],
+                                   pd.Series([r["epoch"]["train_loss"] for r in records],
+                                             name="train_loss"))
