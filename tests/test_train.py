@@ -156,3 +156,112 @@ def test_evaluate_on_no_images_is_nan_not_zero():
     loss, acc = evaluate(model, x, y, 64)
     assert math.isnan(loss) and math.isnan(acc)
     assert model.training  # left in training mode, as after a real evaluation
+
+
+def test_evaluate_is_the_eval_mode_model_and_changes_nothing():
+    """Against a plain loop over an eval-mode copy: BN running statistics, no dropout, no noise,
+    the same numbers whatever the RNG, and the model's state left as it was."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from study.data import normalise
+
+    torch.manual_seed(0)
+    model = build_model("noisy_batch", noise=1.0)
+    model.set_noise_generator(torch.Generator().manual_seed(1))
+    data = tiny_data(n_train=64, n_test=50)
+    x, y = torch.from_numpy(data.test_x), torch.from_numpy(data.test_y)
+    model.train()
+    with torch.no_grad():  # move the running statistics away from their initial values
+        for i in range(0, 64, 16):
+            model(normalise(torch.from_numpy(data.train_x[i : i + 16])))
+    before = copy.deepcopy(model.state_dict())
+    ref_model = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        logits = ref_model(normalise(x)).double()
+    ref_loss = F.cross_entropy(logits, y).item()
+    ref_acc = (logits.argmax(1) == y).double().mean().item()
+    results = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        results.append(evaluate(model, x, y, 16))  # batches of 16, 16, 16, 2
+    assert results[0] == results[1]
+    loss, acc = results[0]
+    assert abs(loss - ref_loss) <= 1e-6 * ref_loss and acc == ref_acc
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training
+    plain = build_model("batch")
+    plain.load_state_dict(before)
+    assert evaluate(plain, x, y, 16) == results[0]  # no noise in eval mode
+
+
+def test_each_layers_gradient_norm_is_its_weights(monkeypatch):
+    """The steps table's grad_norm_<layer> is the norm of that layer's weight gradient, found
+    by name in the trial's model (not through the trial's own index), and grad_norm covers
+    every parameter."""
+    import study.train as train_mod
+    from study.results import GRAD_LAYERS
+    from study.stats import EpochStats
+
+    models, seen = [], []
+    real_build, real_accumulate = train_mod.build_model, EpochStats.accumulate
+    monkeypatch.setattr(train_mod, "build_model", lambda *a, **k: models.append(real_build(*a, **k))
+                        or models[-1])
+
+    def spy(self, taps, hist=False, loss=None, logits=None, y=None, grads=None):
+        if grads is not None:
+            seen.append({n: torch.linalg.vector_norm(p.grad.double()).item()
+                         for n, p in models[0].named_parameters()})
+        return real_accumulate(self, taps, hist, loss, logits, y, grads)
+
+    monkeypatch.setattr(EpochStats, "accumulate", spy)
+    records, _, _ = collect(TrialConfig(norm="batch", epochs=1, lr=0.01, batch_size=32), tiny_data())
+    steps = records[0]["steps"]
+    assert len(seen) == len(steps["step"]) > 0
+    for layer in GRAD_LAYERS:
+        np.testing.assert_allclose(steps[f"grad_norm_{layer}"], [s[f"{layer}.weight"] for s in seen],
+                                   rtol=1e-5)
+    np.testing.assert_allclose(steps["grad_norm"], [math.sqrt(sum(v**2 for v in s.values())) for s in seen],
+                               rtol=1e-5)
+
+
+def test_probes_see_the_step_before_the_optimiser_moves_the_weights(monkeypatch):
+    """Santurkar's probes measure the step at W_t: when they run, the weights and momentum are
+    those the step's forward pass used, and the gradients are the step's."""
+    from study.probes import StepProber
+
+    snapshots, checked = {}, []
+    real_after = StepProber.after_backward
+
+    def after(self, model, optimizer, x, y, loss, epoch):
+        if self._rng is not None:
+            params = [p.detach().clone() for p in model.parameters()]
+            assert all(torch.equal(a, b) for a, b in zip(params, snapshots["params"], strict=True))
+            bufs = [optimizer.state[p].get("momentum_buffer") for p in model.parameters()]
+            assert all((a is None and b is None) or torch.equal(a, b)
+                       for a, b in zip(bufs, snapshots["momentum"], strict=True))
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters()
+                       if p.dim() > 1)
+            checked.append(snapshots["step"])
+        real_after(self, model, optimizer, x, y, loss, epoch)
+
+    monkeypatch.setattr(StepProber, "after_backward", after)
+    import study.step as step_mod
+
+    real_device_work = step_mod.TrainStep.device_work
+
+    def device_work(self, idx, theta, hist, grad, prober=None, step=0, epoch=0):
+        if prober is not None and prober.due(step):  # the state the forward pass will use
+            snapshots["step"] = step
+            snapshots["params"] = [p.detach().clone() for p in self.model.parameters()]
+            snapshots["momentum"] = [None if self.opt.state[p].get("momentum_buffer") is None
+                                     else self.opt.state[p]["momentum_buffer"].clone()
+                                     for p in self.model.parameters()]
+        return real_device_work(self, idx, theta, hist, grad, prober, step, epoch)
+
+    monkeypatch.setattr(step_mod.TrainStep, "device_work", device_work)
+    cfg = TrialConfig(norm="noisy_batch", noise=1.0, epochs=1, lr=0.05, batch_size=32, probe_every=3,
+                      probe_etas=(0.5,))
+    records, _, _ = collect(cfg, tiny_data())
+    assert checked == [0, 3, 6] and records[0]["probes"]
