@@ -49,6 +49,9 @@ def train_trial(space: dict, data: dict, cpus_per_trial: int = 1, cuda_graph: bo
 
     ``cuda_graph``: replay the steps from CUDA graphs where the trial runs on a GPU (None: the
     default of ``study.train``); a trial on a CPU trains eagerly whatever it says."""
+    # Ray logs "Checkpoint successfully created at ..." for every epoch of every trial (750
+    # lines in a full study), burying the progress table; the checkpoints' place is in the docs
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     cfg = TrialConfig.from_dict(space["trial"])
     arrays = DataArrays(**data)
     gpu_share = tune.get_context().get_trial_resources().required_resources.get("GPU", 0)

@@ -136,6 +136,7 @@ def test_resume_without_tunes_experiment_runs_only_the_unfinished_trials(tiny_re
     kept = {f: f.stat().st_mtime_ns for f in out.rglob("*.parquet")}
     proc = run_sweep(*TINY, "--out", str(out), "--resume")
     assert "3 of 4 trials are finished" in proc.stdout and "cannot be restored" in proc.stdout
+    assert "Checkpoint successfully created" not in proc.stdout + proc.stderr  # progress, not log spam
     assert {f: f.stat().st_mtime_ns for f in kept} == kept  # the finished trials were not rerun
     assert_tables_equal(tiny_reference[1], read_tables(out))
 
