@@ -95,7 +95,10 @@ def resolve_dataset_spec(spec: str, data_dir: str | os.PathLike) -> str:
         path = s[len("imagefolder:") :].strip()
         if not path:
             raise DataError("dataset imagefolder:PATH needs a PATH (imagefolder:/data/mytree)")
-        return "imagefolder:" + os.path.abspath(os.path.expanduser(path))
+        root = os.path.abspath(os.path.expanduser(path))
+        if not os.path.isdir(root):  # before any study starts (and in --dry-run's count)
+            raise DataError(f"imagefolder: {root} does not exist or is not a folder")
+        return "imagefolder:" + root
     raise DataError(
         f"unknown dataset {spec!r}: use cifar10, synthetic, imagefolder:PATH or auto"
     )

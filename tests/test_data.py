@@ -482,6 +482,9 @@ def test_resolve_dataset_spec(tmp_path, monkeypatch) -> None:
     (tmp_path / "cifar-10-batches-py").mkdir()
     assert resolve_dataset_spec("auto", tmp_path) == "cifar10"
     monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=f"{tmp_path}/imgs does not exist"):
+        resolve_dataset_spec("imagefolder:imgs", "data")
+    (tmp_path / "imgs").mkdir()
     assert resolve_dataset_spec("imagefolder:imgs", "data") == f"imagefolder:{tmp_path}/imgs"
     for bad in ("cifar100", "", "imagefolder:", "CIFAR-10", "folder:/x"):
         with pytest.raises(DataError) as err:

@@ -161,6 +161,7 @@ def test_refuses_to_mix_studies(tiny_reference):
     ("--gpus", "4", "this machine has 0 GPUs"),
     ("--epochs", "0", "must be >= 1"),
     ("--dataset", "mnist", "mnist"),
+    ("--dataset", "imagefolder:/nonexistent/tree", "does not exist"),
     ("--out", "/proc/forbidden/results", "cannot write"),
     ("--address", "127.0.0.1:1", "cannot reach a Ray cluster"),
     ("--subset", "2", "must be >= 3"),  # an empty validation split
