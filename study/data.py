@@ -581,6 +581,12 @@ def _write_cache(path: Path, arrays: dict[str, np.ndarray], log: Callable[[str],
             tmp.unlink()
 
 
+def imagefolder_sizes(root: str | os.PathLike) -> tuple[int, int]:
+    """(training, test) images an ``imagefolder:`` tree holds, as its loader would read them,
+    without decoding any (DataError for a tree it would refuse)."""
+    return tuple(sum(map(len, _list_split(Path(root), split)[1])) for split in ("train", "test"))
+
+
 def _load_imagefolder(root: Path, data_dir: Path, log: Callable[[str], object]) -> DataArrays:
     """A train/<class>/*, test/<class>/* tree, decoded once and cached under data_dir/cache."""
     if not root.is_dir():

@@ -255,9 +255,9 @@ def _duration(seconds: float) -> str:
 def dry_run_text(name: str, p: Preset, grid: list[TrialConfig], resources: dict) -> str:
     n_train, n_test = NOMINAL_SIZES.get(p.dataset.split(":")[0], (50_000, 10_000))
     if p.dataset.startswith("imagefolder:"):
-        root = Path(p.dataset.split(":", 1)[1])
-        n_train = sum(1 for f in (root / "train").glob("*/*") if f.is_file())
-        n_test = sum(1 for f in (root / "test").glob("*/*") if f.is_file())
+        from study.data import imagefolder_sizes
+
+        n_train, n_test = imagefolder_sizes(p.dataset.split(":", 1)[1])
     if p.subset:
         n_train, n_test = min(n_train, p.subset), min(n_test, p.subset)
     fit = round(n_train * (1 - grid[0].val_fraction)) if grid else 0
@@ -370,7 +370,10 @@ def run(args: argparse.Namespace) -> int:
     except DataError as e:
         raise UsageError(str(e)) from None
     if args.dry_run:
-        print(dry_run_text(name, replace(p, dataset=dataset), grid, resources))
+        try:
+            print(dry_run_text(name, replace(p, dataset=dataset), grid, resources))
+        except DataError as e:  # an image folder its loader would refuse
+            raise UsageError(str(e)) from None
         return 0
 
     out = Path(args.out).resolve()

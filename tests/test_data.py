@@ -30,6 +30,7 @@ from study.data import (
     augment,
     augment_with,
     draw_augment_params,
+    imagefolder_sizes,
     load_dataset,
     make_synthetic,
     normalise,
@@ -590,3 +591,11 @@ def test_normalise_is_torchvisions_arithmetic_to_the_bit() -> None:
     assert torch.equal(normalise(f), ref) and torch.equal(f, v.to(torch.float32))  # input untouched
     theta = torch.eye(2, 3).expand(1, 2, 3)  # the identity warp: augment_with is normalise
     assert torch.equal(augment_with(v.expand(1, 3, 16, 16), theta), normalise(v.expand(1, 3, 16, 16)))
+
+
+def test_imagefolder_sizes_count_what_the_loader_reads(tree, tmp_path) -> None:
+    root, _ = tree
+    (root / "train" / "cat" / "nested").mkdir()
+    _save(root / "train" / "cat" / "nested" / "deep.png", np.zeros((32, 32, 3), np.uint8))
+    data = load_dataset(f"imagefolder:{root}", data_dir=tmp_path)
+    assert imagefolder_sizes(root) == (len(data.train_y), len(data.test_y)) == (11, 6)
