@@ -437,6 +437,8 @@ def changed_settings(old: dict, new: dict) -> list[str]:
     new = json.loads(json.dumps(new))  # tuples as lists, as the file has them
     changed = {}
     for k, v in new["preset"].items():
+        if k in ("norms", "noises", "lrs", "seeds"):  # the trial ids say what matters of these
+            continue
         if k in old.get("preset", {}) and old["preset"][k] != v:
             changed[k] = (old["preset"][k], v)
     for a, b in zip(old.get("trials", []), new["trials"], strict=False):  # an old file may lack them

@@ -87,6 +87,22 @@ def test_flags_that_change_nothing_get_a_note(capsys):
     assert "no effect" not in capsys.readouterr().err
 
 
+def test_changed_settings_are_what_changes_a_trial():
+    """Only what changes some trial's config or the data counts: unused noise values do not."""
+    from dataclasses import replace
+
+    base = replace(sweep.PRESETS["smoke"], norms=("none", "batch"))
+
+    def record(p):
+        return json.loads(json.dumps(sweep.study_record("s", p, sweep.build_grid(p), "synthetic", {})))
+
+    old = record(base)
+    assert sweep.changed_settings(old, record(replace(base, noises=(3.0,)))) == []
+    assert sweep.changed_settings(old, record(replace(base, epochs=5))) == ["epochs: 2 -> 5"]
+    assert sweep.changed_settings(old, record(replace(base, subset=100))) == ["subset: 3000 -> 100"]
+    assert sweep.changed_settings({"name": "s"}, record(base)) == []  # an older study.json
+
+
 def _copy_study(src: Path, dst: Path) -> Path:
     import shutil
 
