@@ -311,6 +311,36 @@ def test_moving_average_matches_pandas_rolling():
     np.testing.assert_allclose(got, ref.to_numpy(), rtol=1e-12)
 
 
+def test_step_smoothing_spans_the_same_steps_whatever_grad_every():
+    """--smooth counts training steps: a trial logging every 4th step averages over 2 rows for
+    a window of 8 steps, one logging every step over 8 (pandas rolling as the reference)."""
+    rng = np.random.default_rng(1)
+    ids = pd.Categorical(["every1"] * 64 + ["every4"] * 16)
+    steps = pd.DataFrame({
+        "trial_id": ids, "variant": pd.Categorical(["BN"] * 80), "seed": 0, "lr": 0.01,
+        "status": "done", "step": np.r_[np.arange(64), np.arange(0, 64, 4)],
+        "grad_norm": rng.normal(size=80)})
+    every = pd.Series({"every1": 1, "every4": 4})
+    got = figures.smoothed_step_curves(steps, ["grad_norm"], 8, every, max_points=1000)
+    for tid, rows in (("every1", 8), ("every4", 2)):
+        mine = steps[steps["trial_id"] == tid]
+        ref = mine["grad_norm"].rolling(rows, min_periods=1).mean().to_numpy()
+        curve = got[got["trial_id"] == tid].sort_values("step")
+        assert curve["step"].tolist() == mine["step"].astype(float).tolist()
+        np.testing.assert_allclose(curve["grad_norm"], ref, rtol=1e-12)
+
+
+def test_running_trials_are_drawn_and_the_default_lr_is_the_smallest(study):
+    """A running trial's epochs so far are in the curves (they end early); with no --lr the
+    single-lr figures use the study's smallest learning rate."""
+    loaded = load.load_study(study["folder"])
+    ok = figures._ok(loaded.epochs)
+    assert RUNNING in set(ok["trial_id"].astype(str))
+    assert DIVERGED not in set(ok["trial_id"].astype(str))
+    index = (study["folder"] / "figures" / "index.md").read_text()
+    assert f"Learning rate {figures.format_number(min(loaded.lrs))} (the smallest in the study" in index
+
+
 def test_histogram_densities_integrate_to_one_on_mixed_bins():
     layers = pd.DataFrame(
         {

@@ -73,6 +73,19 @@ def test_resume_of_a_finished_study_does_nothing(tiny_reference):
     assert {f: f.stat().st_mtime_ns for f in out.rglob("*.parquet")} == mtimes
 
 
+def test_trial_ids_name_every_setting_of_the_grid(capsys):
+    from study.config import TrialConfig
+
+    assert TrialConfig(norm="noisy_batch", noise=0.5, lr=0.01, seed=0).trial_id == \
+        "noisy_batch-noise0.5-lr0.01-seed0"
+    assert TrialConfig(norm="batch", lr=1e-3, seed=12).trial_id == "batch-lr0.001-seed12"
+    assert sweep.main(["--norms", "noisy_batch", "--noises", "0,0.5,1.5,2", "--lrs", "0.01",
+                       "--seeds", "0,1", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    ids = {f"noisy_batch-noise{z}-lr0.01-seed{s}" for z in ("0", "0.5", "1.5", "2") for s in (0, 1)}
+    assert "8 trials" in out and all(i in out for i in ids)
+
+
 def test_list_flags_take_spaces_after_commas(capsys):
     assert sweep.main(["--norms", "batch, none", "--lrs", "0.01, 0.1", "--dry-run"]) == 0
     assert "20 trials" in capsys.readouterr().out

@@ -265,3 +265,19 @@ def test_probes_see_the_step_before_the_optimiser_moves_the_weights(monkeypatch)
                       probe_etas=(0.5,))
     records, _, _ = collect(cfg, tiny_data())
     assert checked == [0, 3, 6] and records[0]["probes"]
+
+
+def test_the_validation_split_depends_on_split_seed_only():
+    """Every trial of a study validates on the same images, whatever its own seed."""
+    from study.data import train_val_split
+    from study.train import DeviceData
+
+    data = tiny_data()
+    cpu = torch.device("cpu")
+    a = DeviceData.from_arrays(data, TrialConfig(seed=0, split_seed=0), cpu)
+    b = DeviceData.from_arrays(data, TrialConfig(seed=7, split_seed=0), cpu)
+    c = DeviceData.from_arrays(data, TrialConfig(seed=0, split_seed=1), cpu)
+    _, val_idx = train_val_split(len(data.train_y), 0.2, 0)
+    assert torch.equal(a.val_x, torch.from_numpy(data.train_x[val_idx]))
+    assert torch.equal(a.val_x, b.val_x) and torch.equal(a.train_y, b.train_y)
+    assert not torch.equal(a.val_x, c.val_x)
