@@ -269,6 +269,41 @@ def test_a_variant_with_no_finished_run_is_named_as_not_drawn(tmp_path):
     assert "Not drawn, as none of its runs finished: no BN." in fig1
 
 
+def test_probe_figures_draw_each_layer_and_step_mean_over_seeds(study, tmp_path, monkeypatch):
+    """The ICS panels are conv2..fc2 in order, each line the per-step mean over seeds of that
+    layer's values; the landscape lines are the per-step means of a per-model value (stored on
+    every layer's row), not their sum. Reference: the loaded probes table, grouped in pandas."""
+    drawn = {}
+    monkeypatch.setattr(figures, "_finish", lambda fig, name, *a, **k: drawn.setdefault(name, fig))
+    loaded = load.load_study(study["folder"])
+    lr = min(loaded.lrs)
+    opts = figures.Options(results=study["folder"], out=tmp_path, lr=lr)
+    styles = figures.variant_styles(loaded.trials)
+    figures.fig_probes_ics(loaded, opts, styles, figures.Report())
+    figures.fig_probes_landscape(loaded, opts, styles, figures.Report())
+    probes = loaded.probes[np.isclose(loaded.probes["lr"], lr)
+                           & loaded.probes["status"].isin(["done", "running"])]
+
+    def line(ax, variant):
+        (ln,) = [ln for ln in ax.lines if ln.get_label() == variant]
+        return pd.Series(ln.get_ydata(), index=ln.get_xdata())
+
+    ics = drawn["fig_probes_ics"].axes
+    layers = [name for name in results.PROBE_LAYERS if name != "conv1"]
+    assert [ax.get_title().split(":")[0] for ax in ics[: len(layers)]] == layers
+    ref = probes.groupby(["variant", "layer", "step"], observed=True)["ics_l2"].mean()
+    for ax, layer in zip(ics[: len(layers)], layers, strict=True):
+        for variant in ("BN", "no BN"):
+            want = ref.loc[(variant, layer)]
+            got = line(ax, variant)
+            np.testing.assert_allclose(got.to_numpy(), want.to_numpy(), rtol=1e-12)
+            assert got.index.tolist() == want.index.astype(float).tolist()
+    middle = drawn["fig_probes_landscape"].axes[1]
+    per_step = probes.groupby(["variant", "trial_id", "step"], observed=True)["grad_pred"].first()
+    want = per_step.loc["BN"].groupby("step").mean()
+    np.testing.assert_allclose(line(middle, "BN").to_numpy(), want.to_numpy(), rtol=1e-12)
+
+
 def test_tex_escape_makes_every_special_character_literal():
     assert figures._tex_escape(r"a_b & 5% #1 $x$ {y} ~z ^w \ ± –") == (
         r"a\_b \& 5\% \#1 \$x\$ \{y\} \textasciitilde{}z \textasciicircum{}w "

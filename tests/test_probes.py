@@ -20,6 +20,8 @@ from study.probes import (
     LANDSCAPE_KEYS,
     Block,
     StepProber,
+    cnn_blocks,
+    landscape,
     probe_module,
     probe_rows,
     probe_step,
@@ -149,6 +151,43 @@ def test_landscape_matches_the_closed_form_on_a_quadratic(lr):
     cos = float(gv @ gv2 / (torch.linalg.norm(gv) * torch.linalg.norm(gv2)))
     assert got["ics_cos"]["v"] == pytest.approx(cos, rel=1e-12)
     assert (got["ics_l2"]["u"], got["ics_cos"]["u"]) == (0.0, 1.0)
+
+
+def test_landscape_takes_the_maxima_over_the_step_sizes():
+    """On L(w) = w^4/4 - w^2 along -g, with step sizes out of order, the largest gradient
+    change and the largest beta come at different etas, neither of them the last (float64,
+    by hand from the definitions)."""
+    w0, etas = 1.5, [0.4, 2.0, 8.0]
+
+    def loss(w):
+        return w**4 / 4 - w**2
+
+    def grad(w):
+        return w**3 - 2 * w
+
+    g = grad(w0)
+    moved = [w0 - eta * g for eta in etas]
+    change = [abs(grad(w) - g) for w in moved]
+    beta = [c / (eta * abs(g)) for c, eta in zip(change, etas, strict=True)]
+    assert change.index(max(change)) == 1 and beta.index(max(beta)) == 0  # the test's premise
+    got = landscape(lambda v: loss(v["w"]).sum(), {"w": torch.tensor([w0], dtype=F64)},
+                    {"w": torch.tensor([g], dtype=F64)}, etas)
+    assert got["grad_pred"] == pytest.approx(max(change), rel=1e-12)
+    assert got["beta_smooth"] == pytest.approx(max(beta), rel=1e-12)
+    assert got["loss_min"] == pytest.approx(min(map(loss, moved)), rel=1e-12)
+    assert got["loss_max"] == pytest.approx(max(map(loss, moved)), rel=1e-12)
+
+
+@pytest.mark.parametrize("norm", ["none", "batch", "noisy_batch"])
+def test_cnn_blocks_hold_each_conv_with_its_own_norm(norm):
+    """Block i is conv_i with norm_i's affine (the layer the norm normalises), then fc1, fc2."""
+    blocks = cnn_blocks(SeedCNN(norm, 1.0 if norm == "noisy_batch" else 0.0))
+    assert [b.layer for b in blocks] == list(PROBE_LAYERS)
+    for i, b in enumerate(blocks):
+        want = {f"{b.layer}.weight", f"{b.layer}.bias"}
+        if norm != "none" and b.layer.startswith("conv"):
+            want |= {f"norm{i + 1}.weight", f"norm{i + 1}.bias"}
+        assert set(b.params) == want and b.weight == f"{b.layer}.weight"
 
 
 # ------------------------------------------------------------ the CNN: replay, nothing changed
