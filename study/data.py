@@ -163,6 +163,12 @@ def take_subset(data: DataArrays, subset: int, seed: int) -> DataArrays:
     )
 
 
+def split_sizes(n: int, val_fraction: float) -> tuple[int, int]:
+    """(training, validation) images of ``train_val_split`` over n images."""
+    n_val = round(n * val_fraction)
+    return n - n_val, n_val
+
+
 def train_val_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train_idx, val_idx) of a seeded permutation of range(n); the validation part has
     round(n * val_fraction) indices. Depends only on its arguments, so every trial of a
@@ -173,7 +179,7 @@ def train_val_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray,
         raise DataError(f"cannot split {n} images")
     _check_seed(seed)
     perm = np.random.default_rng([seed, 0x5EED]).permutation(n).astype(np.int64)
-    n_val = round(n * val_fraction)
+    n_val = split_sizes(n, val_fraction)[1]
     return perm[n_val:], perm[:n_val]
 
 

@@ -109,18 +109,12 @@ class EpochStats:
         return TapReducer(self, hist)
 
     @torch.no_grad()
-    def accumulate(self, taps: TapReducer | Sequence[tuple[torch.Tensor, torch.Tensor]], hist: bool = False,
-                   loss: torch.Tensor | None = None, logits: torch.Tensor | None = None,
-                   y: torch.Tensor | None = None, grads: Sequence[torch.Tensor] | None = None) -> list[int]:
+    def accumulate(self, taps: TapReducer, loss: torch.Tensor | None = None,
+                   logits: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                   grads: Sequence[torch.Tensor] | None = None) -> list[int]:
         """The device half of ``record``: write the step's row; returns the taps' element
-        counts for ``count``. ``taps``: a filled ``tap_reducer`` or the model's list of (conv
-        output, ReLU input) pairs (reduced here, histogram if ``hist``); ``grads``: every
+        counts for ``count``. ``taps``: the step's filled ``tap_reducer``; ``grads``: every
         parameter's gradient, on a gradient step."""
-        if not isinstance(taps, TapReducer):
-            reducer = self.tap_reducer(hist)
-            for pair in taps:
-                reducer.append(pair)
-            taps = reducer
         if len(taps.numels) != self.n_taps:
             raise ValueError(f"expected {self.n_taps} taps, got {len(taps.numels)}")
         z = self._zero
@@ -152,7 +146,10 @@ class EpochStats:
                step: int = 0) -> None:
         """Add one step (both halves); ``taps`` is the model's list of (conv output, ReLU
         input) per layer."""
-        numels = self.accumulate(taps, hist, loss, logits, y, grads)
+        reducer = self.tap_reducer(hist)
+        for pair in taps:
+            reducer.append(pair)
+        numels = self.accumulate(reducer, loss, logits, y, grads)
         self.count(numels, step, grads is not None, len(taps[0][0]))
 
     def losses_finite(self) -> bool:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from study.config import ConfigError, TrialConfig
+from study.data import split_sizes
 from study.model import NOISY_VARIANTS, NORM_VARIANTS
 from study.probes import DEFAULT_ETA_MULTIPLES
 
@@ -260,7 +261,7 @@ def dry_run_text(name: str, p: Preset, grid: list[TrialConfig], resources: dict)
         n_train, n_test = imagefolder_sizes(p.dataset.split(":", 1)[1])
     if p.subset:
         n_train, n_test = min(n_train, p.subset), min(n_test, p.subset)
-    fit = round(n_train * (1 - grid[0].val_fraction)) if grid else 0
+    fit = split_sizes(n_train, grid[0].val_fraction)[0] if grid else 0
     images = len(grid) * p.epochs * fit
     steps = len(grid) * p.epochs * math.ceil(fit / p.batch_size)
     kind = "gpu" if resources.get("GPU") else "cpu"
@@ -487,14 +488,13 @@ def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], pending:
         raise UsageError(str(e)) from None
     print(f"dataset {data.name}: {len(data.train_y):,} training images, "
           f"{len(data.test_y):,} test images ({time.time() - t0:.1f} s)")
-    n_train = len(data.train_y)
-    n_val = round(n_train * grid[0].val_fraction)
-    if n_val < 1 or n_train - n_val < 1:
-        raise UsageError(f"{data.name}: {n_train} training image(s) leave {n_train - n_val} to train on "
+    n_fit, n_val = split_sizes(len(data.train_y), grid[0].val_fraction)
+    if n_val < 1 or n_fit < 1:
+        raise UsageError(f"{data.name}: {len(data.train_y)} training image(s) leave {n_fit} to train on "
                          f"and {n_val} to validate on ({grid[0].val_fraction:g} of them); it needs "
                          "at least 3 (--subset)")
     (out / "study.json").write_text(json.dumps(record, indent=1))
-    sizes = dict(train=n_train - n_val, val=n_val, test=len(data.test_y))
+    sizes = dict(train=n_fit, val=n_val, test=len(data.test_y))
 
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, data=data_to_numpy(data),

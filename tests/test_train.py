@@ -209,11 +209,11 @@ def test_each_layers_gradient_norm_is_its_weights(monkeypatch):
     monkeypatch.setattr(train_mod, "build_model", lambda *a, **k: models.append(real_build(*a, **k))
                         or models[-1])
 
-    def spy(self, taps, hist=False, loss=None, logits=None, y=None, grads=None):
+    def spy(self, taps, loss=None, logits=None, y=None, grads=None):
         if grads is not None:
             seen.append({n: torch.linalg.vector_norm(p.grad.double()).item()
                          for n, p in models[0].named_parameters()})
-        return real_accumulate(self, taps, hist, loss, logits, y, grads)
+        return real_accumulate(self, taps, loss, logits, y, grads)
 
     monkeypatch.setattr(EpochStats, "accumulate", spy)
     records, _, _ = collect(TrialConfig(norm="batch", epochs=1, lr=0.01, batch_size=32), tiny_data())
