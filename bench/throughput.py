@@ -4,11 +4,11 @@ Measured in one process, variants interleaved within each repetition (the order 
 one repetition to the next) so that whatever else loads the machine weighs on all of them
 alike; every ratio is the median over repetitions of the ratio within one repetition.
 
-  a  bare step: ``build_model("batch")`` + SGD on pre-made, normalised float batches; no
-     augmentation, no statistics, no taps; in run_trial's memory layout (channels-last on a
-     CPU, ``study.train.CPU_CHANNELS_LAST``), and beside it in the NCHW layout (a_nchw, as is
-     b_nchw for run_trial), which says what the layout gains
-  b  ``study.train.run_trial`` itself (norm batch, every statistic on: activation moments,
+  a  bare step: ``build_model("batch")`` (``--norm``: another variant) + SGD on pre-made,
+     normalised float batches; no augmentation, no statistics, no taps; in run_trial's
+     memory layout (channels-last on a CPU, ``study.train.CPU_CHANNELS_LAST``), and beside it
+     in the NCHW layout (a_nchw, as is b_nchw for run_trial), which says what the layout gains
+  b  ``study.train.run_trial`` itself (norm batch or ``--norm``, every statistic on: activation moments,
      a histogram every ``hist_every``-th step, per-step gradient norms), on synthetic data;
      its step loop is timed through the ``STEP_LOOP_CONTEXT`` hook (synchronised on a GPU),
      and its own reported ``images_per_s`` is shown beside it
@@ -23,6 +23,7 @@ gradient norms, loss/accuracy bookkeeping).
 
     python bench/throughput.py                       # CPU, batch 16, 1 and 2 torch threads
     python bench/throughput.py --threads 1 --reps 3  # quicker
+    python bench/throughput.py --norm noisy_batch    # the same for noisy BN (noise 1), or none
 
 and, last, the same ratios from an interleaved measurement (``--interleave-rounds``): the
 bare step, the replica with and without statistics and the seed loop take turns, 5 steps at
@@ -62,7 +63,7 @@ from study.data import (  # noqa: E402
     normalise,
     train_val_split,
 )
-from study.model import build_model  # noqa: E402
+from study.model import NOISY_VARIANTS, NORM_VARIANTS, build_model  # noqa: E402
 from study.results import GRAD_LAYERS  # noqa: E402
 from study.stats import EpochStats  # noqa: E402
 from study.step import grads_to_none  # noqa: E402
@@ -442,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--norm", default="batch", choices=sorted(NORM_VARIANTS),
+                    help="the norm variant of every loop measured (a, b and c alike)")
+    ap.add_argument("--noise", type=float, default=1.0, help="noise magnitude of noisy variants")
     ap.add_argument("--max-window-s", type=float, default=8.0, help="stop a step window after this "
                     "many seconds (run_trial's epoch always runs whole)")
     ap.add_argument("--interleave-rounds", type=int, default=150, help="rounds of the interleaved "
@@ -452,12 +456,14 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     threads = [int(t) for t in args.threads.split(",")]
     breakdown = {int(t) for t in args.breakdown_threads.split(",") if t.strip()}
-    cfg = TrialConfig(norm="batch", batch_size=args.batch, epochs=1, grad_every=1)
+    noise = args.noise if args.norm in NOISY_VARIANTS else 0.0
+    cfg = TrialConfig(norm=args.norm, noise=noise, batch_size=args.batch, epochs=1, grad_every=1)
     data = synthetic_with_train_size(args.steps * args.batch, cfg)
     n_train = n_train_images(len(data.train_y), cfg)
     seed_images = args.steps * args.batch  # c iterates an epoch of the same size as b's
 
-    print(f"throughput: device {device}, batch {args.batch}, torch {torch.__version__}, "
+    variant = args.norm + (f" (noise {noise:g}, {cfg.noise_scope})" if noise else "")
+    print(f"throughput: {variant}, device {device}, batch {args.batch}, torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs, reps {args.reps}, {args.steps} timed steps per window "
           f"(+{args.warmup} warm-up; run_trial: one epoch of {n_train} images, "
           f"{math.ceil(n_train / args.batch)} steps, hist_every {cfg.hist_every}, grad_every "

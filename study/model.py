@@ -36,14 +36,25 @@ class NoisyBatchNorm2d(nn.BatchNorm2d):
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def draw(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One noise sample (scale s, shift m), shaped like ``a``."""
+        """One noise sample (scale s, shift m), shaped like ``a`` and in its memory layout.
+
+        The per-element draws fill (N, C, H, W) order whatever ``a``'s layout, so a seed gives
+        the same noise in either; a channels-last ``a`` (a CPU trial) then gets them as
+        channels-last copies: ``s * a + m`` on mixed layouts, and the NCHW tensor it returns
+        to the next layers, cost a noisy CPU step more than the copies (1.33x the steps/s,
+        bench/throughput.py --norm noisy_batch). The arithmetic is in place, on the drawn
+        buffers; it gives the same values as out of place.
+        """
         n_mu, n_sigma, r_mu, r_sigma = noise_constants(self.noise)
         g, dev, dt = self.generator, a.device, a.dtype
         c = a.shape[1] if self.scope == "channel" else 1
         u = torch.rand(2, 1, c, 1, 1, generator=g, device=dev, dtype=dt)
         mu, sigma = (2 * u[0] - 1) * n_mu, 1 + u[1] * (n_sigma - 1)
-        m = mu + (2 * torch.rand(a.shape, generator=g, device=dev, dtype=dt) - 1) * r_mu
-        s = sigma + torch.randn(a.shape, generator=g, device=dev, dtype=dt) * r_sigma
+        m = torch.rand(a.shape, generator=g, device=dev, dtype=dt).mul_(2).sub_(1).mul_(r_mu).add_(mu)
+        s = torch.randn(a.shape, generator=g, device=dev, dtype=dt).mul_(r_sigma).add_(sigma)
+        cl = torch.channels_last
+        if not a.is_contiguous() and a.is_contiguous(memory_format=cl):
+            s, m = s.contiguous(memory_format=cl), m.contiguous(memory_format=cl)
         return s, m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The CNN and its norm variants against DESIGN §1 and the noise's definition."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -86,6 +87,28 @@ def test_noise_moments_at_noise_one():
     assert dm.abs().max() <= 2 * r_mu
     torch.testing.assert_close(dm.var(), torch.tensor(r_mu**2 / 3, dtype=torch.float64), rtol=0.05, atol=0)
     torch.testing.assert_close(ds.std(), torch.tensor(r_sigma, dtype=torch.float64), rtol=0.05, atol=0)
+
+
+@pytest.mark.parametrize("scope", ["channel", "layer"])
+def test_noise_follows_its_definition_in_either_memory_layout(scope):
+    """The draws, against the definition computed out of place from the same generator stream
+    (u for mu and sigma, then m's uniforms and s's normals in (N, C, H, W) order), are the same
+    values whether the layer's input is NCHW or channels-last; they come in the input's layout."""
+    n_mu, n_sigma, r_mu, r_sigma = noise_constants(2.0)
+    shape = (4, 6, 5, 3)
+    g = torch.Generator().manual_seed(7)
+    c = 6 if scope == "channel" else 1
+    u = torch.rand(2, 1, c, 1, 1, generator=g)
+    mu, sigma = (2 * u[0] - 1) * n_mu, 1 + u[1] * (n_sigma - 1)
+    m_ref = mu + (2 * torch.rand(shape, generator=g) - 1) * r_mu
+    s_ref = sigma + torch.randn(shape, generator=g) * r_sigma
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        layer = NoisyBatchNorm2d(6, noise=2.0, scope=scope)
+        layer.generator = torch.Generator().manual_seed(7)
+        a = torch.randn(shape).contiguous(memory_format=fmt)
+        s, m = layer.draw(a)
+        assert torch.equal(s, s_ref) and torch.equal(m, m_ref), fmt
+        assert s.is_contiguous(memory_format=fmt) and m.is_contiguous(memory_format=fmt), fmt
 
 
 def test_layer_scope_shares_mu_and_sigma_across_channels():
