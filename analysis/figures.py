@@ -62,7 +62,7 @@ class Skip(Exception):
 class VariantStyle:
     """How one variant is drawn, identical in every figure."""
 
-    color: str
+    color: str | tuple[float, float, float]
     linestyle: str | tuple
     marker: str
     label: str
@@ -96,8 +96,17 @@ class Report:
 # --------------------------------------------------------------------------- styles
 
 
+def shade(color: str, t: float) -> tuple[float, float, float]:
+    """``color`` lightened towards white (t < 0) or darkened towards black (t > 0) by |t|."""
+    rgb = np.array(mcolors.to_rgb(color))
+    target = np.ones(3) if t < 0 else np.zeros(3)
+    return tuple(float(c) for c in rgb + abs(t) * (target - rgb))
+
+
 def variant_styles(trials: pd.DataFrame) -> dict[str, VariantStyle]:
-    """One colour per norm and one line style per noise magnitude, fixed for the whole study."""
+    """One colour per norm and one line style per noise magnitude, fixed for the whole study;
+    a norm with several noise magnitudes also goes from light to dark as the noise grows, so
+    that a dose-response reads at a glance."""
     pairs = trials[["variant", "norm", "noise"]].drop_duplicates("variant")
     other_norms = sorted(set(pairs["norm"]) - set(NORM_COLORS))
     styles = {}
@@ -107,6 +116,8 @@ def variant_styles(trials: pd.DataFrame) -> dict[str, VariantStyle]:
         else:
             color = EXTRA_COLORS[other_norms.index(norm) % len(EXTRA_COLORS)]
         noises = sorted(pairs.loc[pairs["norm"] == norm, "noise"].unique())
+        if len(noises) > 1:
+            color = shade(color, -0.45 + 0.9 * noises.index(noise) / (len(noises) - 1))
         # Noisy BN: dashed family by noise; other norms: solid, then dashed for more noises.
         rank = noises.index(noise) + (0 if norm == "noisy_batch" else -1)
         linestyle = "-" if rank < 0 else NOISE_LINESTYLES[min(rank, len(NOISE_LINESTYLES) - 1)]

@@ -182,6 +182,29 @@ def test_bootstrap_table_shows_its_interval_not_a_half_width(study, tmp_path):
     assert "$ [" in (out / "accuracy_table.tex").read_text()
 
 
+def test_noise_levels_go_from_light_to_dark():
+    """Several noise magnitudes of one norm: distinct colours whose relative luminance (WCAG's
+    definition) falls as the noise grows; a norm with one magnitude keeps its own colour."""
+    import matplotlib.colors as mcolors
+
+    trials = pd.DataFrame(dict(
+        variant=["BN", "n4", "n0.5", "n2", "n1", "no BN"],
+        norm=["batch", "noisy_batch", "noisy_batch", "noisy_batch", "noisy_batch", "none"],
+        noise=[0.0, 4.0, 0.5, 2.0, 1.0, 0.0]))
+    styles = figures.variant_styles(trials)
+
+    def luminance(color) -> float:
+        lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in mcolors.to_rgb(color)]
+        return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+    lum = [luminance(styles[v].color) for v in ("n0.5", "n1", "n2", "n4")]
+    assert all(a > b for a, b in zip(lum, lum[1:], strict=False)), lum
+    assert mcolors.to_hex(styles["BN"].color) == figures.NORM_COLORS["batch"].lower()
+    assert mcolors.to_hex(styles["no BN"].color) == figures.NORM_COLORS["none"].lower()
+    one = figures.variant_styles(trials[trials["variant"].isin(["BN", "n1"])])
+    assert mcolors.to_hex(one["n1"].color) == figures.NORM_COLORS["noisy_batch"].lower()
+
+
 def test_one_epoch_gets_an_error_bar_and_one_whole_tick(tmp_path):
     """One x position has no area for a band to fill: its interval is an error bar, and the
     axis has one tick at the epoch rather than fractional ones."""
