@@ -16,6 +16,12 @@ def noise_constants(noise: float) -> tuple[float, float, float, float]:
     return 0.5 * noise, 1.0 + 0.25 * noise, 0.1 * noise, 0.1 * noise
 
 
+def expected_scale(noise: float) -> float:
+    """E[s] = E[sigma] = (1 + n_sigma) / 2 = 1 + noise / 8: the mean scale noisy BN applies in
+    training (E[m] = 0), which its noise-free evaluation leaves out (study.noise_eval)."""
+    return (1.0 + noise_constants(noise)[1]) / 2
+
+
 class NoisyBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose output is distorted as ``s * a + m`` in training mode.
 

@@ -43,6 +43,9 @@ CPU_CHANNELS_LAST = True
 #: GPU, so there the loop looks only at the end of the epoch (a lost epoch is cheap there).
 DIVERGENCE_CHECK_EVERY = 100
 
+#: The file a checkpoint holds ``run_trial``'s state in (study.trainable writes it).
+STATE_FILE = "state.pt"
+
 EpochCallback = Callable[[dict, dict], None]
 #: Entered around each epoch's step loop; tests swap in torch.cuda's sync-debug mode to prove the
 #: steps never wait for the device.

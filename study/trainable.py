@@ -25,12 +25,11 @@ from ray import tune
 from study import results
 from study.config import TrialConfig
 from study.data import DataArrays
-from study.train import run_trial
+from study.train import STATE_FILE, run_trial
 
 log = logging.getLogger(__name__)
 
 ROWS_KEY = "_rows"
-STATE_FILE = "state.pt"
 
 
 def load_checkpoint_state(checkpoint: tune.Checkpoint) -> dict | None:

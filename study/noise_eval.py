@@ -1,0 +1,120 @@
+"""Test accuracy of a study's noisy-BN trials, evaluated as trained and with the noise's mean.
+
+Noisy BN trains on ``s * a + m`` with E[m] = 0 but E[s] = (1 + n_sigma) / 2 = 1 + noise / 8,
+and evaluates without noise: at test time every noisy layer's output is 1/E[s] of its
+average training scale, and the next layer's running statistics were gathered at the training
+scale. This evaluates each noisy trial's last checkpoint both ways, as trained (``as is``, the
+study's own ``test_acc``) and with each noisy BN's output multiplied by E[s] (``mean-scaled``,
+the network's expected training-time forward pass, as inverted dropout does for dropout):
+
+    python -m study.noise_eval results/noise                  # the study in results/noise
+    python -m study.noise_eval results/noise --data-dir DIR   # where its dataset is
+
+It reads the checkpoints Tune kept under ``--storage`` (default RESULTS/tune) and the dataset
+named in RESULTS/study.json; it changes nothing in the study.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from study.config import TrialConfig
+from study.data import DataError, load_dataset
+from study.model import NOISY_VARIANTS, NoisyBatchNorm2d, SeedCNN, build_model, expected_scale
+from study.train import STATE_FILE, DeviceData, evaluate, pick_device
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A user's mistake: printed as one line, exit code 2."""
+
+
+@contextlib.contextmanager
+def mean_scaled(model: SeedCNN) -> Iterator[SeedCNN]:
+    """``model`` whose noisy BN layers, in eval mode, multiply their output by E[s]."""
+    hooks = [m.register_forward_hook(lambda mod, args, out: out * expected_scale(mod.noise))
+             for m in model.modules() if isinstance(m, NoisyBatchNorm2d)]
+    try:
+        yield model
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def last_checkpoints(experiment: Path) -> dict[str, Path]:
+    """trial folder name -> its newest ``checkpoint_*/state.pt`` in Tune's ``experiment`` folder."""
+    found: dict[str, Path] = {}
+    for state in sorted(experiment.glob(f"*/checkpoint_*/{STATE_FILE}")):
+        found[state.parent.parent.name] = state  # sorted: the last one per trial is the newest
+    return found
+
+
+def evaluate_both(state: dict, data, device: torch.device) -> tuple[TrialConfig, float, float]:
+    """(config, test accuracy as is, test accuracy mean-scaled) of one checkpointed trial."""
+    cfg = TrialConfig(**state["config"])
+    d = DeviceData.from_arrays(data, cfg, device)
+    model = build_model(cfg.norm, cfg.noise, cfg.noise_scope).to(device)
+    model.load_state_dict(state["model"])
+    _, plain = evaluate(model, d.test_x, d.test_y, cfg.eval_batch_size)
+    with mean_scaled(model):
+        _, scaled = evaluate(model, d.test_x, d.test_y, cfg.eval_batch_size)
+    return cfg, plain, scaled
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.results)
+    try:
+        record = json.loads((out / "study.json").read_text())
+        preset, name = record["preset"], record["name"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{out} holds no readable study.json ({type(e).__name__}: {e})") from e
+    storage = Path(args.storage) if args.storage else out / "tune"
+    if "://" in str(args.storage or ""):
+        raise UsageError("remote storage: copy the experiment folder here and pass its parent as --storage")
+    checkpoints = last_checkpoints(storage / name)
+    states = {}
+    for trial, path in checkpoints.items():
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("config", {}).get("norm") in NOISY_VARIANTS:
+            states[trial] = state
+    if not states:
+        raise UsageError(f"no checkpoints of noisy-BN trials in {storage / name} (--storage: the "
+                         f"sweep's --storage, where Tune keeps the study's checkpoints)")
+    try:
+        data = load_dataset(preset["dataset"], args.data_dir, subset=preset.get("subset"),
+                            log=lambda s: print(s, file=sys.stderr))
+    except DataError as e:
+        raise UsageError(str(e)) from e
+    device = pick_device(args.device)
+    print(f"{'trial':<40}{'epoch':>6}{'E[s]':>7}{'as is':>9}{'mean-scaled':>13}")
+    for trial, state in sorted(states.items()):
+        cfg, plain, scaled = evaluate_both(state, data, device)
+        print(f"{trial:<40}{state['epoch']:>6}{expected_scale(cfg.noise):>7.3f}"
+              f"{100 * plain:>8.2f}%{100 * scaled:>12.2f}%", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m study.noise_eval", description=__doc__.splitlines()[0])
+    ap.add_argument("results", help="the study's results folder (holds study.json)")
+    ap.add_argument("--storage", default=None, help="Tune's storage path of the study (default RESULTS/tune)")
+    ap.add_argument("--data-dir", default="data", help="where the study's dataset is (as for the sweep)")
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    args = ap.parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as e:
+        print(f"study.noise_eval: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
