@@ -82,8 +82,14 @@ def run(args: argparse.Namespace) -> int:
     checkpoints = last_checkpoints(storage / name)
     states = {}
     for trial, path in checkpoints.items():
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state.get("config", {}).get("norm") in NOISY_VARIANTS:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            noisy = state["config"]["norm"] in NOISY_VARIANTS
+        except Exception as e:  # noqa: BLE001 -- a damaged checkpoint: say so, go on with the rest
+            print(f"study.noise_eval: skipping {path}: unreadable ({type(e).__name__}: {e})",
+                  file=sys.stderr)
+            continue
+        if noisy:
             states[trial] = state
     if not states:
         raise UsageError(f"no checkpoints of noisy-BN trials in {storage / name} (--storage: the "

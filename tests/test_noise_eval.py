@@ -92,5 +92,10 @@ def test_cli_refuses_a_folder_without_a_study_or_noisy_checkpoints(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert err.startswith("study.noise_eval: error:") and "study.json" in err and "\n" not in err
     out, _ = make_study(tmp_path, norms=("batch",))
+    damaged = out / "tune/study/noisy-damaged/checkpoint_000000" / STATE_FILE
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(b"not a checkpoint")
     assert noise_eval.main([str(out)]) == 2
-    assert "no checkpoints of noisy-BN trials" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "skipping" in err and "noisy-damaged" in err  # said, and the others still read
+    assert "no checkpoints of noisy-BN trials" in err
