@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from study import results
 from study.config import TrialConfig
 from study.data import DataError, load_dataset
 from study.model import NOISY_VARIANTS, NoisyBatchNorm2d, SeedCNN, build_model, expected_scale
@@ -99,6 +100,14 @@ def run(args: argparse.Namespace) -> int:
                             log=lambda s: print(s, file=sys.stderr))
     except DataError as e:
         raise UsageError(str(e)) from e
+    for trial in states:  # the trials record the dataset they trained on; evaluate on that one
+        path = results.table_path(out, "trials", trial)
+        if path.exists():
+            (trained_on,) = set(results.read_table_file(path, ["dataset"]).column("dataset").to_pylist())
+            if trained_on != data.name:
+                raise UsageError(f"{trial} trained on {trained_on}, but the study's dataset "
+                                 f"{preset['dataset']!r} with --data-dir {args.data_dir} gives "
+                                 f"{data.name}; pass the --data-dir the sweep had")
     device = pick_device(args.device)
     print(f"{'trial':<40}{'epoch':>6}{'E[s]':>7}{'as is':>9}{'mean-scaled':>13}")
     for trial, state in sorted(states.items()):

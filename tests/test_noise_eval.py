@@ -99,3 +99,21 @@ def test_cli_refuses_a_folder_without_a_study_or_noisy_checkpoints(tmp_path, cap
     err = capsys.readouterr().err
     assert "skipping" in err and "noisy-damaged" in err  # said, and the others still read
     assert "no checkpoints of noisy-BN trials" in err
+
+
+def test_cli_refuses_to_evaluate_on_another_dataset_than_the_trials_trained_on(tmp_path, capsys):
+    """An ``auto`` study finds CIFAR-10 or falls back to synthetic data depending on --data-dir:
+    the trials table says which it trained on, and another one is refused."""
+    from study import results
+
+    out, _ = make_study(tmp_path, norms=("noisy_batch",))
+    trial = "noisy_batch-trial"
+    row = dict(trial_id=trial, dataset="synthetic")
+    results.write_atomic(results.to_arrow("trials", [row]), results.table_path(out, "trials", trial))
+    assert noise_eval.main([str(out)]) == 0  # the dataset it trained on
+    capsys.readouterr()
+    results.write_atomic(results.to_arrow("trials", [dict(row, dataset="cifar10")]),
+                         results.table_path(out, "trials", trial))
+    assert noise_eval.main([str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "trained on cifar10" in err and "--data-dir" in err
