@@ -47,8 +47,8 @@ class NoisyBatchNorm2d(nn.BatchNorm2d):
         The per-element draws fill (N, C, H, W) order whatever ``a``'s layout, so a seed gives
         the same noise in either; a channels-last ``a`` (a CPU trial) then gets them as
         channels-last copies: ``s * a + m`` on mixed layouts, and the NCHW tensor it returns
-        to the next layers, cost a noisy CPU step more than the copies (1.33x the steps/s,
-        bench/throughput.py --norm noisy_batch). The arithmetic is in place, on the drawn
+        to the next layers, cost a noisy CPU step more than the copies (the copies give 1.31x
+        the steps/s: bench/noise_layout.py). The arithmetic is in place, on the drawn
         buffers; it gives the same values as out of place.
         """
         n_mu, n_sigma, r_mu, r_sigma = noise_constants(self.noise)

@@ -29,13 +29,8 @@ from study import results
 from study.config import TrialConfig
 from study.data import DataError, load_dataset
 from study.model import NOISY_VARIANTS, NoisyBatchNorm2d, SeedCNN, build_model, expected_scale
-from study.train import STATE_FILE, DeviceData, evaluate, pick_device
-
-EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """A user's mistake: printed as one line, exit code 2."""
+from study.sweep import EXIT_USAGE, UsageError
+from study.train import STATE_FILE, evaluate, pick_device
 
 
 @contextlib.contextmanager
@@ -58,15 +53,16 @@ def last_checkpoints(experiment: Path) -> dict[str, Path]:
     return found
 
 
-def evaluate_both(state: dict, data, device: torch.device) -> tuple[TrialConfig, float, float]:
-    """(config, test accuracy as is, test accuracy mean-scaled) of one checkpointed trial."""
+def evaluate_both(state: dict, test_x: torch.Tensor,
+                  test_y: torch.Tensor) -> tuple[TrialConfig, float, float]:
+    """(config, test accuracy as is, test accuracy mean-scaled) of one checkpointed trial, on
+    the test split (uint8 images and labels, on the device to evaluate on)."""
     cfg = TrialConfig(**state["config"])
-    d = DeviceData.from_arrays(data, cfg, device)
-    model = build_model(cfg.norm, cfg.noise, cfg.noise_scope).to(device)
+    model = build_model(cfg.norm, cfg.noise, cfg.noise_scope).to(test_x.device)
     model.load_state_dict(state["model"])
-    _, plain = evaluate(model, d.test_x, d.test_y, cfg.eval_batch_size)
+    _, plain = evaluate(model, test_x, test_y, cfg.eval_batch_size)
     with mean_scaled(model):
-        _, scaled = evaluate(model, d.test_x, d.test_y, cfg.eval_batch_size)
+        _, scaled = evaluate(model, test_x, test_y, cfg.eval_batch_size)
     return cfg, plain, scaled
 
 
@@ -77,9 +73,9 @@ def run(args: argparse.Namespace) -> int:
         preset, name = record["preset"], record["name"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{out} holds no readable study.json ({type(e).__name__}: {e})") from e
-    storage = Path(args.storage) if args.storage else out / "tune"
-    if "://" in str(args.storage or ""):
+    if "://" in (args.storage or ""):
         raise UsageError("remote storage: copy the experiment folder here and pass its parent as --storage")
+    storage = Path(args.storage) if args.storage else out / "tune"
     checkpoints = last_checkpoints(storage / name)
     states = {}
     for trial, path in checkpoints.items():
@@ -109,9 +105,11 @@ def run(args: argparse.Namespace) -> int:
                                  f"{preset['dataset']!r} with --data-dir {args.data_dir} gives "
                                  f"{data.name}; pass the --data-dir the sweep had")
     device = pick_device(args.device)
+    test_x = torch.from_numpy(data.test_x).to(device)
+    test_y = torch.from_numpy(data.test_y).long().to(device)
     print(f"{'trial':<40}{'epoch':>6}{'E[s]':>7}{'as is':>9}{'mean-scaled':>13}")
     for trial, state in sorted(states.items()):
-        cfg, plain, scaled = evaluate_both(state, data, device)
+        cfg, plain, scaled = evaluate_both(state, test_x, test_y)
         print(f"{trial:<40}{state['epoch']:>6}{expected_scale(cfg.noise):>7.3f}"
               f"{100 * plain:>8.2f}%{100 * scaled:>12.2f}%", flush=True)
     return 0
