@@ -319,7 +319,7 @@ def table(folder: Path) -> str:
         verdict = "passed" if code == "0" else f"FAILED (exit {code})"
         if last and "skipped" in last[0] and "passed" not in last[0]:
             verdict = "skipped"
-        lines.append(f"{'tests/test_gpu.py (no host sync; graphs = eager)':<{w}}{verdict}: "
+        lines.append(f"{'GPU tests (no host sync; graphs = eager; BN moments)':<{w}}{verdict}: "
                      f"{last[0].strip('= ') if last else ''}")
     graphs = graph_test_outcomes(folder / "test_gpu.xml")
     if graphs:

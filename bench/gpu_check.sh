@@ -60,8 +60,8 @@ part() {  # part NAME SECONDS
 }
 # most telling first: whether graphs give the eager numbers, then one trial's speed
 part env 25
-echo "== tests/test_gpu.py (limit 75s)" | tee -a "$LOG"
-timeout -k 10 75 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$WORK/test_gpu.xml" tests/test_gpu.py \
+echo "== tests/test_gpu.py, CUDA cases of test_stats.py (limit 75s)" | tee -a "$LOG"
+timeout -k 10 75 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$WORK/test_gpu.xml" tests/test_gpu.py tests/test_stats.py -k "test_gpu or cuda" \
     >"$WORK/test_gpu.txt" 2>&1
 echo $? >"$WORK/test_gpu.rc"
 cat "$WORK/test_gpu.txt" >>"$LOG"

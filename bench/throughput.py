@@ -276,7 +276,7 @@ class ReplicaStep:
         if parts & {"hist", "grads", "book"} and "moments" not in parts:
             raise ValueError("the replica's hist, grads and book parts need its moments part")
         self.stats = EpochStats(capacity, len(self.params), self.weight_idx, cfg.hist_bins, cfg.hist_range,
-                                device)
+                                device, self.model.bn_channels())
         bs = cfg.batch_size
         self.spe = self.n // bs
         if "data" not in parts:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,42 @@ def expected_scale(noise: float) -> float:
     return (1.0 + noise_constants(noise)[1]) / 2
 
 
-class NoisyBatchNorm2d(nn.BatchNorm2d):
+class BatchStats(NamedTuple):
+    """What a BatchNorm layer in training mode computes anyway: per channel, the batch mean
+    and 1/sqrt(var + eps) of its input (var biased), beside its affine weight and bias. The
+    moments of its input and of its output follow from them exactly (``study.stats``), so the
+    trial's statistics need no pass of their own over either tensor. ``covers_output``: the
+    tapped ReLU input is this BN output itself (plain BN; noisy BN distorts it first)."""
+
+    mean: torch.Tensor
+    rstd: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: float
+    covers_output: bool
+
+
+class BatchNorm2dWithStats(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` (same parameters, buffers and state dict) whose training-mode forward
+    also hands over the batch statistics it computed (``forward_with_stats``). Training mode
+    calls ``torch.native_batch_norm``, the kernel ``F.batch_norm`` runs on a CPU: the same
+    output, gradients and running statistics to the bit (tests/test_model.py); on a GPU it is
+    PyTorch's own kernel rather than cuDNN's."""
+
+    def forward_with_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, BatchStats | None]:
+        if not (self.training and self.track_running_stats and self.affine and self.momentum is not None):
+            return super().forward(x), None
+        self._check_input_dim(x)
+        self.num_batches_tracked.add_(1)  # as nn.BatchNorm2d.forward does
+        out, mean, rstd = torch.native_batch_norm(x, self.weight, self.bias, self.running_mean,
+                                                  self.running_var, True, self.momentum, self.eps)
+        return out, BatchStats(mean, rstd, self.weight, self.bias, self.eps, True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_stats(x)[0]
+
+
+class NoisyBatchNorm2d(BatchNorm2dWithStats):
     """BatchNorm2d whose output is distorted as ``s * a + m`` in training mode.
 
     Per step, per channel j (``scope="channel"``, Algorithm 1 of the paper) or once per
@@ -63,8 +99,12 @@ class NoisyBatchNorm2d(nn.BatchNorm2d):
             s, m = s.contiguous(memory_format=cl), m.contiguous(memory_format=cl)
         return s, m
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = super().forward(x)
+    def forward_with_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, BatchStats | None]:
+        a, bn = super().forward_with_stats(x)
+        return self.add_noise(a), None if bn is None else bn._replace(covers_output=False)
+
+    def add_noise(self, a: torch.Tensor) -> torch.Tensor:
+        """``s * a + m`` for the BN output ``a`` in training mode; ``a`` itself in eval mode."""
         if not self.training:
             return a
         if self.generator is None:
@@ -81,7 +121,7 @@ class NoisyBatchNorm2d(nn.BatchNorm2d):
 #: norm variant name -> factory(num_channels, noise, noise_scope) -> module (or None for no norm).
 NORM_VARIANTS: dict[str, Callable[[int, float, str], nn.Module | None]] = {
     "none": lambda c, noise, scope: None,
-    "batch": lambda c, noise, scope: nn.BatchNorm2d(c),
+    "batch": lambda c, noise, scope: BatchNorm2dWithStats(c),
     "noisy_batch": lambda c, noise, scope: NoisyBatchNorm2d(c, noise, scope),
 }
 #: Variants whose output depends on the noise magnitude (the sweep only varies noise for these).
@@ -92,7 +132,9 @@ class SeedCNN(nn.Module):
     """conv(3→16→32→64, 3×3) → [norm] → ReLU → maxpool ×3 → dropout → fc 1024→500 → fc 500→10.
 
     ``forward(x, taps)`` appends ``(conv_output, relu_input)`` of each conv block to
-    ``taps`` when a list is given, which is how statistics are recorded without hooks.
+    ``taps`` when a list is given, which is how statistics are recorded without hooks; a block
+    whose BN layer computed batch statistics appends them third (``BatchStats``). A forward
+    with taps calls the norm layers' ``forward_with_stats`` directly, past their hooks.
     """
 
     conv_layers = ("conv1", "conv2", "conv3")
@@ -113,13 +155,25 @@ class SeedCNN(nn.Module):
         for i, name in enumerate(self.conv_layers):
             c = getattr(self, name)(x)
             norm = getattr(self, f"norm{i + 1}")
-            p = c if norm is None else norm(c)
+            if norm is None:
+                p, bn = c, None
+            elif taps is not None and isinstance(norm, BatchNorm2dWithStats):
+                p, bn = norm.forward_with_stats(c)
+            else:
+                p, bn = norm(c), None
             if taps is not None:
-                taps.append((c, p))
+                taps.append((c, p) if bn is None else (c, p, bn))
             x = F.max_pool2d(F.relu(p), 2)
         x = self.dropout(torch.flatten(x, 1))
         x = self.dropout(F.relu(self.fc1(x)))
         return self.fc2(x)
+
+    def bn_channels(self) -> list[int]:
+        """Per conv block, the channels of a norm layer that hands over its batch statistics
+        (``BatchNorm2dWithStats``, noisy BN included), else 0: the widths ``EpochStats`` keeps
+        them in."""
+        norms = (getattr(self, f"norm{i + 1}") for i in range(len(self.conv_layers)))
+        return [n.num_features if isinstance(n, BatchNorm2dWithStats) else 0 for n in norms]
 
     def noisy_layers(self) -> list[NoisyBatchNorm2d]:
         return [m for m in self.modules() if isinstance(m, NoisyBatchNorm2d)]

@@ -185,7 +185,8 @@ def run_trial(
     check_often = dev.type == "cpu"
     steps_per_epoch = math.ceil(n_train / bs)
     # the epoch's statistics live for the whole trial: a captured graph holds their addresses
-    stats = EpochStats(steps_per_epoch, len(params), weight_idx, cfg.hist_bins, cfg.hist_range, dev)
+    stats = EpochStats(steps_per_epoch, len(params), weight_idx, cfg.hist_bins, cfg.hist_range, dev,
+                       model.bn_channels())
     train_step = TrainStep(model, opt, d.train_x, d.train_y, stats)
     # the graphs draw only the noise (the data generator's order and augmentation are drawn
     # eagerly at each epoch's start), so only the noise generator is registered with them

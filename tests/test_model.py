@@ -139,3 +139,47 @@ def test_freeze_noise_replays_the_sample():
     assert torch.equal(layer(x), a)
     layer.freeze_noise = False
     assert not torch.equal(layer(x), a)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_batchnorm_with_stats_is_batchnorm_to_the_bit(layout):
+    """The "batch" variant's layer gives nn.BatchNorm2d's output, gradients, running statistics
+    and step count exactly, and hands over the batch mean and 1/sqrt(var + eps) of its input
+    (var biased) as the definition gives them in float64."""
+    from study.model import BatchNorm2dWithStats
+
+    torch.manual_seed(0)
+    ref, ours = nn.BatchNorm2d(8), BatchNorm2dWithStats(8)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 2), ref.bias.uniform_(-1, 1)
+    ours.load_state_dict(ref.state_dict())
+    x = (torch.randn(6, 8, 5, 7) * 3 + 1).contiguous(memory_format=layout)
+    g = torch.randn(6, 8, 5, 7)
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    for _ in range(2):  # the second step sees the running statistics the first one left
+        out_ref = ref(x_ref)
+        out_ours, stats = ours.forward_with_stats(x_ours)
+        assert torch.equal(out_ours, out_ref) and out_ours.is_contiguous(memory_format=layout)
+        out_ref.backward(g), out_ours.backward(g)
+    for a, b in [(x_ours, x_ref), (ours.weight, ref.weight), (ours.bias, ref.bias)]:
+        assert torch.equal(a.grad, b.grad)
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in ref.state_dict().items())
+    xd = x.double()
+    torch.testing.assert_close(stats.mean.double(), xd.mean((0, 2, 3)), rtol=1e-6, atol=1e-6)
+    rstd = 1 / torch.sqrt(xd.var((0, 2, 3), unbiased=False) + ref.eps)
+    torch.testing.assert_close(stats.rstd.double(), rstd, rtol=1e-5, atol=0)
+    assert stats.weight is ours.weight and stats.bias is ours.bias and stats.covers_output
+    ours.eval(), ref.eval()
+    out, stats = ours.forward_with_stats(x)
+    assert stats is None and torch.equal(out, ref(x))
+
+
+def test_noisy_bn_hands_over_its_bn_statistics_but_not_for_its_output():
+    layer = NoisyBatchNorm2d(4, noise=1.0)
+    layer.generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 5, 5)
+    out, stats = layer.forward_with_stats(x)
+    assert not stats.covers_output
+    torch.testing.assert_close(stats.mean, x.mean((0, 2, 3)))
+    layer.generator = torch.Generator().manual_seed(0)
+    assert torch.equal(layer(x), out)  # forward is forward_with_stats' output

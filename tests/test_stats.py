@@ -1,6 +1,7 @@
 """The on-device epoch statistics against a plain float64 recomputation of the same batches."""
 
 import numpy as np
+import pytest
 import torch
 
 from study.stats import EpochStats
@@ -154,7 +155,7 @@ def test_taps_reduced_during_the_forward_pass_equal_the_taps_reduced_after():
     from study.model import build_model
 
     torch.manual_seed(0)
-    model = build_model("batch")
+    model = build_model("none")
     x = torch.randn(16, 3, 32, 32)
     during, after = _stats(1, bins=32), _stats(1, bins=32)
     reducer = during.tap_reducer(hist=True)
@@ -187,3 +188,76 @@ def test_values_beyond_the_histogram_range_land_in_its_edge_bins():
     expect = np.bincount(ref, minlength=16)
     expect[8] += values.numel() - len(odd)  # the zeros
     assert hist.tolist() == expect.tolist()
+
+
+@pytest.mark.parametrize("norm", ["batch", "noisy_batch"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("degenerate", [False, True])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh runs it)"))])
+def test_moments_from_bn_statistics_match_float64_reference(norm, layout, degenerate, device):
+    """Taps that bring their BN layer's statistics are not reduced: the conv output's moments
+    (and plain BN's output's) are derived from them. They must still be the moments of the
+    tensors, checked as in the float64 test above, on batches of two sizes.
+
+    ``degenerate`` adds a constant conv channel (variance 0) and one whose variance is under
+    BN's eps, so that eps counts. In such a channel the fp32 BN output is off its definition
+    by the kernel's rounding of the mean times 1/sqrt(var + eps) (~1e-4 of the layer's spread
+    on a CPU in channels-last); the derived moments follow the definition, so plain BN's
+    output is checked there against BN computed in float64 from the conv output."""
+    from study.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(norm, 1.0).to(device, memory_format=layout)
+    model.set_noise_generator(torch.Generator(device).manual_seed(1))
+    with torch.no_grad():
+        if degenerate:
+            model.conv1.weight[0] = 0  # channel 0: constant conv output
+            model.conv1.weight[1] *= 1e-3  # channel 1: variance ~1e-6, under eps = 1e-5
+        for k in (1, 2, 3):
+            getattr(model, f"norm{k}").weight.uniform_(0.5, 2)
+            getattr(model, f"norm{k}").bias.uniform_(-1, 1)
+    acc = EpochStats(3, 1, (0,) * 5, 64, 8.0, torch.device(device), model.bn_channels())
+    batches = []
+    for n in (16, 16, 7):
+        taps = acc.tap_reducer(hist=True)
+        model(torch.randn(n, 3, 32, 32).to(device, memory_format=layout), taps)
+        acc.count(acc.accumulate(taps), 0, False, n)
+        ref = []
+        for k, (c, p, _bn) in enumerate(taps, 1):
+            c, p = c.detach().cpu().double(), p.detach().cpu().double()
+            if norm == "batch":  # BN's output by its definition, in float64
+                norm_k = getattr(model, f"norm{k}")
+                mean, var = c.mean((0, 2, 3), keepdim=True), c.var((0, 2, 3), unbiased=False, keepdim=True)
+                w, b = (t.detach().cpu().double().view(1, -1, 1, 1) for t in (norm_k.weight, norm_k.bias))
+                defined = (c - mean) / torch.sqrt(var + norm_k.eps) * w + b
+                if not degenerate:  # then it is the fp32 tensor's, to fp32 rounding
+                    torch.testing.assert_close(defined, p, rtol=1e-5, atol=1e-5)
+                p = defined
+            ref.append((c, p))
+        batches.append(ref)
+    assert acc.derived == [True, norm == "batch"] * 3  # noisy BN's output is still reduced
+    rows = acc.finish()["layers"]
+    for i, row in enumerate(rows):
+        xs = [taps[i // 2][i % 2].numpy() for taps in batches]
+        flat = np.concatenate([x.ravel() for x in xs])
+        assert row["count"] == flat.size == sum(row["hist"])
+        sd = flat.std()
+        # fp32 tolerance: the CPU's channels-last BN kernel sums its mean and variance to ~1e-6
+        assert abs(row["mean"] - flat.mean()) <= 1e-5 * max(abs(flat.mean()), sd), i
+        assert abs(row["var"] - flat.var()) <= 1e-5 * flat.var(), i
+        bm = np.array([x.mean() for x in xs])
+        bv = np.array([x.var() for x in xs])
+        assert abs(row["batch_mean_std"] - bm.std()) <= 1e-5 * max(bm.std(), sd), i
+        assert abs(row["batch_var_std"] - bv.std()) <= 1e-5 * bv.max(), i
+
+
+def test_bn_statistics_an_epoch_was_not_made_for_are_refused():
+    from study.model import build_model
+
+    model = build_model("batch")
+    acc = _stats(1)  # made without bn_channels
+    taps = acc.tap_reducer(hist=False)
+    model(torch.randn(2, 3, 32, 32), taps)
+    with pytest.raises(ValueError, match=r"widths \[\] \(bn_channels\), got \[16, 32, 64\]"):
+        acc.accumulate(taps)
