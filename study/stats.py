@@ -15,7 +15,8 @@ pass at all: its conv output's moments follow from BN's per-channel mean and var
 plain BN's output's from its weight and bias (its normalised output has, per channel, mean 0
 and mean square var/(var + eps)). The step's row then holds BN's four per-channel vectors,
 and ``finish()`` derives the moments from them in float64. On a CPU that saves the 12
-reductions of a BN step (a ~4% faster BN step, bench/throughput.py); on a GPU as many kernels.
+reductions of a BN step (1.033x the BN step's speed, bench/bn_moments.py); on a GPU as many
+kernels.
 
 Recording a step is two halves so that a CUDA graph can replay the first: ``accumulate`` is
 device work only (it writes the row a device-side cursor points at, then advances it) and
@@ -56,6 +57,8 @@ class EpochStats:
     every batch would cost a third of a CPU training step (at ``hist_every = 50``, 1%). The
     global gradient norm and the layers' (``weight_idx``: positions of GRAD_LAYERS' weights
     among the parameters) are taken from the parameters' norms on the host, in float64.
+    ``bn_channels``: per layer, the width of the BN layer whose batch statistics its taps bring
+    (``SeedCNN.bn_channels()``), 0 where there is none.
     """
 
     def __init__(self, n_steps: int, n_params: int, weight_idx: Sequence[int], bins: int,
@@ -144,7 +147,7 @@ class EpochStats:
             norms = list(torch._foreach_norm(list(grads)))
         row = torch.stack(taps.moments + batch + norms)
         if taps.bn:
-            row = torch.cat([row] + [v.detach() for b in taps.bn for v in b[:4]])
+            row = torch.cat([row] + [v for b in taps.bn for v in b[:4]])  # no_grad: no graph
         self.rows.index_copy_(0, self.cursor, row.unsqueeze(0))
         self.cursor += 1
         return taps.numels
@@ -296,10 +299,10 @@ class TapReducer(list):
                 self.numels.append(self.numels[-1])
                 self.derived.append(self.derived[-1])
             else:
-                f = flat_view(t)
                 derived = bn is not None and (site == 0 or bn.covers_output)
+                f = flat_view(t) if self.hist or not derived else None
                 self.moments += (zero, zero) if derived else (f.sum(), torch.dot(f, f))
-                self.numels.append(f.numel())
+                self.numels.append(t.numel())
                 self.derived.append(derived)
                 bins = stats.bin_index(f) if self.hist else None
             if bins is not None:
