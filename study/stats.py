@@ -224,10 +224,10 @@ class EpochStats:
             c = self.bn_channels[layer]
             mean, rstd, w, b = bn[:, col : col + 4 * c].reshape(k, 4, c).transpose(1, 0, 2)
             col += 4 * c
-            norm_sq = np.maximum(1.0 - eps * rstd**2, 0.0)  # var / (var + eps)
             conv, relu_in = 2 * layer, 2 * layer + 1
             n = self.numels[:k, conv].astype(np.float64) / c
-            with np.errstate(over="ignore", invalid="ignore"):  # a diverged batch: inf, NaN
+            with np.errstate(all="ignore"):  # a diverged batch: inf, NaN, rstd 0
+                norm_sq = np.maximum(1.0 - eps * rstd**2, 0.0)  # var / (var + eps)
                 var = np.maximum(1.0 / rstd**2 - eps, 0.0)
                 if self.derived[conv]:
                     sums[:, conv] = np.stack([n * mean.sum(1), n * (var + mean**2).sum(1)], 1)
@@ -242,13 +242,14 @@ class EpochStats:
         for i in range(self.n_taps):
             layer, site = ACT_LAYERS[i // len(SITES)], SITES[i % len(SITES)]
             n_b = n[:, i]
-            with np.errstate(invalid="ignore"):  # inf - inf in a diverged batch is NaN: fine
-                m_b = s[:, i, 0] / n_b
-                v_b = np.maximum(s[:, i, 1] / n_b - m_b**2, 0.0)
             total = n_b.sum()
             nan = float("nan")
-            mean = float((n_b * m_b).sum() / total) if k else nan
-            var = float((n_b * (v_b + (m_b - mean) ** 2)).sum() / total) if k else nan
+            with np.errstate(invalid="ignore", over="ignore"):  # a diverged batch's inf, NaN: fine
+                m_b = s[:, i, 0] / n_b
+                v_b = np.maximum(s[:, i, 1] / n_b - m_b**2, 0.0)
+                mean = float((n_b * m_b).sum() / total) if k else nan
+                var = float((n_b * (v_b + (m_b - mean) ** 2)).sum() / total) if k else nan
+                mean_std, var_std = (float(m_b.std()), float(v_b.std())) if k else (nan, nan)
             rows.append(
                 dict(
                     layer=layer,
@@ -256,8 +257,8 @@ class EpochStats:
                     count=int(total),
                     mean=mean,
                     var=var,
-                    batch_mean_std=float(m_b.std()) if k else nan,
-                    batch_var_std=float(v_b.std()) if k else nan,
+                    batch_mean_std=mean_std,
+                    batch_var_std=var_std,
                     hist_lo=self.lo,
                     hist_hi=self.hi,
                     hist=hist[i].tolist(),

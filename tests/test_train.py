@@ -2,6 +2,7 @@
 
 import io
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -86,9 +87,13 @@ def test_channels_last_on_the_cpu_gives_the_numbers_of_the_nchw_layout(monkeypat
         assert np.abs(np.subtract(a["hist"], b["hist"])).sum() <= 1e-3 * a["count"]
 
 
-def test_diverging_trial_ends_cleanly_as_diverged():
-    cfg = TrialConfig(norm="none", lr=1e4, epochs=3)
-    records, _, summary = collect(cfg, tiny_data())
+@pytest.mark.parametrize("norm,lr", [("none", 1e4), ("batch", 1e8)])
+def test_diverging_trial_ends_cleanly_as_diverged(norm, lr):
+    """Its statistics are NaN where the numbers overflowed, quietly: no numpy warnings."""
+    cfg = TrialConfig(norm=norm, lr=lr, epochs=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        records, _, summary = collect(cfg, tiny_data())
     assert summary["status"] == "diverged"
     assert records[-1]["status"] == "diverged" and records[-1]["epoch"]["diverged"]
     losses = records[-1]["steps"]["loss"]
