@@ -1,8 +1,9 @@
-"""``python -m analysis.figures RESULTS``: the study's figures, accuracy table and index page.
+"""``python -m analysis.figures RESULTS``: the study's figures, tables and index page.
 
 Reads a results folder (DESIGN §5) and writes into ``RESULTS/figures`` (or ``--out``) the
-figures of DESIGN §6 with confidence bands across seeds, the accuracy table as Markdown, CSV
-and LaTeX, and ``index.md`` / ``index.html`` showing them all with the study's settings.
+figures of DESIGN §6 with confidence bands across seeds, the accuracy table and the
+gradient-stability table (``analysis.stability``) as Markdown, CSV and LaTeX, and
+``index.md`` / ``index.html`` showing them all with the study's settings.
 A figure whose data the study lacks is skipped with a notice; bad input exits with status 2
 and one line on stderr, before anything is written.
 """
@@ -14,6 +15,7 @@ import html
 import json
 import math
 import os
+import re
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -32,6 +34,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from analysis import bands  # noqa: E402
 from analysis.load import OK_STATUSES, ResultsError, Study, format_number, load_study  # noqa: E402
+from analysis.stability import STABILITY_METRICS, gradient_stability  # noqa: E402
 from study import results  # noqa: E402
 
 PROG = "python -m analysis.figures"
@@ -89,8 +92,7 @@ class Report:
 
     figures: list[tuple[str, str, str]] = field(default_factory=list)  # name, title, caption
     notices: list[str] = field(default_factory=list)
-    table_md: str = ""
-    table_files: list[str] = field(default_factory=list)
+    tables: list[tuple[str, str, list[str]]] = field(default_factory=list)  # heading, md, files
 
 
 # --------------------------------------------------------------------------- styles
@@ -661,17 +663,19 @@ def accuracy_table(study: Study, opts: Options) -> pd.DataFrame:
     return out[first + [c for c in out.columns if c not in first]]
 
 
-def _cell(mean: float, lo: float, hi: float, n: int, latex: bool, symmetric: bool) -> str:
+def _cell(mean: float, lo: float, hi: float, n: int, latex: bool, symmetric: bool,
+          digits: int = 2) -> str:
     """``mean ± half-width`` for a symmetric interval (Student-t), ``mean [lo, hi]`` for one
     that need not be (the percentile bootstrap)."""
+    f = f".{digits}f"
     if not np.isfinite(mean):
         return "–"
     if n <= 1 or not (np.isfinite(lo) and np.isfinite(hi)):
-        return f"{mean:.2f}"
+        return f"{mean:{f}}"
     if symmetric:
         hw = (hi - lo) / 2
-        return f"${mean:.2f} \\pm {hw:.2f}$" if latex else f"{mean:.2f} ± {hw:.2f}"
-    return f"${mean:.2f}$ [{lo:.2f}, {hi:.2f}]" if latex else f"{mean:.2f} [{lo:.2f}, {hi:.2f}]"
+        return f"${mean:{f}} \\pm {hw:{f}}$" if latex else f"{mean:{f}} ± {hw:{f}}"
+    return f"${mean:{f}}$ [{lo:{f}}, {hi:{f}}]" if latex else f"{mean:{f}} [{lo:{f}}, {hi:{f}}]"
 
 
 def write_accuracy_table(table: pd.DataFrame, study: Study, opts: Options, report: Report) -> None:
@@ -744,16 +748,78 @@ def write_accuracy_table(table: pd.DataFrame, study: Study, opts: Options, repor
         "\\end{table}",
     ]
     (opts.out / "accuracy_table.tex").write_text("\n".join(tex) + "\n")
-    report.table_md = md_text
-    report.table_files = ["accuracy_table.md", "accuracy_table.csv", "accuracy_table.tex"]
+    report.tables.append(("Accuracy", md_text, ["accuracy_table.md", "accuracy_table.csv",
+                                                "accuracy_table.tex"]))
     print(f"wrote {opts.out / 'accuracy_table'}.md, .csv, .tex")
+
+
+def stability_table(study: Study, opts: Options) -> tuple[pd.DataFrame, int]:
+    """Variant × lr: each ``STABILITY_METRICS`` quantity of the done runs' global gradient
+    norm (mean and interval over runs), past the first epoch when the study has more than
+    one; returns the table and the number of epochs skipped."""
+    epochs = pd.to_numeric(study.trials["epochs"], errors="coerce").max()
+    skip = 1 if epochs >= 2 else 0
+    per_run = gradient_stability(study.steps, skip) if not study.steps.empty else None
+    trials = study.trials[["trial_id", "variant", "norm", "noise", "lr", "status"]]
+    done = trials[trials["status"] == "done"].assign(trial_id=lambda d: d["trial_id"].astype(str))
+    if per_run is None or done.empty:
+        raise Skip("no finished run has per-step gradient norms")
+    done = done.merge(per_run, on="trial_id")
+    keys = ["variant", "lr"]
+    rows = done.groupby(keys, observed=True, sort=True).agg(
+        norm=("norm", "first"), noise=("noise", "first"), n=("trial_id", "size"))
+    for metric in STABILITY_METRICS:
+        est = _estimate(done.assign(x=0), keys, "x", metric, opts).set_index(keys)
+        for part in ("mean", "lo", "hi"):
+            rows[f"{metric}_{part}"] = est[part].reindex(rows.index)
+    out = rows.reset_index()
+    out["variant"] = out["variant"].astype(str)
+    return out, skip
+
+
+def write_stability_table(table: pd.DataFrame, skip: int, study: Study, opts: Options,
+                          report: Report) -> None:
+    """The gradient-stability table as CSV (full precision), Markdown and LaTeX."""
+    table.to_csv(opts.out / "gradient_stability.csv", index=False)
+    past = f"after the first {'epoch' if skip == 1 else f'{skip} epochs'}" if skip else "in every epoch"
+    notes = [
+        f"Per run, over its global gradient ℓ2 norm ‖g‖ at each recorded step {past}: "
+        + "; ".join(f"{h}: {what}" for h, what in STABILITY_METRICS.values()) + ".",
+        f"{'Mean ± half-width' if opts.method == 't' else 'Mean [interval]'} of the "
+        f"{bands.method_label(opts.method, opts.level, opts.reps)} over the n runs that finished "
+        f"(status done). Dataset: {', '.join(study.datasets)}.",
+    ]
+    header = ["variant", "lr", *(h for h, _ in STABILITY_METRICS.values()), "n"]
+
+    def cells(r, tex: bool) -> list[str]:
+        return [_tex_escape(r.variant) if tex else r.variant, format_number(r.lr),
+                *(_cell(getattr(r, f"{m}_mean"), getattr(r, f"{m}_lo"), getattr(r, f"{m}_hi"), r.n,
+                        tex, symmetric=opts.method == "t", digits=3) for m in STABILITY_METRICS),
+                str(r.n)]
+
+    md = ["| " + " | ".join(h.replace("|", "\\|") for h in header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(cells(r, False)) + " |" for r in table.itertuples(index=False)]
+    md_text = "\n".join(md) + "\n\n" + "\n\n".join(notes) + "\n"
+    (opts.out / "gradient_stability.md").write_text("# Gradient stability per variant and learning rate\n\n"
+                                                   + md_text)
+    tex = ["% Gradient stability per variant and learning rate (written by analysis.figures)",
+           "\\begin{table}[t]", "\\centering", "\\begin{tabular}{ll" + "r" * (len(header) - 2) + "}",
+           "\\hline", " & ".join(_tex_escape(h) for h in header) + " \\\\", "\\hline",
+           *(" & ".join(cells(r, True)) + " \\\\" for r in table.itertuples(index=False)),
+           "\\hline", "\\end{tabular}", "\\caption{" + _tex_escape(" ".join(notes)) + "}",
+           "\\label{tab:gradient-stability}", "\\end{table}"]
+    (opts.out / "gradient_stability.tex").write_text("\n".join(tex) + "\n")
+    report.tables.append(("Gradient stability", md_text, ["gradient_stability.md", "gradient_stability.csv",
+                                                          "gradient_stability.tex"]))
+    print(f"wrote {opts.out / 'gradient_stability'}.md, .csv, .tex")
 
 
 #: LaTeX's special characters (and two typographic ones) in text mode, replaced in one pass.
 _TEX_SPECIAL = {
     "\\": "\\textbackslash{}", "&": "\\&", "%": "\\%", "_": "\\_", "#": "\\#", "$": "\\$",
     "{": "\\{", "}": "\\}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}",
-    "±": "$\\pm$", "–": "--",
+    "±": "$\\pm$", "–": "--", "|": "$|$", "‖": "$\\|$", "Δ": "$\\Delta$", "÷": "$\\div$",
+    "ℓ": "$\\ell$",
 }
 
 
@@ -1163,21 +1229,15 @@ def _short_json(value) -> str:
 
 
 def write_index(study: Study, opts: Options, report: Report) -> Path:
-    """index.md and index.html: every figure and the table, with settings and notices."""
+    """index.md and index.html: every figure and table, with settings and notices."""
     image = "png" if "png" in opts.formats else opts.formats[0]
     items = _config_items(study, opts)
     md = [f"# BatchNorm study: {study.path.name}", "", "## Configuration", ""]
     md += [f"- **{k}**: {v}" for k, v in items]
     md += ["", "## Notices", ""]
     md += [f"- {n}" for n in report.notices] or [f"- {NO_NOTICES}"]
-    md += [
-        "",
-        "## Accuracy",
-        "",
-        report.table_md,
-        "Files: " + ", ".join(f"[{f}]({f})" for f in report.table_files),
-        "",
-    ]
+    for heading, table_md, files in report.tables:
+        md += ["", f"## {heading}", "", table_md, "Files: " + ", ".join(f"[{f}]({f})" for f in files), ""]
     for name, title, caption in report.figures:
         files = ", ".join(f"[{fmt.upper()}]({name}.{fmt})" for fmt in opts.formats)
         link = f"![{title}]({name}.png)" if image == "png" else f"[{title}]({name}.{image})"
@@ -1200,12 +1260,11 @@ def write_index(study: Study, opts: Options, report: Report) -> Path:
         "</ul><h2>Notices</h2><ul>",
         *(f"<li>{e(n)}</li>" for n in report.notices),
         *([] if report.notices else [f"<li>{NO_NOTICES}</li>"]),
-        "</ul><h2>Accuracy</h2>",
-        _md_table_to_html(report.table_md),
-        "<p>Files: "
-        + ", ".join(f"<a href='{e(f)}'>{e(f)}</a>" for f in report.table_files)
-        + "</p>",
+        "</ul>",
     ]
+    for heading, table_md, files in report.tables:
+        page += [f"<h2>{e(heading)}</h2>", _md_table_to_html(table_md),
+                 "<p>Files: " + ", ".join(f"<a href='{e(f)}'>{e(f)}</a>" for f in files) + "</p>"]
     for name, title, caption in report.figures:
         files = ", ".join(f"<a href='{e(name)}.{fmt}'>{fmt.upper()}</a>" for fmt in opts.formats)
         shown = (
@@ -1232,7 +1291,7 @@ def _md_table_to_html(md: str) -> str:
     for i, line in enumerate(rows):
         if i == 1:
             continue
-        cells = [c.strip() for c in line.strip("|").split("|")]
+        cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
         tag = "th" if i == 0 else "td"
         out.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>")
     out.append("</table>")
@@ -1286,7 +1345,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m analysis.figures``."""
     p = _Parser(
         prog=PROG,
-        description="Draw the BatchNorm study's figures, accuracy table and index page from a "
+        description="Draw the BatchNorm study's figures, accuracy and gradient-stability tables "
+        "and index page from a "
         "results folder (RESULTS/<table>/<trial_id>.parquet).",
     )
     p.add_argument("results", metavar="RESULTS", help="the results folder written by the sweep")
@@ -1403,6 +1463,11 @@ def run(study: Study, opts: Options) -> Report:
         print(f"notice: {notice}")
     styles = variant_styles(study.trials)
     write_accuracy_table(accuracy_table(study, opts), study, opts, report)
+    try:
+        write_stability_table(*stability_table(study, opts), study, opts, report)
+    except Skip as why:
+        report.notices.append(f"gradient_stability skipped: {why}")
+        print(f"notice: gradient_stability skipped: {why}")
     drawers = [
         ("fig1_activations", fig_activations),
         ("fig2_noisy_bn", fig_noisy_bn),

@@ -122,19 +122,23 @@ def test_every_figure_and_table_is_written(study):
         "accuracy_table.md",
         "accuracy_table.csv",
         "accuracy_table.tex",
+        "gradient_stability.md",
+        "gradient_stability.csv",
+        "gradient_stability.tex",
         "index.md",
         "index.html",
     ):
         assert (out / name).is_file()
-    # One progress line per figure and the index at the end.
+    # One progress line per figure and table, and the index at the end.
     lines = study["stdout"].splitlines()
-    assert sum(line.startswith("wrote ") for line in lines) == len(FIGURES) + 1
+    assert sum(line.startswith("wrote ") for line in lines) == len(FIGURES) + 2
     assert lines[-1].startswith("index: ")
     index = (out / "index.md").read_text()
     html = (out / "index.html").read_text()
     for name in FIGURES:
         assert f"{name}.png" in index and f"{name}.png" in html
     assert "Student-t" in index and "synthetic" in index and RUNNING in index
+    assert "## Gradient stability" in index and "<th>median |Δ log ‖g‖|</th>" in html
 
 
 def test_accuracy_table_equals_hand_computation(study):
@@ -165,6 +169,38 @@ def test_accuracy_table_equals_hand_computation(study):
     assert f"{first['test_mean']:.2f} ± {first['test_hw']:.2f}" in md
     assert "Diverged runs" in md and "excluded" in md
     assert "\\pm" in (study["folder"] / "figures" / "accuracy_table.tex").read_text()
+
+
+def test_gradient_stability_table_equals_hand_computation(study):
+    """Per done run, over its steps after the first epoch (the study has 3): the median norm,
+    std ÷ mean, median |difference of logs| between consecutive steps, max ÷ median; then the
+    mean and Student-t half-width over runs, per variant and lr."""
+    table = pd.read_csv(study["folder"] / "figures" / "gradient_stability.csv")
+    steps = pd.concat(pd.read_parquet(f) for f in sorted((study["folder"] / "steps").glob("*.parquet")))
+    rows = pd.DataFrame(study["rows"])
+    rows["variant"] = [load.variant_label(n, z) for n, z in zip(rows["norm"], rows["noise"], strict=True)]
+    per_run = {}
+    for tid, run in steps[steps["epoch"] >= 2].groupby("trial_id"):
+        g = run.sort_values("step")["grad_norm"].to_numpy(dtype=np.float64)
+        g = g[np.isfinite(g) & (g > 0)]
+        per_run[tid] = dict(median_norm=np.median(g), cv=np.std(g) / np.mean(g),
+                            step_change=np.median(np.abs(np.log(g[1:] / g[:-1]))),
+                            max_over_median=g.max() / np.median(g))
+    assert len(table) == 8
+    for r in table.itertuples():
+        group = rows[(rows["variant"] == r.variant) & np.isclose(rows["lr"], r.lr)]
+        done = group[group["status"] == "done"]["trial_id"]
+        assert r.n == len(done)
+        for metric in ("median_norm", "cv", "step_change", "max_over_median"):
+            values = np.array([per_run[t][metric] for t in done])
+            assert getattr(r, f"{metric}_mean") == pytest.approx(values.mean(), rel=1e-9)
+            if len(values) > 1:
+                half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+                hw = (getattr(r, f"{metric}_hi") - getattr(r, f"{metric}_lo")) / 2
+                assert hw == pytest.approx(half, rel=1e-9)
+    md = (study["folder"] / "figures" / "gradient_stability.md").read_text()
+    assert "after the first epoch" in md and f"{table.iloc[0]['cv_mean']:.3f} ± " in md
+    assert "$\\Delta$" in (study["folder"] / "figures" / "gradient_stability.tex").read_text()
 
 
 def test_bootstrap_table_shows_its_interval_not_a_half_width(study, tmp_path):
@@ -328,9 +364,9 @@ def test_probe_figures_draw_each_layer_and_step_mean_over_seeds(study, tmp_path,
 
 
 def test_tex_escape_makes_every_special_character_literal():
-    assert figures._tex_escape(r"a_b & 5% #1 $x$ {y} ~z ^w \ ± –") == (
+    assert figures._tex_escape(r"a_b & 5% #1 $x$ {y} ~z ^w \ ± – |Δ‖ℓ÷") == (
         r"a\_b \& 5\% \#1 \$x\$ \{y\} \textasciitilde{}z \textasciicircum{}w "
-        r"\textbackslash{} $\pm$ --")
+        r"\textbackslash{} $\pm$ -- $|$$\Delta$$\|$$\ell$$\div$")
 
 
 def test_missing_variant_skips_its_figure_and_draws_the_rest(tmp_path):

@@ -1,0 +1,48 @@
+"""Gradient stability of each run, in numbers: how much the global gradient norm moves once
+training is under way (DESIGN §0: "gradient magnitudes stay stable with BN and noisy BN, and
+swing without BN"). Figure 3 shows the curves; these are the quantities to compare across
+variants, per run, over its recorded steps after the first ``skip_epochs`` epochs (the
+early climb or fall of the norm is its level settling, not its stability).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+#: column -> (its table header, what it is), in the order the table shows them.
+STABILITY_METRICS = {
+    "median_norm": ("median ‖g‖", "the median gradient norm"),
+    "cv": ("CV", "its coefficient of variation (std ÷ mean)"),
+    "step_change": ("median |Δ log ‖g‖|", "the median change of its log from one recorded step "
+                    "to the next"),
+    "max_over_median": ("max ÷ median", "its largest value ÷ its median"),
+}
+
+
+def run_stability(norms: np.ndarray) -> dict[str, float]:
+    """The four ``STABILITY_METRICS`` of one run's gradient norms, in step order (finite
+    values only: a diverged run's last norms are not). NaN where fewer than two are left."""
+    g = np.asarray(norms, dtype=np.float64)
+    g = g[np.isfinite(g) & (g > 0)]
+    if len(g) < 2:
+        return dict.fromkeys(STABILITY_METRICS, float("nan"))
+    median = float(np.median(g))
+    return {
+        "median_norm": median,
+        "cv": float(g.std() / g.mean()),
+        "step_change": float(np.median(np.abs(np.diff(np.log(g))))),
+        "max_over_median": float(g.max() / median),
+    }
+
+
+def gradient_stability(steps: pd.DataFrame, skip_epochs: int = 1) -> pd.DataFrame:
+    """One row per run (``trial_id``) with ``STABILITY_METRICS`` over its steps-table rows
+    whose ``epoch`` is past ``skip_epochs``, and ``steps``, how many rows that was."""
+    rows = []
+    for trial_id, run in steps.groupby("trial_id", observed=True, sort=True):
+        used = run[run["epoch"] > skip_epochs].sort_values("step")
+        rows.append({"trial_id": str(trial_id), "steps": len(used),
+                     **run_stability(used["grad_norm"].to_numpy())})
+    columns = ["trial_id", "steps", *STABILITY_METRICS]
+    return pd.DataFrame(rows, columns=columns)
