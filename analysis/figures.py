@@ -814,7 +814,8 @@ def write_stability_table(table: pd.DataFrame, skip: int, study: Study, opts: Op
     print(f"wrote {opts.out / 'gradient_stability'}.md, .csv, .tex")
 
 
-#: LaTeX's special characters (and two typographic ones) in text mode, replaced in one pass.
+#: LaTeX's special characters, and the typographic and math ones the tables use, in text mode,
+#: replaced in one pass.
 _TEX_SPECIAL = {
     "\\": "\\textbackslash{}", "&": "\\&", "%": "\\%", "_": "\\_", "#": "\\#", "$": "\\$",
     "{": "\\{", "}": "\\}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}",
