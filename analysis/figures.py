@@ -759,12 +759,16 @@ def stability_table(study: Study, opts: Options) -> tuple[pd.DataFrame, int]:
     one; returns the table and the number of epochs skipped."""
     epochs = pd.to_numeric(study.trials["epochs"], errors="coerce").max()
     skip = 1 if epochs >= 2 else 0
-    per_run = gradient_stability(study.steps, skip) if not study.steps.empty else None
-    trials = study.trials[["trial_id", "variant", "norm", "noise", "lr", "status"]]
-    done = trials[trials["status"] == "done"].assign(trial_id=lambda d: d["trial_id"].astype(str))
-    if per_run is None or done.empty:
+    if study.steps.empty:
+        raise Skip("no run has per-step gradient norms")
+    layers = tuple(c.removeprefix("grad_norm_") for c in STEP_PANELS[1:] if c in study.steps)
+    trials = study.trials[["trial_id", "variant", "norm", "noise", "lr", "seed", "status"]]
+    per_run = trials.assign(trial_id=trials["trial_id"].astype(str)).merge(
+        gradient_stability(study.steps, skip, layers), on="trial_id")
+    per_run.to_csv(opts.out / "gradient_stability_runs.csv", index=False)
+    done = per_run[per_run["status"] == "done"]
+    if done.empty:
         raise Skip("no finished run has per-step gradient norms")
-    done = done.merge(per_run, on="trial_id")
     keys = ["variant", "lr"]
     rows = done.groupby(keys, observed=True, sort=True).agg(
         norm=("norm", "first"), noise=("noise", "first"), n=("trial_id", "size"))
@@ -788,6 +792,7 @@ def write_stability_table(table: pd.DataFrame, skip: int, study: Study, opts: Op
         f"{'Mean ± half-width' if opts.method == 't' else 'Mean [interval]'} of the "
         f"{bands.method_label(opts.method, opts.level, opts.reps)} over the n runs that finished "
         f"(status done). Dataset: {', '.join(study.datasets)}.",
+        "Each run's values, for each layer's norm too: gradient_stability_runs.csv.",
     ]
     header = ["variant", "lr", *(h for h, _ in STABILITY_METRICS.values()), "n"]
 
@@ -810,8 +815,9 @@ def write_stability_table(table: pd.DataFrame, skip: int, study: Study, opts: Op
            "\\label{tab:gradient-stability}", "\\end{table}"]
     (opts.out / "gradient_stability.tex").write_text("\n".join(tex) + "\n")
     report.tables.append(("Gradient stability", md_text, ["gradient_stability.md", "gradient_stability.csv",
-                                                          "gradient_stability.tex"]))
-    print(f"wrote {opts.out / 'gradient_stability'}.md, .csv, .tex")
+                                                          "gradient_stability.tex",
+                                                          "gradient_stability_runs.csv"]))
+    print(f"wrote {opts.out / 'gradient_stability'}.md, .csv, .tex and _runs.csv")
 
 
 #: LaTeX's special characters, and the typographic and math ones the tables use, in text mode,

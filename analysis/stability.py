@@ -36,13 +36,19 @@ def run_stability(norms: np.ndarray) -> dict[str, float]:
     }
 
 
-def gradient_stability(steps: pd.DataFrame, skip_epochs: int = 1) -> pd.DataFrame:
-    """One row per run (``trial_id``) with ``STABILITY_METRICS`` over its steps-table rows
-    whose ``epoch`` is past ``skip_epochs``, and ``steps``, how many rows that was."""
+def gradient_stability(steps: pd.DataFrame, skip_epochs: int = 1,
+                       layers: tuple[str, ...] = ()) -> pd.DataFrame:
+    """One row per run (``trial_id``) with ``STABILITY_METRICS`` of its global gradient norm
+    over its steps-table rows whose ``epoch`` is past ``skip_epochs``, ``steps`` (how many
+    rows that was), and the same of each of ``layers``' norms (``grad_norm_<layer>``) as
+    ``<metric>_<layer>``."""
+    sources = {"": "grad_norm", **{f"_{layer}": f"grad_norm_{layer}" for layer in layers}}
     rows = []
     for trial_id, run in steps.groupby("trial_id", observed=True, sort=True):
         used = run[run["epoch"] > skip_epochs].sort_values("step")
-        rows.append({"trial_id": str(trial_id), "steps": len(used),
-                     **run_stability(used["grad_norm"].to_numpy())})
-    columns = ["trial_id", "steps", *STABILITY_METRICS]
+        row = {"trial_id": str(trial_id), "steps": len(used)}
+        for suffix, column in sources.items():
+            row |= {f"{k}{suffix}": v for k, v in run_stability(used[column].to_numpy()).items()}
+        rows.append(row)
+    columns = ["trial_id", "steps", *(f"{m}{suffix}" for suffix in sources for m in STABILITY_METRICS)]
     return pd.DataFrame(rows, columns=columns)

@@ -49,3 +49,11 @@ def test_runs_are_taken_apart_and_their_first_epochs_skipped():
         assert r["max_over_median"] == pytest.approx(2 / 1.5)
     with_first = gradient_stability(steps, skip_epochs=0).set_index("trial_id")
     assert (with_first["steps"] == 40).all() and (with_first["max_over_median"] > 1e3).all()
+
+
+def test_a_layers_norm_gets_its_own_columns():
+    steps = pd.DataFrame(dict(trial_id="a", step=range(12), epoch=[1] * 2 + [2] * 10,
+                              grad_norm=np.full(12, 5.0), grad_norm_fc1=np.tile([1.0, 2.0], 6)))
+    row = gradient_stability(steps, 1, layers=("fc1",)).iloc[0]
+    assert row["cv"] == 0.0 and row["cv_fc1"] == pytest.approx(1 / 3)
+    assert row["step_change_fc1"] == pytest.approx(math.log(2)) and row["steps"] == 10
