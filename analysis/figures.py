@@ -649,18 +649,53 @@ def accuracy_table(study: Study, opts: Options) -> pd.DataFrame:
             .astype(int)
         )
     rows = rows.rename(columns={"done": "n"})
-    for metric in ("train", "val", "test"):
-        est = _estimate(
-            done.assign(value=done[f"{metric}_acc"] * scale, x=0), keys, "x", "value", opts
-        ).set_index(keys)
-        rows[f"{metric}_mean"] = est["mean"].reindex(rows.index)
-        rows[f"{metric}_lo"] = est["lo"].reindex(rows.index)
-        rows[f"{metric}_hi"] = est["hi"].reindex(rows.index)
+    metrics = ("train", "val", "test")
+    _add_intervals(rows, done.assign(**{m: done[f"{m}_acc"] * scale for m in metrics}), keys, metrics, opts)
+    for metric in metrics:
         rows[f"{metric}_hw"] = (rows[f"{metric}_hi"] - rows[f"{metric}_lo"]) / 2
     out = rows.reset_index()
     out["variant"] = out["variant"].astype(str)
     first = ["variant", "norm", "noise", "lr", "trials"]
     return out[first + [c for c in out.columns if c not in first]]
+
+
+def _add_intervals(rows: pd.DataFrame, runs: pd.DataFrame, keys: list[str], columns: Sequence[str],
+                   opts: Options) -> None:
+    """``rows`` (indexed by ``keys``) gain ``<column>_mean``, ``_lo`` and ``_hi``: each column's
+    mean over ``runs`` per key and its interval (``--ci``, ``--level``)."""
+    for column in columns:
+        est = _estimate(runs.assign(x=0), keys, "x", column, opts).set_index(keys)
+        for part in ("mean", "lo", "hi"):
+            rows[f"{column}_{part}"] = est[part].reindex(rows.index)
+
+
+def _interval_note(opts: Options) -> str:
+    """What a table's cells are: the mean over finished runs and its interval."""
+    return (f"{'Mean ± half-width' if opts.method == 't' else 'Mean [interval]'} of the "
+            f"{bands.method_label(opts.method, opts.level, opts.reps)} over the n runs that finished "
+            "(status done)")
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A Markdown table's lines (pipes inside cells escaped)."""
+    line = lambda cells: "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"  # noqa: E731
+    return [line(header), "|" + "---|" * len(header), *(line(r) for r in rows)]
+
+
+def _write_table(opts: Options, report: Report, stem: str, heading: str, title: str, md_text: str,
+                 tex_header: str, tex_rows: Sequence[str], caption: str, label: str,
+                 extra_files: Sequence[str] = ()) -> None:
+    """``stem``.md and ``stem``.tex (the CSV is written by the caller); the index page shows the
+    Markdown under ``heading``."""
+    (opts.out / f"{stem}.md").write_text(f"# {title}\n\n{md_text}")
+    n_cols = tex_header.count(" & ") + 1
+    tex = [f"% {title} (written by analysis.figures)", "\\begin{table}[t]", "\\centering",
+           "\\begin{tabular}{ll" + "r" * (n_cols - 2) + "}", "\\hline", tex_header + " \\\\", "\\hline",
+           *(row + " \\\\" for row in tex_rows), "\\hline", "\\end{tabular}", "\\caption{" + caption + "}",
+           f"\\label{{{label}}}", "\\end{table}"]
+    (opts.out / f"{stem}.tex").write_text("\n".join(tex) + "\n")
+    report.tables.append((heading, md_text, [f"{stem}.md", f"{stem}.csv", f"{stem}.tex", *extra_files]))
+    print(f"wrote {opts.out / stem}.md, .csv, .tex" + "".join(f", {f}" for f in extra_files))
 
 
 def _cell(mean: float, lo: float, hi: float, n: int, latex: bool, symmetric: bool,
@@ -686,71 +721,34 @@ def write_accuracy_table(table: pd.DataFrame, study: Study, opts: Options, repor
     notes = [
         "Accuracy in percent at the last epoch; train accuracy is the running average over the "
         "last epoch (the seed's measure).",
-        f"{'Mean ± half-width' if opts.method == 't' else 'Mean [interval]'} of the "
-        f"{bands.method_label(opts.method, opts.level, opts.reps)} over the n runs that finished "
-        "(status done); no interval where n = 1.",
+        _interval_note(opts) + "; no interval where n = 1.",
         "Diverged runs (a non-finite loss) are counted in the 'diverged' column and excluded "
         "from the means; so are failed ('error') and still running runs.",
         f"Dataset: {', '.join(study.datasets)}.",
     ]
-    header = [
-        "variant",
-        "lr",
-        *(f"{w} acc." for _, w in metrics),
-        "n",
-        "diverged¹",
-        "error",
-        "running",
-    ]
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    tex_rows = []
+    header = ["variant", "lr", *(f"{w} acc." for _, w in metrics), "n", "diverged¹", "error", "running"]
 
-    def row(r, tex: bool, variant: str, sep: str) -> str:
-        """One table row's cells, for Markdown (``tex`` False) or LaTeX."""
-        cells = [variant, format_number(r.lr)]
-        cells += [_cell(getattr(r, f"{m}_mean"), getattr(r, f"{m}_lo"), getattr(r, f"{m}_hi"), r.n, tex,
-                        symmetric=opts.method == "t")
-                  for m, _ in metrics]
-        return sep.join(cells + [str(v) for v in (r.n, r.diverged, r.error, r.running)])
+    def cells(r, tex: bool) -> list[str]:
+        """One table row's cells, for Markdown or LaTeX."""
+        return [_tex_escape(r.variant) if tex else r.variant, format_number(r.lr),
+                *(_cell(getattr(r, f"{m}_mean"), getattr(r, f"{m}_lo"), getattr(r, f"{m}_hi"), r.n, tex,
+                        symmetric=opts.method == "t") for m, _ in metrics),
+                *(str(v) for v in (r.n, r.diverged, r.error, r.running))]
 
-    for r in table.itertuples(index=False):
-        md.append(f"| {row(r, False, r.variant, ' | ')} |")
-        tex_rows.append(row(r, True, _tex_escape(r.variant), " & ") + " \\\\")
+    rows = list(table.itertuples(index=False))
     md_text = (
-        "\n".join(md)
+        "\n".join(_md_table(header, [cells(r, False) for r in rows]))
         + "\n\n"
         + "\n\n".join(f"{'¹ ' if i == 2 else ''}{note}" for i, note in enumerate(notes))
         + "\n"
     )
-    (opts.out / "accuracy_table.md").write_text(
-        "# Final accuracy per variant and learning rate\n\n" + md_text
+    _write_table(
+        opts, report, "accuracy_table", "Accuracy", "Final accuracy per variant and learning rate", md_text,
+        "variant & lr & train acc. & validation acc. & test acc. & $n$ & diverged$^{a}$ & error & running",
+        [" & ".join(cells(r, True)) for r in rows],
+        _tex_escape(" ".join(notes[:2])) + " $^{a}$" + _tex_escape(notes[2]) + " " + _tex_escape(notes[3]),
+        "tab:accuracy",
     )
-    tex = [
-        "% Final accuracy per variant and learning rate (written by analysis.figures)",
-        "\\begin{table}[t]",
-        "\\centering",
-        "\\begin{tabular}{llrrrrrrr}",
-        "\\hline",
-        "variant & lr & train acc. & validation acc. & test acc. & $n$ & "
-        "diverged$^{a}$ & error & running \\\\",
-        "\\hline",
-        *tex_rows,
-        "\\hline",
-        "\\end{tabular}",
-        "\\caption{"
-        + _tex_escape(" ".join(notes[:2]))
-        + " $^{a}$"
-        + _tex_escape(notes[2])
-        + " "
-        + _tex_escape(notes[3])
-        + "}",
-        "\\label{tab:accuracy}",
-        "\\end{table}",
-    ]
-    (opts.out / "accuracy_table.tex").write_text("\n".join(tex) + "\n")
-    report.tables.append(("Accuracy", md_text, ["accuracy_table.md", "accuracy_table.csv",
-                                                "accuracy_table.tex"]))
-    print(f"wrote {opts.out / 'accuracy_table'}.md, .csv, .tex")
 
 
 def stability_table(study: Study, opts: Options) -> tuple[pd.DataFrame, int]:
@@ -772,10 +770,7 @@ def stability_table(study: Study, opts: Options) -> tuple[pd.DataFrame, int]:
     keys = ["variant", "lr"]
     rows = done.groupby(keys, observed=True, sort=True).agg(
         norm=("norm", "first"), noise=("noise", "first"), n=("trial_id", "size"))
-    for metric in STABILITY_METRICS:
-        est = _estimate(done.assign(x=0), keys, "x", metric, opts).set_index(keys)
-        for part in ("mean", "lo", "hi"):
-            rows[f"{metric}_{part}"] = est[part].reindex(rows.index)
+    _add_intervals(rows, done, keys, list(STABILITY_METRICS), opts)
     out = rows.reset_index()
     out["variant"] = out["variant"].astype(str)
     return out, skip
@@ -789,9 +784,7 @@ def write_stability_table(table: pd.DataFrame, skip: int, study: Study, opts: Op
     notes = [
         f"Per run, over its global gradient ℓ2 norm ‖g‖ at each recorded step {past}: "
         + "; ".join(f"{h}: {what}" for h, what in STABILITY_METRICS.values()) + ".",
-        f"{'Mean ± half-width' if opts.method == 't' else 'Mean [interval]'} of the "
-        f"{bands.method_label(opts.method, opts.level, opts.reps)} over the n runs that finished "
-        f"(status done). Dataset: {', '.join(study.datasets)}.",
+        f"{_interval_note(opts)}. Dataset: {', '.join(study.datasets)}.",
         "Each run's values, for each layer's norm too: gradient_stability_runs.csv.",
     ]
     header = ["variant", "lr", *(h for h, _ in STABILITY_METRICS.values()), "n"]
@@ -802,22 +795,13 @@ def write_stability_table(table: pd.DataFrame, skip: int, study: Study, opts: Op
                         tex, symmetric=opts.method == "t", digits=3) for m in STABILITY_METRICS),
                 str(r.n)]
 
-    md = ["| " + " | ".join(h.replace("|", "\\|") for h in header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(cells(r, False)) + " |" for r in table.itertuples(index=False)]
-    md_text = "\n".join(md) + "\n\n" + "\n\n".join(notes) + "\n"
-    (opts.out / "gradient_stability.md").write_text("# Gradient stability per variant and learning rate\n\n"
-                                                   + md_text)
-    tex = ["% Gradient stability per variant and learning rate (written by analysis.figures)",
-           "\\begin{table}[t]", "\\centering", "\\begin{tabular}{ll" + "r" * (len(header) - 2) + "}",
-           "\\hline", " & ".join(_tex_escape(h) for h in header) + " \\\\", "\\hline",
-           *(" & ".join(cells(r, True)) + " \\\\" for r in table.itertuples(index=False)),
-           "\\hline", "\\end{tabular}", "\\caption{" + _tex_escape(" ".join(notes)) + "}",
-           "\\label{tab:gradient-stability}", "\\end{table}"]
-    (opts.out / "gradient_stability.tex").write_text("\n".join(tex) + "\n")
-    report.tables.append(("Gradient stability", md_text, ["gradient_stability.md", "gradient_stability.csv",
-                                                          "gradient_stability.tex",
-                                                          "gradient_stability_runs.csv"]))
-    print(f"wrote {opts.out / 'gradient_stability'}.md, .csv, .tex and _runs.csv")
+    rows = list(table.itertuples(index=False))
+    md_lines = _md_table(header, [cells(r, False) for r in rows])
+    md_text = "\n".join(md_lines) + "\n\n" + "\n\n".join(notes) + "\n"
+    _write_table(opts, report, "gradient_stability", "Gradient stability",
+                 "Gradient stability per variant and learning rate", md_text,
+                 " & ".join(_tex_escape(h) for h in header), [" & ".join(cells(r, True)) for r in rows],
+                 _tex_escape(" ".join(notes)), "tab:gradient-stability", ["gradient_stability_runs.csv"])
 
 
 #: LaTeX's special characters, and the typographic and math ones the tables use, in text mode,

@@ -45,6 +45,9 @@ class BatchNorm2dWithStats(nn.BatchNorm2d):
     output, gradients and running statistics to the bit (tests/test_model.py); on a GPU it is
     PyTorch's own kernel rather than cuDNN's."""
 
+    #: Whether this layer's training output is BN's own (``BatchStats.covers_output``).
+    output_is_bn = True
+
     def forward_with_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, BatchStats | None]:
         if not (self.training and self.track_running_stats and self.affine and self.momentum is not None):
             return super().forward(x), None
@@ -52,7 +55,7 @@ class BatchNorm2dWithStats(nn.BatchNorm2d):
         self.num_batches_tracked.add_(1)  # as nn.BatchNorm2d.forward does
         out, mean, rstd = torch.native_batch_norm(x, self.weight, self.bias, self.running_mean,
                                                   self.running_var, True, self.momentum, self.eps)
-        return out, BatchStats(mean, rstd, self.weight, self.bias, self.eps, True)
+        return out, BatchStats(mean, rstd, self.weight, self.bias, self.eps, self.output_is_bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_stats(x)[0]
@@ -67,6 +70,8 @@ class NoisyBatchNorm2d(BatchNorm2dWithStats):
     from ``self.generator`` (the trial's own, on the training device), never the global RNG.
     ``freeze_noise`` keeps reusing the last sample, so probes can replay a step exactly.
     """
+
+    output_is_bn = False  # its output is s * a + m
 
     def __init__(self, num_features: int, noise: float = 1.0, scope: str = "channel") -> None:
         super().__init__(num_features)
@@ -101,7 +106,7 @@ class NoisyBatchNorm2d(BatchNorm2dWithStats):
 
     def forward_with_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, BatchStats | None]:
         a, bn = super().forward_with_stats(x)
-        return self.add_noise(a), None if bn is None else bn._replace(covers_output=False)
+        return self.add_noise(a), bn
 
     def add_noise(self, a: torch.Tensor) -> torch.Tensor:
         """``s * a + m`` for the BN output ``a`` in training mode; ``a`` itself in eval mode."""
