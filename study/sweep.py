@@ -4,6 +4,7 @@
     python -m study.sweep --preset smoke          # a 2-minute study (synthetic data offline)
     python -m study.sweep --gpus 8                # on the head node of a Ray cluster
     python -m study.sweep --resume                # continue a stopped study
+    python -m study.sweep --seeds 0-4 --extend    # add seeds 3, 4 to a study of seeds 0-2
 
 Results are Parquet tables under ``--out`` (see study/results.py); draw them with
 ``python -m analysis.figures OUT``.
@@ -61,6 +62,11 @@ PRESETS: dict[str, Preset] = {
 
 class UsageError(Exception):
     """A user's mistake: printed as one line, exit code 2."""
+
+
+#: The preset's lists that make the grid, and the trial fields that place a trial in it.
+GRID_KEYS = ("norms", "noises", "lrs", "seeds")
+TRIAL_GRID_KEYS = ("norm", "noise", "lr", "seed")
 
 
 def build_grid(p: Preset, grad_every: int = 1, probe_every: int = 0,
@@ -197,9 +203,15 @@ def make_parser() -> argparse.ArgumentParser:
                    "cluster needs s3://... or a shared file system path")
     w.add_argument("--max-failures", type=_positive_int("--max-failures", 0), default=3,
                    help="retries of a failed trial, each from its last checkpoint")
-    w.add_argument("--resume", action="store_true",
-                   help="continue a stopped study in OUT, with its own settings (only what is "
-                   "missing runs)")
+    again = w.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue a stopped study in OUT, with its own settings (only what is "
+                       "missing runs)")
+    again.add_argument("--extend", action="store_true",
+                       help="add to the finished study in OUT the trials this command names that "
+                       "it lacks (more seeds, learning rates, noises or variants): name the whole "
+                       "study, e.g. --seeds 0-4 for a study of seeds 0-2, with its other settings; "
+                       "its trials are kept, not rerun")
     w.add_argument("--dry-run", action="store_true",
                    help="print the grid, trial count, resources and an estimate, then exit")
     return p
@@ -388,28 +400,51 @@ def run(args: argparse.Namespace) -> int:
                      cpu_channels_last=CPU_CHANNELS_LAST)
     record = study_record(name, p, grid, dataset, execution)
     study_file = out / "study.json"
+    added: list[TrialConfig] = []
     if study_file.exists():
         try:
             old = json.loads(study_file.read_text())
         except (OSError, ValueError) as e:
             raise UsageError(f"{study_file} is unreadable ({e}); move it away to start the study "
                              "afresh there, or use another --out") from None
-        if old.get("trial_ids") != record["trial_ids"] or old.get("name") != name:
+        old_ids = old.get("trial_ids", [])
+        if old.get("name") != name:
+            raise UsageError(f"{out} holds a different study ({old.get('name')!r}, {len(old_ids)} "
+                             f"trials, not {name!r}); use another --out or the study's --name")
+        if args.extend:
+            lacking = [t for t in old_ids if t not in set(record["trial_ids"])]
+            if lacking:
+                raise UsageError(f"--extend: the command must name the whole study; it lacks "
+                                 f"{len(lacking)} of the {len(old_ids)} trials in {out} "
+                                 f"({', '.join(lacking[:3])}{', ...' if len(lacking) > 3 else ''}): "
+                                 "give --norms, --noises, --lrs and --seeds the study's values too")
+            added = [c for c in grid if c.trial_id not in set(old_ids)]
+        elif old_ids != record["trial_ids"]:
             raise UsageError(f"{out} holds a different study ({old.get('name')!r}, "
-                             f"{len(old.get('trial_ids', []))} trials); use another --out")
-        if not args.resume:
+                             f"{len(old_ids)} trials); use another --out, or --extend to add "
+                             "trials to it")
+        elif not args.resume:
             raise UsageError(f"{out} already holds this study; add --resume to continue it, "
                              "or use another --out")
+        flag = "--extend" if args.extend else "--resume"
         changed = changed_settings(old, record)
         if changed:
-            raise UsageError(f"--resume: {out} holds this study run with other settings "
-                             f"({'; '.join(changed)}); resume with the study's own settings, "
-                             "or use another --out")
-    elif args.resume:
-        raise UsageError(f"--resume: no study in {out} to resume")
+            raise UsageError(f"{flag}: {out} holds this study run with other settings "
+                             f"({'; '.join(changed)}); {flag[2:]} it with the study's own "
+                             "settings, or use another --out")
+        if added:
+            unfinished = [t for t in old_ids if not trial_finished(out, t)]
+            if unfinished:
+                raise UsageError(f"--extend: {len(unfinished)} of the study's {len(old_ids)} "
+                                 f"trials are unfinished ({', '.join(unfinished[:3])}"
+                                 f"{', ...' if len(unfinished) > 3 else ''}); finish them first "
+                                 "with --resume and the study's own grid, then extend it")
+    elif args.resume or args.extend:
+        flag = "--extend" if args.extend else "--resume"
+        raise UsageError(f"{flag}: no study in {out} to {flag[2:]}")
 
     pending = grid
-    if args.resume:
+    if args.resume or args.extend:
         pending = [c for c in grid if not trial_finished(out, c.trial_id)]
         if not pending:
             print(f"study {name!r} in {out} is already complete ({len(grid)} trials); "
@@ -425,7 +460,8 @@ def run(args: argparse.Namespace) -> int:
                              "GPUs (use --address to join a cluster)")
     ray = init_ray(address)
     try:
-        return _run_tune(ray, args, p, name, grid, pending, resources, dataset, out, storage, record)
+        return _run_tune(ray, args, p, name, grid, pending, bool(added), resources, dataset, out,
+                         storage, record)
     finally:
         ray.shutdown()
 
@@ -433,16 +469,24 @@ def run(args: argparse.Namespace) -> int:
 def changed_settings(old: dict, new: dict) -> list[str]:
     """What differs between a study.json and the study a command asks for, beyond the trial
     ids (which the caller compares): the preset's settings (dataset, subset, ...) and the
-    trials' configs (epochs, batch size, probes, ...), as 'key: old -> new'. Keys an older
-    study.json lacks are not compared."""
+    trials' configs (epochs, batch size, probes, ...), as 'key: old -> new'. A trial is
+    compared with the study's trial of its id, an added one (--extend) with the study's first
+    on all but its grid point. Keys an older study.json lacks are not compared."""
     new = json.loads(json.dumps(new))  # tuples as lists, as the file has them
     changed = {}
     for k, v in new["preset"].items():
-        if k in ("norms", "noises", "lrs", "seeds"):  # the trial ids say what matters of these
+        if k in GRID_KEYS:  # the trial ids say what matters of these
             continue
         if k in old.get("preset", {}) and old["preset"][k] != v:
             changed[k] = (old["preset"][k], v)
-    for a, b in zip(old.get("trials", []), new["trials"], strict=False):  # an old file may lack them
+    old_trials = old.get("trials", [])  # an old file may lack them
+    by_id = dict(zip(old.get("trial_ids", []), old_trials, strict=False))
+    for tid, b in zip(new["trial_ids"], new["trials"], strict=True):
+        a = by_id.get(tid)
+        if a is None:
+            if not old_trials:
+                continue
+            a = {k: v for k, v in old_trials[0].items() if k not in TRIAL_GRID_KEYS}
         for k, v in b.items():
             if k in a and a[k] != v and k not in changed:
                 changed[k] = (a[k], v)
@@ -465,7 +509,8 @@ def trial_finished(out: Path, trial_id: str) -> bool:
 
 
 def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], pending: list[TrialConfig],
-              resources: dict, dataset: str, out: Path, storage: str, record: dict) -> int:
+              extending: bool, resources: dict, dataset: str, out: Path, storage: str,
+              record: dict) -> int:
     from ray import tune
 
     from study.data import DataError, load_dataset
@@ -505,7 +550,7 @@ def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], pending:
     writer = ParquetWriterCallback(str(out), name, data.name, sizes)
     exp_path = os.path.join(storage, name)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # so the trimmed CLIReporter is used
-    if args.resume and tune.Tuner.can_restore(exp_path):
+    if (args.resume or args.extend) and not extending and tune.Tuner.can_restore(exp_path):
         # Tune brings back the study's own run settings (failures, concurrency); its Parquet
         # writer is this run's (the folder may have moved): see ParquetWriterCallback
         with ParquetWriterCallback.driving(writer):
@@ -513,7 +558,10 @@ def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], pending:
         print(f"resuming {name!r} from Tune's experiment in {exp_path}: {len(grid) - len(pending)} of "
               f"{len(grid)} trials are finished")
     else:
-        if args.resume:
+        if extending:  # a new Tune experiment state beside the old one; Tune restores the newest
+            print(f"extending {name!r}: {len(pending)} trials added to its {len(grid) - len(pending)}; "
+                  "the finished trials are kept")
+        elif args.resume or args.extend:
             print(f"resuming {name!r}: {len(grid) - len(pending)} of {len(grid)} trials are finished; "
                   f"Tune's experiment in {exp_path} cannot be restored, so the other "
                   f"{len(pending)} start from their first epoch")

@@ -114,6 +114,12 @@ def test_changed_settings_are_what_changes_a_trial():
     assert sweep.changed_settings(old, record(replace(base, epochs=5))) == ["epochs: 2 -> 5"]
     assert sweep.changed_settings(old, record(replace(base, subset=100))) == ["subset: 3000 -> 100"]
     assert sweep.changed_settings({"name": "s"}, record(base)) == []  # an older study.json
+    # --extend: added trials are compared on all but their grid point
+    more = replace(base, seeds=(*base.seeds, 7), lrs=(*base.lrs, 0.5), norms=(*base.norms, "noisy_batch"))
+    assert sweep.changed_settings(old, record(more)) == []
+    assert sweep.changed_settings(old, record(replace(more, batch_size=8))) == ["batch_size: 16 -> 8"]
+    assert sweep.changed_settings(old, record(replace(more, noise_scope="layer"))) == [
+        "noise_scope: channel -> layer"]
 
 
 def _copy_study(src: Path, dst: Path) -> Path:
@@ -150,6 +156,51 @@ def test_resume_refuses_other_settings_and_damaged_files(tiny_reference, tmp_pat
     (out / "study.json").write_text('{"name": "smo')
     snapshot[out / "study.json"] = (out / "study.json").read_bytes()
     refused(base, "study.json is unreadable")
+
+
+def test_extend_refuses_what_it_cannot_add(tiny_reference, tmp_path, capsys):
+    """Refused before Ray starts, with one line, and nothing in the folder touched."""
+    out = _copy_study(tiny_reference[0], tmp_path / "results")
+    snapshot = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    more = [*TINY[:3], "0,1,2", *TINY[4:], "--out", str(out), "--extend"]
+
+    def refused(args: list[str], *words: str) -> None:
+        assert sweep.main(args) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and all(w in err for w in words), err
+        assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == snapshot
+
+    refused([*TINY[:3], "1,2", *TINY[4:], "--out", str(out), "--extend"],
+            "whole study", "lacks 2 of the 4", "none-lr0.02-seed0")
+    refused([*more, "--epochs", "5"], "--extend", "other settings", "epochs: 3 -> 5")
+    refused([*more, "--name", "other"], "different study", "'full'")
+    refused([*more[:-3], "--out", str(tmp_path / "empty"), "--extend"], "no study in", "to extend")
+    unfinished = out / "trials" / "batch-lr0.02-seed1.parquet"
+    unfinished.unlink()
+    del snapshot[unfinished]
+    refused(more, "1 of the study's 4 trials are unfinished", "batch-lr0.02-seed1", "--resume")
+    with pytest.raises(SystemExit) as e:
+        sweep.main([*more, "--resume"])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_extend_runs_only_the_added_trials(tiny_reference, tmp_path):
+    """A study of seed 0 extended to seeds 0, 1 holds the numbers of the study run whole, and
+    its first trials' files are not rewritten."""
+    out = tmp_path / "results"
+    run_sweep(*TINY[:3], "0", *TINY[4:], "--out", str(out))
+    first = {f: f.read_bytes() for f in out.rglob("*.parquet")}
+    assert len(first) == 2 * 4
+    proc = run_sweep(*TINY, "--out", str(out), "--extend")
+    assert "2 trials added to its 2" in proc.stdout
+    assert {f: f.read_bytes() for f in first} == first
+    assert_tables_equal(tiny_reference[1], read_tables(out))
+    study = json.loads((out / "study.json").read_text())
+    assert study["trial_ids"] == json.loads((tiny_reference[0] / "study.json").read_text())["trial_ids"]
+    again = run_sweep(*TINY, "--out", str(out), "--extend")
+    assert "already complete" in again.stdout
+    resumed = run_sweep(*TINY, "--out", str(out), "--resume")
+    assert "already complete" in resumed.stdout
 
 
 def test_resume_without_tunes_experiment_runs_only_the_unfinished_trials(tiny_reference, tmp_path):
