@@ -474,7 +474,7 @@ def fig_noisy_bn(study: Study, opts: Options, styles, report: Report) -> None:
         "(after the norm and, for noisy BN, after the injected noise) per epoch. Right: "
         "training accuracy (running average over the epoch, as the seed reports it) and test "
         "accuracy. Bands are clipped to what the quantity can take (variance > 0, accuracy in "
-        "[0, 100] %).",
+        "[0, 100]\u00a0%).",
         _lr_words(opts),
         _excluded_words(study, opts, norms),
     )
@@ -883,7 +883,7 @@ def fig_lr_sensitivity(study: Study, opts: Options, styles, report: Report) -> N
         opts,
         pd.concat(all_est),
         "Points: mean over the runs that finished at each learning rate; bands clipped to "
-        "[0, 100] %.",
+        "[0, 100]\u00a0%.",
         "A cross in the shaded strip at the bottom marks diverged runs (non-finite loss) with "
         "their count; they are not in the means."
         if len(diverged)
