@@ -387,6 +387,11 @@ def run(args: argparse.Namespace) -> int:
             print(dry_run_text(name, replace(p, dataset=dataset), grid, resources))
         except DataError as e:  # an image folder its loader would refuse
             raise UsageError(str(e)) from None
+        out = Path(args.out).resolve()
+        if (out / "study.json").exists():
+            done = sum(trial_finished(out, c.trial_id) for c in grid)
+            print(f"{out} already holds {done} of these {len(grid)} trials finished; --resume or "
+                  f"--extend would run the other {len(grid) - done}")
         return 0
 
     out = Path(args.out).resolve()

@@ -201,6 +201,9 @@ def test_extend_runs_only_the_added_trials(tiny_reference, tmp_path):
     assert "already complete" in again.stdout
     resumed = run_sweep(*TINY, "--out", str(out), "--resume")
     assert "already complete" in resumed.stdout
+    more = run_sweep(*TINY[:3], "0-2", *TINY[4:], "--out", str(out), "--dry-run")
+    assert "already holds 4 of these 6 trials finished" in more.stdout
+    assert "--extend would run the other 2" in more.stdout
 
 
 def test_resume_without_tunes_experiment_runs_only_the_unfinished_trials(tiny_reference, tmp_path):
