@@ -595,12 +595,19 @@ def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], pending:
                 verbose=1,
             ),
         )
-    grid_result = tuner.fit()
+    grid_result = tuner.fit()  # a first Ctrl-C makes Tune save its state and return
     errors = grid_result.num_errors
+    unfinished = [c for c in grid if not trial_finished(out, c.trial_id)]
     print(f"\nstudy {name!r}: {len(grid_result)} trials, {errors} errored, "
           f"{time.time() - t0:.0f} s. Results: {out}\n"
           f"draw the figures with:  python -m analysis.figures {out}")
-    return 1 if errors else 0
+    if errors:
+        return 1
+    if unfinished:
+        print(f"study.sweep: stopped with {len(unfinished)} of the study's {len(grid)} trials "
+              "unfinished; continue with the same command and --resume", file=sys.stderr)
+        return 130
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

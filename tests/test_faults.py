@@ -111,6 +111,27 @@ def test_killed_driver_resumes_in_a_moved_folder_without_loss_or_duplicates(tmp_
         assert (merged[col] == merged[f"{col}_after"]).all()
 
 
+def test_ctrl_c_stops_with_a_resume_hint_and_resume_finishes(tmp_path, fault_reference):
+    """Ctrl-C in a terminal (SIGINT to the sweep's process group): Tune saves its state and
+    the sweep says the study is unfinished, exits 130, and --resume gives the reference."""
+    out = tmp_path / "results"
+    proc = subprocess.Popen(sweep_cmd(*FAULT, "--out", str(out)), cwd=ROOT, env=sweep_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: [r for r in reported(out) if r.get("epoch") == 1], 180,
+                 "a trial's first checkpoint")
+        os.killpg(proc.pid, signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, output[-3000:]
+    assert "unfinished; continue with the same command and --resume" in output
+    assert "Traceback" not in output
+    proc = run_sweep(*FAULT, "--out", str(out), "--resume")
+    assert_tables_equal(fault_reference, read_tables(out))
+
+
 def test_lost_node_trials_move_and_finish_with_the_same_numbers(tmp_path, fault_reference):
     import ray
     from ray.cluster_utils import Cluster
