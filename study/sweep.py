@@ -417,13 +417,15 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{out} holds a different study ({old.get('name')!r}, {len(old_ids)} "
                              f"trials, not {name!r}); use another --out or the study's --name")
         if args.extend:
-            lacking = [t for t in old_ids if t not in set(record["trial_ids"])]
+            asked = set(record["trial_ids"])
+            lacking = [t for t in old_ids if t not in asked]
             if lacking:
                 raise UsageError(f"--extend: the command must name the whole study; it lacks "
                                  f"{len(lacking)} of the {len(old_ids)} trials in {out} "
                                  f"({', '.join(lacking[:3])}{', ...' if len(lacking) > 3 else ''}): "
                                  "give --norms, --noises, --lrs and --seeds the study's values too")
-            added = [c for c in grid if c.trial_id not in set(old_ids)]
+            known = set(old_ids)
+            added = [c for c in grid if c.trial_id not in known]
         elif old_ids != record["trial_ids"]:
             raise UsageError(f"{out} holds a different study ({old.get('name')!r}, "
                              f"{len(old_ids)} trials); use another --out, or --extend to add "
