@@ -203,15 +203,14 @@ def make_parser() -> argparse.ArgumentParser:
                    "cluster needs s3://... or a shared file system path")
     w.add_argument("--max-failures", type=_positive_int("--max-failures", 0), default=3,
                    help="retries of a failed trial, each from its last checkpoint")
-    again = w.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true",
-                       help="continue a stopped study in OUT, with its own settings (only what is "
-                       "missing runs)")
-    again.add_argument("--extend", action="store_true",
-                       help="add to the finished study in OUT the trials this command names that "
-                       "it lacks (more seeds, learning rates, noises or variants): name the whole "
-                       "study, e.g. --seeds 0-4 for a study of seeds 0-2, with its other settings; "
-                       "its trials are kept, not rerun")
+    w.add_argument("--resume", action="store_true",
+                   help="continue a stopped study in OUT, with its own settings (only what is "
+                   "missing runs)")
+    w.add_argument("--extend", action="store_true",
+                   help="add to the finished study in OUT the trials this command names that it "
+                   "lacks (more seeds, learning rates, noises or variants): name the whole study, "
+                   "e.g. --seeds 0-4 for a study of seeds 0-2, with its other settings; its trials "
+                   "are kept, not rerun. It also resumes, as --resume does")
     w.add_argument("--dry-run", action="store_true",
                    help="print the grid, trial count, resources and an estimate, then exit")
     return p
@@ -387,14 +386,15 @@ def run(args: argparse.Namespace) -> int:
             print(dry_run_text(name, replace(p, dataset=dataset), grid, resources))
         except DataError as e:  # an image folder its loader would refuse
             raise UsageError(str(e)) from None
-        out = Path(args.out).resolve()
-        if (out / "study.json").exists():
-            done = sum(trial_finished(out, c.trial_id) for c in grid)
-            print(f"{out} already holds {done} of these {len(grid)} trials finished; --resume or "
-                  f"--extend would run the other {len(grid) - done}")
+        held = held_text(Path(args.out).resolve(), name, study_record(name, p, grid, dataset, {}))
+        if held:
+            print(held)
         return 0
 
     out = Path(args.out).resolve()
+    if (args.resume or args.extend) and not (out / "study.json").exists():
+        flag = "--extend" if args.extend else "--resume"
+        raise UsageError(f"{flag}: no study in {out} to {flag[2:]}")
     check_out_dir(out)
     storage = args.storage or str(out / "tune")
     from study.train import CPU_CHANNELS_LAST, CUDA_GRAPH_DEFAULT
@@ -426,7 +426,7 @@ def run(args: argparse.Namespace) -> int:
                                  "give --norms, --noises, --lrs and --seeds the study's values too")
             known = set(old_ids)
             added = [c for c in grid if c.trial_id not in known]
-        elif old_ids != record["trial_ids"]:
+        elif set(old_ids) != set(record["trial_ids"]):
             raise UsageError(f"{out} holds a different study ({old.get('name')!r}, "
                              f"{len(old_ids)} trials); use another --out, or --extend to add "
                              "trials to it")
@@ -446,9 +446,6 @@ def run(args: argparse.Namespace) -> int:
                                  f"trials are unfinished ({', '.join(unfinished[:3])}"
                                  f"{', ...' if len(unfinished) > 3 else ''}); finish them first "
                                  "with --resume and the study's own grid, then extend it")
-    elif args.resume or args.extend:
-        flag = "--extend" if args.extend else "--resume"
-        raise UsageError(f"{flag}: no study in {out} to {flag[2:]}")
 
     pending = grid
     if args.resume or args.extend:
@@ -471,6 +468,34 @@ def run(args: argparse.Namespace) -> int:
                          storage, record)
     finally:
         ray.shutdown()
+
+
+def held_text(out: Path, name: str, record: dict) -> str:
+    """For --dry-run: what the --out folder holds of this study, and what --resume or
+    --extend would do with it ('' when it holds no study)."""
+    study_file = out / "study.json"
+    if not study_file.exists():
+        return ""
+    try:
+        old = json.loads(study_file.read_text())
+    except (OSError, ValueError) as e:
+        return f"{study_file} is unreadable ({e}): the sweep would refuse it"
+    if old.get("name") != name:
+        return f"{out} holds another study ({old.get('name')!r}): use another --out or its --name"
+    changed = changed_settings(old, record)
+    if changed:
+        return (f"{out} holds this study run with other settings ({'; '.join(changed)}): "
+                "--resume and --extend would refuse it")
+    ids, old_ids = set(record["trial_ids"]), set(old.get("trial_ids", []))
+    if not old_ids <= ids:
+        return (f"{out} holds {len(old_ids - ids)} trials of this study that the command does "
+                "not name: --extend would refuse it")
+    if ids != old_ids and any(not trial_finished(out, t) for t in old_ids):
+        return f"{out} holds this study unfinished: finish it with --resume before --extend"
+    done = sum(trial_finished(out, t) for t in ids)
+    flag = "--resume" if ids == old_ids else "--extend"
+    return (f"{out} holds {done} of these {len(ids)} trials finished: {flag} would run the "
+            f"other {len(ids) - done}")
 
 
 def changed_settings(old: dict, new: dict) -> list[str]:
@@ -510,8 +535,8 @@ def trial_finished(out: Path, trial_id: str) -> bool:
     try:
         status = results.read_table_file(path).column("status")[0].as_py()
     except Exception as e:  # noqa: BLE001 -- a damaged file: one clear message, nothing deleted
-        raise UsageError(f"--resume: {path} is unreadable ({type(e).__name__}: {e}); move it away "
-                         "and that trial runs again") from None
+        raise UsageError(f"{path} is unreadable ({type(e).__name__}: {e}); move it away and that "
+                         "trial runs again") from None
     return status in ("done", "diverged")
 
 
@@ -557,21 +582,28 @@ def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], pending:
     writer = ParquetWriterCallback(str(out), name, data.name, sizes)
     exp_path = os.path.join(storage, name)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # so the trimmed CLIReporter is used
+    tuner = None
     if (args.resume or args.extend) and not extending and tune.Tuner.can_restore(exp_path):
         # Tune brings back the study's own run settings (failures, concurrency); its Parquet
         # writer is this run's (the folder may have moved): see ParquetWriterCallback
         with ParquetWriterCallback.driving(writer):
-            tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
-        print(f"resuming {name!r} from Tune's experiment in {exp_path}: {len(grid) - len(pending)} of "
-              f"{len(grid)} trials are finished")
-    else:
+            restored = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
+        # an extension stopped before Tune saved its experiment leaves the study's older one,
+        # which lacks the added trials: those would never run
+        known = {TrialConfig.from_dict(r.config["trial"]).trial_id
+                 for r in restored.get_results() if r.config and "trial" in r.config}
+        if all(c.trial_id in known for c in pending):
+            tuner = restored
+            print(f"resuming {name!r} from Tune's experiment in {exp_path}: "
+                  f"{len(grid) - len(pending)} of {len(grid)} trials are finished")
+    if tuner is None:
         if extending:  # a new Tune experiment state beside the old one; Tune restores the newest
             print(f"extending {name!r}: {len(pending)} trials added to its {len(grid) - len(pending)}; "
                   "the finished trials are kept")
         elif args.resume or args.extend:
             print(f"resuming {name!r}: {len(grid) - len(pending)} of {len(grid)} trials are finished; "
-                  f"Tune's experiment in {exp_path} cannot be restored, so the other "
-                  f"{len(pending)} start from their first epoch")
+                  f"Tune's experiment in {exp_path} cannot be restored or lacks some of the others, "
+                  f"so the other {len(pending)} start from their first epoch")
         reporter = tune.CLIReporter(
             parameter_columns={"trial/norm": "norm", "trial/noise": "noise", "trial/lr": "lr",
                                "trial/seed": "seed"},
@@ -600,7 +632,7 @@ def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], pending:
     grid_result = tuner.fit()  # a first Ctrl-C makes Tune save its state and return
     errors = grid_result.num_errors
     unfinished = [c for c in grid if not trial_finished(out, c.trial_id)]
-    print(f"\nstudy {name!r}: {len(grid_result)} trials, {errors} errored, "
+    print(f"\nstudy {name!r}: {len(grid)} trials ({len(grid_result)} in this run), {errors} errored, "
           f"{time.time() - t0:.0f} s. Results: {out}\n"
           f"draw the figures with:  python -m analysis.figures {out}")
     if errors:

@@ -174,25 +174,35 @@ def test_extend_refuses_what_it_cannot_add(tiny_reference, tmp_path, capsys):
             "whole study", "lacks 2 of the 4", "none-lr0.02-seed0")
     refused([*more, "--epochs", "5"], "--extend", "other settings", "epochs: 3 -> 5")
     refused([*more, "--name", "other"], "different study", "'full'")
-    refused([*more[:-3], "--out", str(tmp_path / "empty"), "--extend"], "no study in", "to extend")
+    refused([*more[:-3], "--out", str(tmp_path / "none"), "--extend"], "no study in", "to extend")
+    assert not (tmp_path / "none").exists()  # refused before the folder is made
     unfinished = out / "trials" / "batch-lr0.02-seed1.parquet"
     unfinished.unlink()
     del snapshot[unfinished]
     refused(more, "1 of the study's 4 trials are unfinished", "batch-lr0.02-seed1", "--resume")
-    with pytest.raises(SystemExit) as e:
-        sweep.main([*more, "--resume"])
-    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    refused([*more, "--resume"], "unfinished")  # --extend also resumes: the two go together
+    assert sweep.main([*more, "--dry-run"]) == 0
+    assert "holds this study unfinished: finish it with --resume" in capsys.readouterr().out
+    assert sweep.main([*more, "--dry-run", "--epochs", "5"]) == 0
+    assert "other settings (epochs: 3 -> 5)" in capsys.readouterr().out
+    assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == snapshot
 
 
 def test_extend_runs_only_the_added_trials(tiny_reference, tmp_path):
     """A study of seed 0 extended to seeds 0, 1 holds the numbers of the study run whole, and
-    its first trials' files are not rewritten."""
+    its first trials' files are not rewritten. An extension stopped before Tune saved its
+    experiment (study.json already names the added trials) is finished by --resume."""
+    import shutil
+
     out = tmp_path / "results"
     run_sweep(*TINY[:3], "0", *TINY[4:], "--out", str(out))
+    stopped = _copy_study(out, tmp_path / "stopped")
+    shutil.copy(tiny_reference[0] / "study.json", stopped / "study.json")
     first = {f: f.read_bytes() for f in out.rglob("*.parquet")}
     assert len(first) == 2 * 4
     proc = run_sweep(*TINY, "--out", str(out), "--extend")
     assert "2 trials added to its 2" in proc.stdout
+    assert "study 'full': 4 trials (2 in this run), 0 errored" in proc.stdout
     assert {f: f.read_bytes() for f in first} == first
     assert_tables_equal(tiny_reference[1], read_tables(out))
     study = json.loads((out / "study.json").read_text())
@@ -202,8 +212,10 @@ def test_extend_runs_only_the_added_trials(tiny_reference, tmp_path):
     resumed = run_sweep(*TINY, "--out", str(out), "--resume")
     assert "already complete" in resumed.stdout
     more = run_sweep(*TINY[:3], "0-2", *TINY[4:], "--out", str(out), "--dry-run")
-    assert "already holds 4 of these 6 trials finished" in more.stdout
-    assert "--extend would run the other 2" in more.stdout
+    assert "holds 4 of these 6 trials finished: --extend would run the other 2" in more.stdout
+    proc = run_sweep(*TINY, "--out", str(stopped), "--resume")
+    assert "lacks some of the others, so the other 2 start from their first epoch" in proc.stdout
+    assert_tables_equal(tiny_reference[1], read_tables(stopped))
 
 
 def test_resume_without_tunes_experiment_runs_only_the_unfinished_trials(tiny_reference, tmp_path):
