@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                 wall, cpu, stdout = timed(cmd, env)
                 times[kind].append(wall)
                 cpus[kind].append(cpu)
-                m = re.search(r"study '[^']*': \d+ trials, (\d+) errored, (\d+) s", stdout)
+                m = re.search(r"study '[^']*': \d+ trials(?: \(\d+ in this run\))?, (\d+) errored, "
+                              r"(\d+) s", stdout)
                 if kind == "sweep" and m:
                     if int(m.group(1)):
                         raise RuntimeError(f"the sweep had {m.group(1)} errored trials")
