@@ -94,6 +94,11 @@ class Report:
     notices: list[str] = field(default_factory=list)
     tables: list[tuple[str, str, list[str]]] = field(default_factory=list)  # heading, md, files
 
+    def skipped(self, name: str, why: Skip) -> None:
+        """A figure or table the study lacks the data for: a notice, printed and on the index."""
+        self.notices.append(f"{name} skipped: {why}")
+        print(f"notice: {name} skipped: {why}")
+
 
 # --------------------------------------------------------------------------- styles
 
@@ -1457,8 +1462,7 @@ def run(study: Study, opts: Options) -> Report:
     try:
         write_stability_table(*stability_table(study, opts), study, opts, report)
     except Skip as why:
-        report.notices.append(f"gradient_stability skipped: {why}")
-        print(f"notice: gradient_stability skipped: {why}")
+        report.skipped("gradient_stability", why)
     drawers = [
         ("fig1_activations", fig_activations),
         ("fig2_noisy_bn", fig_noisy_bn),
@@ -1473,9 +1477,7 @@ def run(study: Study, opts: Options) -> Report:
             draw(study, opts, styles, report)
         except Skip as why:
             plt.close("all")
-            notice = f"{name} skipped: {why}"
-            report.notices.append(notice)
-            print(f"notice: {notice}")
+            report.skipped(name, why)
     index = write_index(study, opts, report)
     print(f"index: {index} (and index.md)")
     return report

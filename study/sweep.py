@@ -386,9 +386,15 @@ def run(args: argparse.Namespace) -> int:
             print(dry_run_text(name, replace(p, dataset=dataset), grid, resources))
         except DataError as e:  # an image folder its loader would refuse
             raise UsageError(str(e)) from None
-        held = held_text(Path(args.out).resolve(), name, study_record(name, p, grid, dataset, {}))
-        if held:
-            print(held)
+        out = Path(args.out).resolve()
+        if (out / "study.json").exists():  # what --resume or --extend would do with it
+            try:
+                pending, extending = plan_run(out, name, grid, study_record(name, p, grid, dataset, {}),
+                                              resume=True, extend=True)
+                print(f"{out} holds {len(grid) - len(pending)} of these {len(grid)} trials finished: "
+                      f"{'--extend' if extending else '--resume'} would run the other {len(pending)}")
+            except UsageError as e:
+                print(f"{out}: the sweep would refuse it: {e}")
         return 0
 
     out = Path(args.out).resolve()
@@ -404,56 +410,10 @@ def run(args: argparse.Namespace) -> int:
                      cpus_per_trial=args.cpus_per_trial, cuda_graph=bool(cuda_graph and args.gpus),
                      cpu_channels_last=CPU_CHANNELS_LAST)
     record = study_record(name, p, grid, dataset, execution)
-    study_file = out / "study.json"
-    added: list[TrialConfig] = []
-    if study_file.exists():
-        try:
-            old = json.loads(study_file.read_text())
-        except (OSError, ValueError) as e:
-            raise UsageError(f"{study_file} is unreadable ({e}); move it away to start the study "
-                             "afresh there, or use another --out") from None
-        old_ids = old.get("trial_ids", [])
-        if old.get("name") != name:
-            raise UsageError(f"{out} holds a different study ({old.get('name')!r}, {len(old_ids)} "
-                             f"trials, not {name!r}); use another --out or the study's --name")
-        if args.extend:
-            asked = set(record["trial_ids"])
-            lacking = [t for t in old_ids if t not in asked]
-            if lacking:
-                raise UsageError(f"--extend: the command must name the whole study; it lacks "
-                                 f"{len(lacking)} of the {len(old_ids)} trials in {out} "
-                                 f"({', '.join(lacking[:3])}{', ...' if len(lacking) > 3 else ''}): "
-                                 "give --norms, --noises, --lrs and --seeds the study's values too")
-            known = set(old_ids)
-            added = [c for c in grid if c.trial_id not in known]
-        elif set(old_ids) != set(record["trial_ids"]):
-            raise UsageError(f"{out} holds a different study ({old.get('name')!r}, "
-                             f"{len(old_ids)} trials); use another --out, or --extend to add "
-                             "trials to it")
-        elif not args.resume:
-            raise UsageError(f"{out} already holds this study; add --resume to continue it, "
-                             "or use another --out")
-        flag = "--extend" if args.extend else "--resume"
-        changed = changed_settings(old, record)
-        if changed:
-            raise UsageError(f"{flag}: {out} holds this study run with other settings "
-                             f"({'; '.join(changed)}); {flag[2:]} it with the study's own "
-                             "settings, or use another --out")
-        if added:
-            unfinished = [t for t in old_ids if not trial_finished(out, t)]
-            if unfinished:
-                raise UsageError(f"--extend: {len(unfinished)} of the study's {len(old_ids)} "
-                                 f"trials are unfinished ({', '.join(unfinished[:3])}"
-                                 f"{', ...' if len(unfinished) > 3 else ''}); finish them first "
-                                 "with --resume and the study's own grid, then extend it")
-
-    pending = grid
-    if args.resume or args.extend:
-        pending = [c for c in grid if not trial_finished(out, c.trial_id)]
-        if not pending:
-            print(f"study {name!r} in {out} is already complete ({len(grid)} trials); "
-                  "nothing to do")
-            return 0
+    pending, extending = plan_run(out, name, grid, record, args.resume, args.extend)
+    if not pending:
+        print(f"study {name!r} in {out} is already complete ({len(grid)} trials); nothing to do")
+        return 0
 
     address = resolve_address(args.address)
     if args.gpus and address == "local":
@@ -464,38 +424,57 @@ def run(args: argparse.Namespace) -> int:
                              "GPUs (use --address to join a cluster)")
     ray = init_ray(address)
     try:
-        return _run_tune(ray, args, p, name, grid, pending, bool(added), resources, dataset, out,
+        return _run_tune(ray, args, p, name, grid, pending, extending, resources, dataset, out,
                          storage, record)
     finally:
         ray.shutdown()
 
 
-def held_text(out: Path, name: str, record: dict) -> str:
-    """For --dry-run: what the --out folder holds of this study, and what --resume or
-    --extend would do with it ('' when it holds no study)."""
+def plan_run(out: Path, name: str, grid: list[TrialConfig], record: dict, resume: bool,
+             extend: bool) -> tuple[list[TrialConfig], bool]:
+    """What a run in ``out`` does: the trials to run and whether they extend the study there
+    (the whole grid for a new folder). Raises UsageError for a folder the run must not touch:
+    another study, other settings, an unfinished study to extend, a finished one to rerun."""
     study_file = out / "study.json"
     if not study_file.exists():
-        return ""
+        return grid, False
     try:
         old = json.loads(study_file.read_text())
     except (OSError, ValueError) as e:
-        return f"{study_file} is unreadable ({e}): the sweep would refuse it"
+        raise UsageError(f"{study_file} is unreadable ({e}); move it away to start the study "
+                         "afresh there, or use another --out") from None
+    old_ids, ids = old.get("trial_ids", []), {c.trial_id for c in grid}
     if old.get("name") != name:
-        return f"{out} holds another study ({old.get('name')!r}): use another --out or its --name"
+        raise UsageError(f"{out} holds a different study ({old.get('name')!r}, {len(old_ids)} "
+                         f"trials, not {name!r}); use another --out or the study's --name")
+    if extend:
+        lacking = [t for t in old_ids if t not in ids]
+        if lacking:
+            raise UsageError(f"--extend: the command must name the whole study; it lacks "
+                             f"{len(lacking)} of the {len(old_ids)} trials in {out} "
+                             f"({', '.join(lacking[:3])}{', ...' if len(lacking) > 3 else ''}): "
+                             "give --norms, --noises, --lrs and --seeds the study's values too")
+    elif set(old_ids) != ids:
+        raise UsageError(f"{out} holds a different study ({old.get('name')!r}, {len(old_ids)} "
+                         "trials); use another --out, or --extend to add trials to it")
+    elif not resume:
+        raise UsageError(f"{out} already holds this study; add --resume to continue it, or use "
+                         "another --out")
+    flag = "--extend" if extend else "--resume"
     changed = changed_settings(old, record)
     if changed:
-        return (f"{out} holds this study run with other settings ({'; '.join(changed)}): "
-                "--resume and --extend would refuse it")
-    ids, old_ids = set(record["trial_ids"]), set(old.get("trial_ids", []))
-    if not old_ids <= ids:
-        return (f"{out} holds {len(old_ids - ids)} trials of this study that the command does "
-                "not name: --extend would refuse it")
-    if ids != old_ids and any(not trial_finished(out, t) for t in old_ids):
-        return f"{out} holds this study unfinished: finish it with --resume before --extend"
-    done = sum(trial_finished(out, t) for t in ids)
-    flag = "--resume" if ids == old_ids else "--extend"
-    return (f"{out} holds {done} of these {len(ids)} trials finished: {flag} would run the "
-            f"other {len(ids) - done}")
+        raise UsageError(f"{flag}: {out} holds this study run with other settings "
+                         f"({'; '.join(changed)}); {flag[2:]} it with the study's own settings, "
+                         "or use another --out")
+    finished = {t for t in ids | set(old_ids) if trial_finished(out, t)}
+    extending = bool(ids - set(old_ids))
+    unfinished = [t for t in old_ids if t not in finished]
+    if extending and unfinished:
+        raise UsageError(f"--extend: {out} holds this study unfinished: finish it with --resume "
+                         f"(the study's own grid), then extend it; {len(unfinished)} of the study's "
+                         f"{len(old_ids)} trials are unfinished ({', '.join(unfinished[:3])}"
+                         f"{', ...' if len(unfinished) > 3 else ''})")
+    return [c for c in grid if c.trial_id not in finished], extending
 
 
 def changed_settings(old: dict, new: dict) -> list[str]:
