@@ -466,7 +466,11 @@ def plan_run(out: Path, name: str, grid: list[TrialConfig], record: dict, resume
         raise UsageError(f"{flag}: {out} holds this study run with other settings "
                          f"({'; '.join(changed)}); {flag[2:]} it with the study's own settings, "
                          "or use another --out")
-    finished = {t for t in ids | set(old_ids) if trial_finished(out, t)}
+    gaps = {t: trial_gap(out, t) for t in ids | set(old_ids)}
+    finished = {t for t, gap in gaps.items() if gap is None}
+    for t, gap in gaps.items():
+        if gap and gap not in ("not run", "running", "error"):
+            print(f"note: {t} runs again from its first epoch: {gap}", file=sys.stderr)
     extending = bool(ids - set(old_ids))
     unfinished = [t for t in old_ids if t not in finished]
     if extending and unfinished:
@@ -505,18 +509,41 @@ def changed_settings(old: dict, new: dict) -> list[str]:
 
 
 def trial_finished(out: Path, trial_id: str) -> bool:
-    """Whether the results folder records the trial as done or diverged (an end, not a fault)."""
+    """Whether the results folder records the trial as done or diverged (an end, not a fault)
+    and still holds the rows of every epoch it ran."""
+    return trial_gap(out, trial_id) is None
+
+
+def trial_gap(out: Path, trial_id: str) -> str | None:
+    """Why the trial must run (again), or None if its results are whole: no end recorded, or
+    an end whose epoch, layer or step rows are gone (a file moved away, a copy cut short)."""
     from study import results
 
     path = results.table_path(out, "trials", trial_id)
     if not path.exists():
-        return False
+        return "not run"
+    row = _read_rows(path, ["status", "epochs_done"])[0]
+    if row["status"] not in ("done", "diverged"):
+        return row["status"]
+    for table in ("epochs", "layers", "steps"):
+        part = results.table_path(out, table, trial_id)
+        if not part.exists():
+            return f"trials/{path.name} records it {row['status']}, but {table}/{part.name} is missing"
+        epochs = {r["epoch"] for r in _read_rows(part, ["epoch"])}
+        if table == "epochs" and epochs != set(range(1, row["epochs_done"] + 1)):
+            return (f"trials/{path.name} records {row['epochs_done']} epochs, but {table}/{part.name} "
+                    f"holds {len(epochs)}")
+    return None
+
+
+def _read_rows(path: Path, columns: list[str]) -> list[dict]:
+    from study import results
+
     try:
-        status = results.read_table_file(path).column("status")[0].as_py()
+        return results.read_table_file(path, columns=columns).to_pylist()
     except Exception as e:  # noqa: BLE001 -- a damaged file: one clear message, nothing deleted
         raise UsageError(f"{path} is unreadable ({type(e).__name__}: {e}); move it away and that "
                          "trial runs again") from None
-    return status in ("done", "diverged")
 
 
 def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], pending: list[TrialConfig],
@@ -567,11 +594,13 @@ def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], pending:
         # writer is this run's (the folder may have moved): see ParquetWriterCallback
         with ParquetWriterCallback.driving(writer):
             restored = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
-        # an extension stopped before Tune saved its experiment leaves the study's older one,
-        # which lacks the added trials: those would never run
-        known = {TrialConfig.from_dict(r.config["trial"]).trial_id
-                 for r in restored.get_results() if r.config and "trial" in r.config}
-        if all(c.trial_id in known for c in pending):
+        # Tune runs only the trials its experiment holds unfinished. An extension stopped
+        # before Tune saved leaves the study's older experiment, which lacks the added trials;
+        # a finished trial whose rows were moved away is one Tune holds as ended
+        last_status = {TrialConfig.from_dict(r.config["trial"]).trial_id: r.metrics.get("status")
+                       for r in restored.get_results() if r.config and "trial" in r.config}
+        if all(c.trial_id in last_status and last_status[c.trial_id] not in ("done", "diverged")
+               for c in pending):
             tuner = restored
             print(f"resuming {name!r} from Tune's experiment in {exp_path}: "
                   f"{len(grid) - len(pending)} of {len(grid)} trials are finished")
@@ -581,8 +610,8 @@ def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], pending:
                   "the finished trials are kept")
         elif args.resume or args.extend:
             print(f"resuming {name!r}: {len(grid) - len(pending)} of {len(grid)} trials are finished; "
-                  f"Tune's experiment in {exp_path} cannot be restored or lacks some of the others, "
-                  f"so the other {len(pending)} start from their first epoch")
+                  f"Tune's experiment in {exp_path} cannot be restored, lacks some of the others or "
+                  f"holds some as ended, so the other {len(pending)} start from their first epoch")
         reporter = tune.CLIReporter(
             parameter_columns={"trial/norm": "norm", "trial/noise": "noise", "trial/lr": "lr",
                                "trial/seed": "seed"},

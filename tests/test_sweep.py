@@ -214,7 +214,8 @@ def test_extend_runs_only_the_added_trials(tiny_reference, tmp_path):
     more = run_sweep(*TINY[:3], "0-2", *TINY[4:], "--out", str(out), "--dry-run")
     assert "holds 4 of these 6 trials finished: --extend would run the other 2" in more.stdout
     proc = run_sweep(*TINY, "--out", str(stopped), "--resume")
-    assert "lacks some of the others, so the other 2 start from their first epoch" in proc.stdout
+    assert "lacks some of the others or holds some as ended, so the other 2 start from their " \
+        "first epoch" in proc.stdout
     assert_tables_equal(tiny_reference[1], read_tables(stopped))
 
 
@@ -233,6 +234,31 @@ def test_resume_without_tunes_experiment_runs_only_the_unfinished_trials(tiny_re
     assert "3 of 4 trials are finished" in proc.stdout and "cannot be restored" in proc.stdout
     assert "Checkpoint successfully created" not in proc.stdout + proc.stderr  # progress, not log spam
     assert {f: f.stat().st_mtime_ns for f in kept} == kept  # the finished trials were not rerun
+    assert_tables_equal(tiny_reference[1], read_tables(out))
+
+
+def test_resume_reruns_finished_trials_whose_rows_are_gone(tiny_reference, tmp_path):
+    """A trial's rows moved away (the trials row, as the unreadable-file message advises, or
+    its epoch rows) make it run again, though Tune's saved experiment holds it as ended; the
+    study then holds the reference numbers and the other trials are not rerun."""
+    out = _copy_study(tiny_reference[0], tmp_path / "results")
+    (out / "trials" / "batch-lr0.02-seed1.parquet").unlink()
+    (out / "epochs" / "none-lr0.02-seed0.parquet").unlink()
+    kept = {f: f.stat().st_mtime_ns for f in out.rglob("*.parquet")
+            if f.stem not in ("batch-lr0.02-seed1", "none-lr0.02-seed0")}
+    dry = run_sweep(*TINY, "--out", str(out), "--dry-run")
+    assert "holds 2 of these 4 trials finished" in dry.stdout
+    assert "none-lr0.02-seed0 runs again" in dry.stderr and "epochs/none-lr0.02-seed0.parquet is " \
+        "missing" in dry.stderr
+    proc = run_sweep(*TINY, "--out", str(out), "--resume")
+    assert "holds some as ended, so the other 2 start from their first epoch" in proc.stdout
+    assert "unfinished" not in proc.stderr
+    assert {f: f.stat().st_mtime_ns for f in kept} == kept
+    assert_tables_equal(tiny_reference[1], read_tables(out))
+    cut = out / "epochs" / "batch-lr0.02-seed0.parquet"  # a copy that lost its last epoch
+    results.write_atomic(results.read_table_file(cut).slice(0, 2), cut)
+    again = run_sweep(*TINY, "--out", str(out), "--resume")
+    assert "trials/batch-lr0.02-seed0.parquet records 3 epochs, but epochs/" in again.stderr
     assert_tables_equal(tiny_reference[1], read_tables(out))
 
 
