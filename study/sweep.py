@@ -640,7 +640,7 @@ def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], pending:
     grid_result = tuner.fit()  # a first Ctrl-C makes Tune save its state and return
     errors = grid_result.num_errors
     unfinished = [c for c in grid if not trial_finished(out, c.trial_id)]
-    print(f"\nstudy {name!r}: {len(grid)} trials ({len(grid_result)} in this run), {errors} errored, "
+    print(f"\nstudy {name!r}: {len(grid)} trials ({len(pending)} in this run), {errors} errored, "
           f"{time.time() - t0:.0f} s. Results: {out}\n"
           f"draw the figures with:  python -m analysis.figures {out}")
     if errors:

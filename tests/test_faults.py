@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -128,7 +129,9 @@ def test_ctrl_c_stops_with_a_resume_hint_and_resume_finishes(tmp_path, fault_ref
     assert proc.returncode == 130, output[-3000:]
     assert "unfinished; continue with the same command and --resume" in output
     assert "Traceback" not in output
+    unfinished = re.search(r"stopped with (\d+) of the study's", output)[1]
     proc = run_sweep(*FAULT, "--out", str(out), "--resume")
+    assert f"({unfinished} in this run)" in proc.stdout  # not the finished trials Tune restored
     assert_tables_equal(fault_reference, read_tables(out))
 
 
