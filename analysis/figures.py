@@ -666,12 +666,14 @@ def accuracy_table(study: Study, opts: Options) -> pd.DataFrame:
 
 def _add_intervals(rows: pd.DataFrame, runs: pd.DataFrame, keys: list[str], columns: Sequence[str],
                    opts: Options) -> None:
-    """``rows`` (indexed by ``keys``) gain ``<column>_mean``, ``_lo`` and ``_hi``: each column's
-    mean over ``runs`` per key and its interval (``--ci``, ``--level``)."""
+    """``rows`` (indexed by ``keys``) gain ``<column>_mean``, ``_lo``, ``_hi`` and ``_n``: each
+    column's mean over the ``runs`` with a finite value per key, its interval (``--ci``,
+    ``--level``) and how many runs it is over."""
     for column in columns:
         est = _estimate(runs.assign(x=0), keys, "x", column, opts).set_index(keys)
         for part in ("mean", "lo", "hi"):
             rows[f"{column}_{part}"] = est[part].reindex(rows.index)
+        rows[f"{column}_n"] = est["n"].reindex(rows.index).fillna(0).astype(int)
 
 
 def _interval_note(opts: Options) -> str:
@@ -703,19 +705,22 @@ def _write_table(opts: Options, report: Report, stem: str, heading: str, title: 
     print(f"wrote {opts.out / stem}.md, .csv, .tex" + "".join(f", {f}" for f in extra_files))
 
 
-def _cell(mean: float, lo: float, hi: float, n: int, latex: bool, symmetric: bool,
+def _cell(mean: float, lo: float, hi: float, n: int, of: int, latex: bool, symmetric: bool,
           digits: int = 2) -> str:
     """``mean ± half-width`` for a symmetric interval (Student-t), ``mean [lo, hi]`` for one
-    that need not be (the percentile bootstrap)."""
+    that need not be (the percentile bootstrap); over ``n`` runs, said where the row has ``of``
+    more (runs without a finite value)."""
     f = f".{digits}f"
-    if not np.isfinite(mean):
+    if not np.isfinite(mean) or n < 1:
         return "–"
-    if n <= 1 or not (np.isfinite(lo) and np.isfinite(hi)):
-        return f"{mean:{f}}"
+    fewer = "" if n >= of else f" (n={n})"
+    if n == 1 or not (np.isfinite(lo) and np.isfinite(hi)):
+        return f"{mean:{f}}{fewer}"
     if symmetric:
         hw = (hi - lo) / 2
-        return f"${mean:{f}} \\pm {hw:{f}}$" if latex else f"{mean:{f}} ± {hw:{f}}"
-    return f"${mean:{f}}$ [{lo:{f}}, {hi:{f}}]" if latex else f"{mean:{f}} [{lo:{f}}, {hi:{f}}]"
+        return (f"${mean:{f}} \\pm {hw:{f}}${fewer}" if latex else f"{mean:{f}} ± {hw:{f}}{fewer}")
+    return (f"${mean:{f}}$ [{lo:{f}}, {hi:{f}}]{fewer}" if latex
+            else f"{mean:{f}} [{lo:{f}}, {hi:{f}}]{fewer}")
 
 
 def write_accuracy_table(table: pd.DataFrame, study: Study, opts: Options, report: Report) -> None:
@@ -726,7 +731,8 @@ def write_accuracy_table(table: pd.DataFrame, study: Study, opts: Options, repor
     notes = [
         "Accuracy in percent at the last epoch; train accuracy is the running average over the "
         "last epoch (the seed's measure).",
-        _interval_note(opts) + "; no interval where n = 1.",
+        _interval_note(opts) + "; no interval where n = 1, and a cell over fewer runs (a value "
+        "missing) gives its own n.",
         "Diverged runs (a non-finite loss) are counted in the 'diverged' column and excluded "
         "from the means; so are failed ('error') and still running runs.",
         f"Dataset: {', '.join(study.datasets)}.",
@@ -736,8 +742,9 @@ def write_accuracy_table(table: pd.DataFrame, study: Study, opts: Options, repor
     def cells(r, tex: bool) -> list[str]:
         """One table row's cells, for Markdown or LaTeX."""
         return [_tex_escape(r.variant) if tex else r.variant, format_number(r.lr),
-                *(_cell(getattr(r, f"{m}_mean"), getattr(r, f"{m}_lo"), getattr(r, f"{m}_hi"), r.n, tex,
-                        symmetric=opts.method == "t") for m, _ in metrics),
+                *(_cell(getattr(r, f"{m}_mean"), getattr(r, f"{m}_lo"), getattr(r, f"{m}_hi"),
+                        getattr(r, f"{m}_n"), r.n, tex, symmetric=opts.method == "t")
+                  for m, _ in metrics),
                 *(str(v) for v in (r.n, r.diverged, r.error, r.running))]
 
     rows = list(table.itertuples(index=False))
@@ -796,8 +803,9 @@ def write_stability_table(table: pd.DataFrame, skip: int, study: Study, opts: Op
 
     def cells(r, tex: bool) -> list[str]:
         return [_tex_escape(r.variant) if tex else r.variant, format_number(r.lr),
-                *(_cell(getattr(r, f"{m}_mean"), getattr(r, f"{m}_lo"), getattr(r, f"{m}_hi"), r.n,
-                        tex, symmetric=opts.method == "t", digits=3) for m in STABILITY_METRICS),
+                *(_cell(getattr(r, f"{m}_mean"), getattr(r, f"{m}_lo"), getattr(r, f"{m}_hi"),
+                        getattr(r, f"{m}_n"), r.n, tex, symmetric=opts.method == "t", digits=3)
+                  for m in STABILITY_METRICS),
                 str(r.n)]
 
     rows = list(table.itertuples(index=False))
@@ -904,7 +912,8 @@ def histogram_densities(layers: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Densities of every row's histogram on one common bin grid: (edges, densities[row, bin]).
 
     Rows whose bins differ are re-binned through their cumulative counts, so seeds can be
-    averaged even if a run changed its histogram range.
+    averaged even if a run changed its histogram range. A row's outer bins also hold the values
+    clamped into them (tails, not density): they go to the common grid's outer bins.
     """
     lo, hi = layers["hist_lo"].to_numpy(float), layers["hist_hi"].to_numpy(float)
     lengths = layers["hist"].map(len).to_numpy()
@@ -918,8 +927,10 @@ def histogram_densities(layers: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         for i, (h, a, b) in enumerate(zip(layers["hist"], lo, hi, strict=True)):
             h = np.asarray(h, dtype=float)
             own = np.linspace(a, b, len(h) + 1)
-            cdf = np.concatenate([[0.0], np.cumsum(h)])
-            counts[i] = np.diff(np.interp(edges, own, cdf))
+            cdf = np.concatenate([[0.0], np.cumsum(h[1:-1])])
+            counts[i] = np.diff(np.interp(edges, own[1:-1], cdf))
+            counts[i, 0] += h[0]
+            counts[i, -1] += h[-1] if len(h) > 1 else 0.0
     total = counts.sum(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         return edges, np.where(total > 0, counts / total / width, np.nan)

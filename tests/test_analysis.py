@@ -209,6 +209,27 @@ def test_gradient_stability_table_equals_hand_computation(study):
     assert "$\\Delta$" in (study["folder"] / "figures" / "gradient_stability.tex").read_text()
 
 
+def test_a_cell_over_fewer_runs_than_n_gives_its_own_n(tmp_path):
+    """Two of three done runs without a finite test accuracy: the cell is the one run's value,
+    marked n=1, with no interval (not a zero-width one read as over 3 runs)."""
+    folder = tmp_path / "nan"
+    write_synthetic_study(folder, variants=(("batch", 0.0),), lrs=(1e-3,), epochs=2,
+                          steps_per_epoch=10, hist_bins=8)
+    for seed in (1, 2):
+        path = results.table_path(folder, "epochs", trial_id("batch", 0.0, 1e-3, seed))
+        rows = results.read_table_file(path).to_pylist()
+        rows[-1]["test_acc"] = float("nan")
+        results.write_atomic(results.to_arrow("epochs", rows), path)
+    code, _, err = run_main([str(folder), "--out", str(tmp_path / "fig")])
+    assert code == 0, err
+    table = pd.read_csv(tmp_path / "fig" / "accuracy_table.csv").iloc[0]
+    assert table["n"] == 3 and table["test_n"] == 1 and table["train_n"] == 3
+    one = pd.read_parquet(results.table_path(folder, "epochs", trial_id("batch", 0.0, 1e-3, 0)))
+    row = (tmp_path / "fig" / "accuracy_table.md").read_text().splitlines()[4]
+    assert f"| {100 * one['test_acc'].iloc[-1]:.2f} (n=1) |" in row, row
+    assert row.count(" ± ") == 2  # train and validation, over the 3 runs
+
+
 def test_bootstrap_table_shows_its_interval_not_a_half_width(study, tmp_path):
     """A percentile bootstrap interval need not be symmetric about the mean: the table shows it."""
     out = tmp_path / "boot"
@@ -452,6 +473,10 @@ def test_histogram_densities_integrate_to_one_on_mixed_bins():
     edges, dens = figures.histogram_densities(layers)
     assert edges[0] == -8 and edges[-1] == 8
     np.testing.assert_allclose((dens * np.diff(edges)).sum(axis=1), 1.0)
+    # by hand: the second row's inner bins [-3, -2] ... [2, 3] fall into the common bins of
+    # width 2; its outer bins hold values clamped into them, which stay in the outer bins
+    np.testing.assert_allclose(dens[1] * 2 * 36, [1, 0, 2, 3 + 4, 5 + 6, 7, 0, 8])
+    np.testing.assert_allclose(dens[0] * 2 * 20, [0, 0, 2.5, 2.5, 5, 5, 0, 5])
 
 
 def test_import_loads_neither_torch_nor_ray():
