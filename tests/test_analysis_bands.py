@@ -1,6 +1,9 @@
-"""Confidence bands across seeds, checked against scipy and against simulation."""
+"""Confidence bands across seeds, checked against scipy, simulation and exact bootstrap enumeration."""
 
 from __future__ import annotations
+
+import itertools
+import math
 
 import numpy as np
 import pandas as pd
@@ -102,3 +105,55 @@ def test_labels_for_captions():
     assert "bootstrap" in bands.method_label("bootstrap", 0.9)
     assert bands.describe_n([5, 5, 5]) == "n = 5 seeds"
     assert bands.describe_n([3, 5]) == "n = 3–5 seeds per point"
+
+
+def exact_bootstrap_quantile(values: np.ndarray):
+    """Q(p) = min{m : P(M <= m) >= p}, M the mean of a resample of ``values`` with replacement,
+    from its exact distribution: every multiset of indices, weighted by its multinomial chance."""
+    n = len(values)
+    means, weights = [], []
+    for pick in itertools.combinations_with_replacement(range(n), n):
+        counts = np.bincount(pick, minlength=n)
+        means.append(values[list(pick)].mean())
+        weights.append(math.factorial(n) / np.prod([math.factorial(k) for k in counts]) / n**n)
+    order = np.argsort(means)
+    means, cdf = np.asarray(means)[order], np.cumsum(np.asarray(weights)[order])
+
+    def quantile(p: float) -> float:
+        return float(means[min(np.searchsorted(cdf, p - 1e-12), len(means) - 1)])
+
+    return quantile
+
+
+def test_bootstrap_of_interleaved_groups_matches_exact_percentiles_at_the_level():
+    """Rows of groups with different n (1, 2, 5, 5, 6, 7 seeds) interleaved in random order, level
+    0.8: each group's mean and n are its own, and its interval [lo, hi] is the (0.1, 0.9)
+    percentile pair of the bootstrap distribution of its mean. Reference: that distribution
+    enumerated exactly per group. The package draws ``reps`` resamples, so its percentiles are
+    Monte Carlo estimates: by the DKW inequality each lies, but for a chance below 1e-6, within
+    the exact quantiles at p ± eps, eps = sqrt(ln(2e6) / (2 reps)) + 2 / reps (the 2 / reps
+    for linear interpolation between order statistics)."""
+    level, reps = 0.8, 20_000
+    rng = np.random.default_rng(3)
+    sizes = {("a", 1): 5, ("a", 2): 7, ("b", 1): 5, ("b", 2): 6, ("c", 1): 2, ("c", 2): 1}
+    groups = {key: 10.0 * i + rng.normal(0, 1, n) for i, (key, n) in enumerate(sizes.items())}
+    frame = long_frame({key: list(v) for key, v in groups.items()})
+    frame = frame.sample(frac=1, random_state=4).reset_index(drop=True)  # interleave the groups
+    runs = np.count_nonzero(np.diff(frame.groupby(["variant", "x"]).ngroup().to_numpy())) + 1
+    assert runs > 2 * len(groups)  # each group's rows are spread out, not in one block
+    est = bands.get_interval_estimates(
+        frame, ["variant"], "x", method="bootstrap", confidence_interval_size=level, reps=reps
+    )
+    assert len(est) == len(groups)
+    alpha = (1 - level) / 2
+    eps = math.sqrt(math.log(2e6) / (2 * reps)) + 2 / reps
+    for row in est.itertuples():
+        values = groups[(row.variant, row.x)]
+        assert row.n == len(values)
+        assert row.mean == pytest.approx(values.mean(), rel=1e-12)
+        if len(values) == 1:
+            assert row.lo == row.hi == row.mean
+            continue
+        q = exact_bootstrap_quantile(values)
+        for got, p in ((row.lo, alpha), (row.hi, 1 - alpha)):
+            assert q(p - eps) - 1e-12 <= got <= q(p + eps) + 1e-12, (row.variant, row.x, p, got)
