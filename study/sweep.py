@@ -596,9 +596,10 @@ def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], pending:
             restored = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
         # Tune runs only the trials its experiment holds unfinished. An extension stopped
         # before Tune saved leaves the study's older experiment, which lacks the added trials;
-        # a finished trial whose rows were moved away is one Tune holds as ended
-        last_status = {TrialConfig.from_dict(r.config["trial"]).trial_id: r.metrics.get("status")
-                       for r in restored.get_results() if r.config and "trial" in r.config}
+        # a finished trial whose rows were moved away is one Tune holds as ended. A trial's
+        # folder is its id (trial_name); one that has not reported yet has no config here
+        last_status = {Path(r.path).name: (r.metrics or {}).get("status")
+                       for r in restored.get_results()}
         if all(c.trial_id in last_status and last_status[c.trial_id] not in ("done", "diverged")
                for c in pending):
             tuner = restored

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import time
@@ -114,9 +113,12 @@ def test_killed_driver_resumes_in_a_moved_folder_without_loss_or_duplicates(tmp_
 
 def test_ctrl_c_stops_with_a_resume_hint_and_resume_finishes(tmp_path, fault_reference):
     """Ctrl-C in a terminal (SIGINT to the sweep's process group): Tune saves its state and
-    the sweep says the study is unfinished, exits 130, and --resume gives the reference."""
+    the sweep says the study is unfinished, exits 130, and --resume gives the reference. Ray
+    gets one CPU, so one trial runs and the other has not started: as in any study with more
+    trials than slots, --resume must still restore Tune's experiment and its checkpoints."""
     out = tmp_path / "results"
-    proc = subprocess.Popen(sweep_cmd(*FAULT, "--out", str(out)), cwd=ROOT, env=sweep_env(),
+    one_slot = {"RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": 1})}
+    proc = subprocess.Popen(sweep_cmd(*FAULT, "--out", str(out)), cwd=ROOT, env=sweep_env(**one_slot),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -129,9 +131,10 @@ def test_ctrl_c_stops_with_a_resume_hint_and_resume_finishes(tmp_path, fault_ref
     assert proc.returncode == 130, output[-3000:]
     assert "unfinished; continue with the same command and --resume" in output
     assert "Traceback" not in output
-    unfinished = re.search(r"stopped with (\d+) of the study's", output)[1]
-    proc = run_sweep(*FAULT, "--out", str(out), "--resume")
-    assert f"({unfinished} in this run)" in proc.stdout  # not the finished trials Tune restored
+    assert "stopped with 2 of the study's 2 trials unfinished" in output  # one never started
+    proc = run_sweep(*FAULT, "--out", str(out), "--resume", env=one_slot)
+    assert "resuming 'fault' from Tune's experiment" in proc.stdout, proc.stdout[-3000:]
+    assert "(2 in this run)" in proc.stdout
     assert_tables_equal(fault_reference, read_tables(out))
 
 
