@@ -76,7 +76,19 @@ def run(args: argparse.Namespace) -> int:
     if "://" in (args.storage or ""):
         raise UsageError("remote storage: copy the experiment folder here and pass its parent as --storage")
     storage = Path(args.storage) if args.storage else out / "tune"
+    planned = record.get("trials")  # an older study.json lacks them: every checkpoint is its
+    if planned is not None and not any(t.get("norm") in NOISY_VARIANTS for t in planned):
+        raise UsageError(f"the study in {out} has no noisy-BN trials (its variants: "
+                         f"{', '.join(sorted({t.get('norm', '?') for t in planned}))})")
     checkpoints = last_checkpoints(storage / name)
+    if record.get("trial_ids") is not None:  # a --storage shared with another study of this name
+        ids = set(record["trial_ids"])
+        other = sorted(set(checkpoints) - ids)
+        if other:
+            print(f"study.noise_eval: leaving out {len(other)} checkpointed trial(s) in "
+                  f"{storage / name} that the study does not have ({', '.join(other[:3])}"
+                  f"{', ...' if len(other) > 3 else ''})", file=sys.stderr)
+        checkpoints = {t: path for t, path in checkpoints.items() if t in ids}
     states = {}
     for trial, path in checkpoints.items():
         try:
@@ -96,14 +108,23 @@ def run(args: argparse.Namespace) -> int:
                             log=lambda s: print(s, file=sys.stderr))
     except DataError as e:
         raise UsageError(str(e)) from e
-    for trial in states:  # the trials record the dataset they trained on; evaluate on that one
+    for trial in list(states):  # the trials record the dataset they trained on; evaluate on that one
         path = results.table_path(out, "trials", trial)
         if path.exists():
-            (trained_on,) = set(results.read_table_file(path, ["dataset"]).column("dataset").to_pylist())
+            row = results.read_table_file(path, ["dataset", "status"]).to_pylist()[0]
+            trained_on = row["dataset"]
+            if row["status"] == "diverged":  # its weights are not finite: no accuracy to speak of
+                print(f"study.noise_eval: skipping {trial}: it diverged", file=sys.stderr)
+                del states[trial]
+                continue
             if trained_on != data.name:
                 raise UsageError(f"{trial} trained on {trained_on}, but the study's dataset "
                                  f"{preset['dataset']!r} with --data-dir {args.data_dir} gives "
                                  f"{data.name}; pass the --data-dir the sweep had")
+    if not states:
+        raise UsageError(f"every noisy-BN trial of the study in {out} diverged")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: PyTorch sees no CUDA device here")
     device = pick_device(args.device)
     test_x = torch.from_numpy(data.test_x).to(device)
     test_y = torch.from_numpy(data.test_y).long().to(device)
@@ -120,13 +141,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("results", help="the study's results folder (holds study.json)")
     ap.add_argument("--storage", default=None, help="Tune's storage path of the study (default RESULTS/tune)")
     ap.add_argument("--data-dir", default="data", help="where the study's dataset is (as for the sweep)")
-    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                    help="where to evaluate (auto: cuda if there is one)")
     args = ap.parse_args(argv)
     try:
         return run(args)
     except UsageError as e:
         print(f"study.noise_eval: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("study.noise_eval: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -117,3 +117,42 @@ def test_cli_refuses_to_evaluate_on_another_dataset_than_the_trials_trained_on(t
     assert noise_eval.main([str(out)]) == 2
     err = capsys.readouterr().err
     assert "trained on cifar10" in err and "--data-dir" in err
+
+
+def test_cli_evaluates_only_the_studys_trials_and_skips_diverged_ones(tmp_path, capsys):
+    """A --storage shared with another study of the same name holds its checkpoints too: only
+    the trials study.json lists are evaluated, the others named. A diverged trial (its trials
+    row says so) is skipped with a note; if every noisy trial diverged, that is the error."""
+    import shutil
+
+    from study import results
+
+    out, _ = make_study(tmp_path)
+    study = json.loads((out / "study.json").read_text())
+    ids = ["noisy_batch-trial", "batch-trial"]
+    study.update(trial_ids=ids, trials=[{"norm": "noisy_batch"}, {"norm": "batch"}])
+    (out / "study.json").write_text(json.dumps(study))
+    shutil.copytree(out / "tune/study/noisy_batch-trial", out / "tune/study/noisy_batch-other")
+    assert noise_eval.main([str(out), "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "noisy_batch-trial" in captured.out and "noisy_batch-other" not in captured.out
+    assert "leaving out 1 checkpointed trial(s)" in captured.err and "noisy_batch-other" in captured.err
+    row = dict(trial_id="noisy_batch-trial", dataset="synthetic", status="diverged")
+    path = results.table_path(out, "trials", row["trial_id"])
+    results.write_atomic(results.to_arrow("trials", [row]), path)
+    assert noise_eval.main([str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "skipping noisy_batch-trial: it diverged" in err and "every noisy-BN trial" in err
+
+
+def test_cli_refuses_a_study_without_noisy_trials_and_a_device_it_lacks(tmp_path, capsys):
+    out, _ = make_study(tmp_path, norms=("batch",))
+    study = json.loads((out / "study.json").read_text())
+    (out / "study.json").write_text(json.dumps(dict(study, trials=[{"norm": "batch"}, {"norm": "none"}])))
+    assert noise_eval.main([str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("has no noisy-BN trials (its variants: batch, none)") and "\n" not in err
+    if not torch.cuda.is_available():
+        noisy, _ = make_study(tmp_path / "noisy", norms=("noisy_batch",))
+        assert noise_eval.main([str(noisy), "--device", "cuda"]) == 2
+        assert "--device cuda: PyTorch sees no CUDA device" in capsys.readouterr().err
