@@ -1409,7 +1409,25 @@ def _one_line(message: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (2 for bad input, nothing written)."""
+    """Run the command line; returns the exit status (2 for bad input, nothing written).
+
+    Ctrl-C gives one line and status 130, not a traceback: it says whether anything was written.
+    """
+    started: list[Path] = []  # the output folder, once writing into it has begun
+    try:
+        return _main(argv, started)
+    except KeyboardInterrupt:
+        plt.close("all")
+        done = (
+            f"the files written so far in {started[0]} are kept, but its index is not up to date"
+            if started
+            else "nothing was written"
+        )
+        sys.stderr.write(f"{PROG}: interrupted; {done}\n")
+        return 130
+
+
+def _main(argv: Sequence[str] | None, started: list[Path]) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -1446,6 +1464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         smooth=args.smooth,
         formats=args.formats,
     )
+    started.append(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"

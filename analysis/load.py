@@ -91,8 +91,10 @@ def load_study(path: str | Path, *, step_columns: Sequence[str] | None = None) -
     """Read ``path`` (a results folder) into a :class:`Study`.
 
     ``step_columns`` limits the ``steps`` columns read (besides trial_id, step and epoch), since
-    a full study has millions of step rows. Raises :class:`ResultsError` for a missing folder,
-    a folder without results, an unreadable file or an unknown schema version.
+    a full study has millions of step rows. Where study.json lists ``trial_ids``, only those
+    trials' files are read, so other runs left in the folder cannot skew the study. Raises
+    :class:`ResultsError` for a missing folder, a folder without results, an unreadable file or
+    an unknown schema version.
     """
     root = Path(path)
     if not root.exists():
@@ -113,7 +115,13 @@ def load_study(path: str | Path, *, step_columns: Sequence[str] | None = None) -
 
     notices: list[str] = []
     config = _read_config(root, notices)
-    trials = _prepare_trials(_read_table(files["trials"], "trials").to_pandas(), notices)
+    planned = _planned_ids(config)
+    if planned is not None:
+        files = _only_planned(root, files, planned, notices)
+    trials = _read_table(files["trials"], "trials").to_pandas()
+    if planned is not None:  # a file named after a planned trial may still hold another's row
+        trials = trials[trials["trial_id"].astype(str).isin(planned)]
+    trials = _prepare_trials(trials, notices)
 
     frames: dict[str, pd.DataFrame] = {}
     for name in ("epochs", "layers", "steps", "probes"):
@@ -151,6 +159,35 @@ def _table_files(folder: Path) -> list[Path]:
     )
 
 
+def _planned_ids(config: dict) -> set[str] | None:
+    """The trial ids study.json lists, or None where it lists none (then every file is read)."""
+    ids = config.get("trial_ids")
+    if not isinstance(ids, list) or not ids:
+        return None
+    return {str(t) for t in ids}
+
+
+def _only_planned(
+    root: Path, files: dict[str, list[Path]], planned: set[str], notices: list[str]
+) -> dict[str, list[Path]]:
+    """Drop the files of trials study.json does not list (another grid run or copied into the
+    folder), so that they are neither mixed into the study nor able to block it; say so once."""
+    kept = {name: [p for p in paths if p.stem in planned] for name, paths in files.items()}
+    other = [p for name, paths in files.items() for p in paths if p.stem not in planned]
+    if other:
+        ids = sorted({p.stem for p in other})
+        notices.append(
+            f"{len(other)} file(s) of {len(ids)} trial(s) not in study.json's trial_ids were "
+            f"left out: {', '.join(ids[:3])}{f', and {len(ids) - 3} more' if len(ids) > 3 else ''}"
+        )
+    if files["trials"] and not kept["trials"]:
+        raise ResultsError(
+            f"{root}: none of its trials/*.parquet files is of a trial listed in "
+            f"{root / 'study.json'} (trial_ids); is it the study's results folder?"
+        )
+    return kept
+
+
 def _read_table(paths: list[Path], table: str, columns: Sequence[str] | None = None) -> pa.Table:
     schema = results.TABLES[table]
     wanted = list(schema.names) if columns is None else list(dict.fromkeys(columns))
@@ -181,6 +218,8 @@ def _read_file(path: Path, table: str, columns: list[str]) -> pa.Table:
         data = pf.read(columns=present)
     except results.SchemaVersionError as exc:
         raise ResultsError(str(exc)) from exc
+    except KeyError as exc:  # read_dictionary names a column the file lacks: a foreign file
+        raise ResultsError(f"{path}: not a bnstudy results file (no trial_id column)") from exc
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise ResultsError(f"{path}: not a readable Parquet file ({exc})") from exc
     # Unify the trial_id type so files with and without a dictionary concatenate.

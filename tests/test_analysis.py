@@ -6,12 +6,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from scipy import stats
@@ -98,6 +100,44 @@ def test_planned_trials_without_rows_are_reported(tmp_path):
     (folder / "study.json").write_text(json.dumps({"trial_ids": [rows[0]["trial_id"], "ghost"]}))
     notices = " ".join(load.load_study(folder).notices)
     assert "1 of the study's 2 planned trials have not started: ghost" in notices
+
+
+def test_files_of_trials_study_json_does_not_list_are_left_out(tmp_path):
+    """Another grid run (or files copied) into the folder: with study.json's trial_ids, only
+    the study's trials are read, as if the extra files were not there, and the user is told."""
+    small = dict(variants=(("none", 0.0), ("batch", 0.0)), lrs=(0.001,), seeds=(0, 1), epochs=2,
+                 steps_per_epoch=10, probe_every=5)
+    folder, clean = tmp_path / "mixed", tmp_path / "clean"
+    rows = write_synthetic_study(folder, **small)
+    config = json.loads((folder / "study.json").read_text())
+    config["trial_ids"] = [r["trial_id"] for r in rows]
+    (folder / "study.json").write_text(json.dumps(config))
+    shutil.copytree(folder, clean)
+    extra = tmp_path / "extra"
+    write_synthetic_study(extra, **{**small, "seeds": (7,)}, study_json=False, random_state=1)
+    for path in extra.glob("*/*.parquet"):
+        shutil.copy(path, folder / path.parent.name / path.name)
+    extra_ids = sorted({p.stem for p in extra.glob("trials/*.parquet")})
+
+    mixed, alone = load.load_study(folder), load.load_study(clean)
+    for name in ("trials", "epochs", "layers", "steps", "probes"):
+        pd.testing.assert_frame_equal(getattr(mixed, name), getattr(alone, name))
+    opts = figures.Options(results=folder, out=tmp_path / "unused", lr=0.001)
+    pd.testing.assert_frame_equal(
+        figures.accuracy_table(mixed, opts), figures.accuracy_table(alone, opts)
+    )
+    notice = [n for n in mixed.notices if "left out" in n]
+    assert len(notice) == 1 and all(tid in notice[0] for tid in extra_ids)
+    assert notice[0].startswith(f"{5 * len(extra_ids)} file(s) of {len(extra_ids)} trial(s)")
+    assert not any("left out" in n for n in alone.notices)
+    # Without trial_ids there is nothing to tell the study's files from others: all are read.
+    del config["trial_ids"]
+    (folder / "study.json").write_text(json.dumps(config))
+    assert set(extra_ids) <= set(load.load_study(folder).trials["trial_id"])
+    # A study.json listing none of the folder's trials: refused, not an empty study.
+    (folder / "study.json").write_text(json.dumps({**config, "trial_ids": ["ghost"]}))
+    code, _, err = run_main([str(folder)])
+    assert_refused(code, err, "trial_ids", str(folder / "study.json"))
 
 
 def test_variant_labels():
@@ -578,6 +618,43 @@ def test_unknown_schema_version_is_refused(tmp_path):
     code, _, err = run_main([str(folder)])
     assert_refused(code, err, "schema version 99", str(path))
     assert not (folder / "figures").exists()
+
+
+def test_a_foreign_parquet_file_is_refused_and_named(tmp_path):
+    """A Parquet file that is not ours (no trial_id column) once crashed with a KeyError."""
+    folder = tmp_path / "foreign"
+    write_synthetic_study(
+        folder, variants=(("batch", 0.0),), lrs=(0.001,), seeds=(0,), epochs=1, steps_per_epoch=10
+    )
+    bad = folder / "trials" / "zzz.parquet"
+    pq.write_table(pa.table({"x": [1, 2]}), bad)
+    code, _, err = run_main([str(folder)])
+    assert_refused(code, err, str(bad), "not a bnstudy results file")
+    assert not (folder / "figures").exists()
+
+
+def test_ctrl_c_gives_one_line_exit_130_and_keeps_what_was_written(study, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(figures, "fig_noisy_bn", interrupted)
+    out = tmp_path / "figs"
+    try:
+        code, _, err = run_main([str(study["folder"]), "--out", str(out)])
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped figures.main")
+    assert code == 130 and "Traceback" not in err
+    assert err.strip().splitlines() == [
+        f"{figures.PROG}: interrupted; the files written so far in {out} are kept, "
+        "but its index is not up to date"
+    ]
+    assert (out / "fig1_activations.png").is_file() and (out / "accuracy_table.csv").is_file()
+    assert not (out / "index.html").exists()
+    # Interrupted while reading, before anything is written: it says so.
+    monkeypatch.setattr(figures, "load_study", interrupted)
+    code, _, err = run_main([str(study["folder"]), "--out", str(tmp_path / "none")])
+    assert code == 130 and err == f"{figures.PROG}: interrupted; nothing was written\n"
+    assert not (tmp_path / "none").exists()
 
 
 @pytest.mark.parametrize(
