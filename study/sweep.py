@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import re
 import socket
 import sys
 import time
@@ -134,6 +135,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse's default prints usage too)
+        message = re.sub(r"^argument (\S+): \1: ", r"\1: ", message)  # our types name the flag
         self.exit(EXIT_USAGE, f"study.sweep: error: {message}\n")
 
 
@@ -204,8 +206,8 @@ def make_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-failures", type=_positive_int("--max-failures", 0), default=3,
                    help="retries of a failed trial, each from its last checkpoint")
     w.add_argument("--resume", action="store_true",
-                   help="continue a stopped study in OUT, with its own settings (only what is "
-                   "missing runs)")
+                   help="continue a stopped study in OUT: rerun the command that started it "
+                   "with --resume (only what is missing runs)")
     w.add_argument("--extend", action="store_true",
                    help="add to the finished study in OUT the trials this command names that it "
                    "lacks (more seeds, learning rates, noises or variants): name the whole study, "
@@ -247,6 +249,30 @@ def check_out_dir(out: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise UsageError(f"--out: cannot write to {out}: {e.strerror or e}") from None
+
+
+def check_storage(storage: str, name: str, new_study: bool) -> None:
+    """Fail before anything is written if Tune could not keep its experiment in ``storage``, or
+    if a new study would share it with another study's experiment of the same name (a later
+    --resume of either would restore the other's)."""
+    import pyarrow.fs
+    from ray import tune
+
+    if "://" in storage:
+        try:
+            pyarrow.fs.FileSystem.from_uri(storage)
+        except (OSError, ValueError, pyarrow.ArrowException) as e:
+            raise UsageError(f"--storage {storage}: {e}") from None
+    else:  # the folder or the first of its parents that exists; nothing is made yet
+        place = Path(storage).resolve()
+        while not place.exists() and place != place.parent:
+            place = place.parent
+        if not place.is_dir() or not os.access(place, os.W_OK | os.X_OK):
+            raise UsageError(f"--storage {storage}: {place} is not a folder this user can write to")
+    exp_path = os.path.join(storage, name)
+    if new_study and tune.Tuner.can_restore(exp_path):
+        raise UsageError(f"--storage {storage} already holds a Tune experiment named {name!r}, "
+                         f"not this study's: give this study another --name, or remove {exp_path}")
 
 
 def study_record(name: str, p: Preset, grid: list[TrialConfig], dataset: str,
@@ -358,6 +384,13 @@ def run(args: argparse.Namespace) -> int:
               f"({', '.join(sorted(NOISY_VARIANTS))})", file=sys.stderr)
     if args.probe_etas and not args.probe_every:
         print("note: --probe-etas has no effect without --probe-every", file=sys.stderr)
+    if args.name is not None and (not args.name.strip() or args.name in (".", "..")
+                                  or re.search(r"[/\\\s]", args.name)):
+        raise UsageError(f"--name {args.name!r}: a study name names a folder: give a word "
+                         "without spaces or slashes")
+    if any(not (math.isfinite(e) and e > 0) for e in args.probe_etas):
+        raise UsageError(f"--probe-etas: step sizes must be > 0, got "
+                         f"{', '.join(f'{e:g}' for e in args.probe_etas)}")
     name = args.name or args.preset
     probe_etas = args.probe_etas or (DEFAULT_ETA_MULTIPLES if args.probe_every else ())
     try:
@@ -414,6 +447,7 @@ def run(args: argparse.Namespace) -> int:
     if not pending:
         print(f"study {name!r} in {out} is already complete ({len(grid)} trials); nothing to do")
         return 0
+    check_storage(storage, name, new_study=pending == grid and not (args.resume or args.extend))
 
     address = resolve_address(args.address)
     if args.gpus and address == "local":
@@ -437,12 +471,18 @@ def plan_run(out: Path, name: str, grid: list[TrialConfig], record: dict, resume
     another study, other settings, an unfinished study to extend, a finished one to rerun."""
     study_file = out / "study.json"
     if not study_file.exists():
+        held = {f.stem for table in ("trials", "epochs", "layers", "steps")
+                for f in (out / table).glob("*.parquet")}
+        if held:
+            raise UsageError(f"{out} holds results of {len(held)} trial(s) but no "
+                             "study.json to say which study they belong to; use another --out, or "
+                             "move them away")
         return grid, False
     try:
         old = json.loads(study_file.read_text())
     except (OSError, ValueError) as e:
-        raise UsageError(f"{study_file} is unreadable ({e}); move it away to start the study "
-                         "afresh there, or use another --out") from None
+        raise UsageError(f"{study_file} is unreadable ({e}); restore it (its trials' results are "
+                         "there), or use another --out") from None
     old_ids, ids = old.get("trial_ids", []), {c.trial_id for c in grid}
     if old.get("name") != name:
         raise UsageError(f"{out} holds a different study ({old.get('name')!r}, {len(old_ids)} "
@@ -455,8 +495,11 @@ def plan_run(out: Path, name: str, grid: list[TrialConfig], record: dict, resume
                              f"({', '.join(lacking[:3])}{', ...' if len(lacking) > 3 else ''}): "
                              "give --norms, --noises, --lrs and --seeds the study's values too")
     elif set(old_ids) != ids:
-        raise UsageError(f"{out} holds a different study ({old.get('name')!r}, {len(old_ids)} "
-                         "trials); use another --out, or --extend to add trials to it")
+        flags = grid_flags(old.get("preset", {}))
+        raise UsageError(f"{out} holds another grid of study {old.get('name')!r} ({len(old_ids)} "
+                         f"trials, not these {len(ids)}): to continue it, rerun the command that "
+                         f"started it{f' ({flags} ...)' if flags else ''}; to add trials, name "
+                         "them all with --extend; else use another --out")
     elif not resume:
         raise UsageError(f"{out} already holds this study; add --resume to continue it, or use "
                          "another --out")
@@ -479,6 +522,16 @@ def plan_run(out: Path, name: str, grid: list[TrialConfig], record: dict, resume
                          f"{len(old_ids)} trials are unfinished ({', '.join(unfinished[:3])}"
                          f"{', ...' if len(unfinished) > 3 else ''})")
     return [c for c in grid if c.trial_id not in finished], extending
+
+
+def grid_flags(preset: dict) -> str:
+    """The grid of a study.json's preset as the sweep's flags, for a message."""
+    def text(v) -> str:
+        return f"{v:g}" if isinstance(v, float) else str(v)
+    keys = ("norms", "noises", "lrs", "seeds")
+    if not set(preset.get("norms", ())) & NOISY_VARIANTS:
+        keys = ("norms", "lrs", "seeds")
+    return " ".join(f"--{k} {','.join(text(v) for v in preset[k])}" for k in keys if preset.get(k))
 
 
 def changed_settings(old: dict, new: dict) -> list[str]:
@@ -559,6 +612,10 @@ def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], pending:
         raise UsageError(f"--gpus {args.gpus}: the Ray cluster has {cluster.get('GPU', 0):g} "
                          "GPUs")
     nodes = [n for n in ray.nodes() if n.get("Alive")]
+    largest = max((n.get("Resources", {}).get("CPU", 0) for n in nodes), default=0)
+    if args.cpus_per_trial > largest:  # Tune would wait for such a node for ever
+        raise UsageError(f"--cpus-per-trial {args.cpus_per_trial}: the largest node of the Ray "
+                         f"cluster has {largest:g} CPUs")
     if len(nodes) > 1 and "://" not in storage:
         print(f"note: {len(nodes)} nodes share this study but --storage is the local path "
               f"{storage}; checkpoints of trials on other nodes need s3://... or a shared file "
@@ -617,7 +674,7 @@ def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], pending:
             parameter_columns={"trial/norm": "norm", "trial/noise": "noise", "trial/lr": "lr",
                                "trial/seed": "seed"},
             metric_columns={"epoch": "epoch", "train_acc": "train acc", "test_acc": "test acc",
-                            "status": "status"},
+                            "status": "outcome"},
             max_report_frequency=30,
         )
         tuner = tune.Tuner(
@@ -642,14 +699,18 @@ def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], pending:
     errors = grid_result.num_errors
     unfinished = [c for c in grid if not trial_finished(out, c.trial_id)]
     print(f"\nstudy {name!r}: {len(grid)} trials ({len(pending)} in this run), {errors} errored, "
-          f"{time.time() - t0:.0f} s. Results: {out}\n"
-          f"draw the figures with:  python -m analysis.figures {out}")
+          f"{time.time() - t0:.0f} s. Results: {out}")
     if errors:
+        print(f"study.sweep: {errors} trial(s) failed after {args.max_failures} retries (the "
+              f"'error' column of {out / 'trials'}, and error.txt in their folders under "
+              f"{exp_path}); rerun the same command with --resume to retry them from their last "
+              "checkpoint", file=sys.stderr)
         return 1
     if unfinished:
         print(f"study.sweep: stopped with {len(unfinished)} of the study's {len(grid)} trials "
               "unfinished; continue with the same command and --resume", file=sys.stderr)
         return 130
+    print(f"draw the figures with:  python -m analysis.figures {out}")
     return 0
 
 
@@ -661,8 +722,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"study.sweep: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("\nstudy.sweep: interrupted; continue with the same command and --resume",
-              file=sys.stderr)
+        started = (Path(args.out) / "study.json").exists() and not args.dry_run
+        print("\nstudy.sweep: interrupted; " + ("continue with the same command and --resume"
+              if started else "the study had not started (nothing to resume)"), file=sys.stderr)
         return 130
 
 

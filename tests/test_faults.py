@@ -77,6 +77,32 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path, fault_refe
     assert len({r["pid"] for r in killed}) == 2  # it really ran in a second process
 
 
+def test_a_trial_out_of_retries_errors_and_resume_retries_it_from_its_checkpoint(tmp_path,
+                                                                                fault_reference):
+    """--max-failures 0 and a killed worker: the trial errors, the sweep exits 1 and says how to
+    retry; --resume restarts it from its last checkpoint and the study equals the reference."""
+    out = tmp_path / "results"
+    no_retries = [*FAULT[:FAULT.index("--max-failures")], "--max-failures", "0",
+                  *FAULT[FAULT.index("--max-failures") + 2:]]
+    proc = subprocess.Popen(sweep_cmd(*no_retries, "--out", str(out)), cwd=ROOT, env=sweep_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        first = wait_for(lambda: [r for r in reported(out) if r.get("epoch") == 1], 180,
+                         "a trial's first checkpoint")[0]
+        os.kill(first["pid"], signal.SIGKILL)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, output[-3000:]
+    assert "1 errored" in output and "failed after 0 retries" in output
+    assert "rerun the same command with --resume to retry them" in output
+    statuses = sorted(pd.read_parquet(f)["status"].item() for f in (out / "trials").glob("*.parquet"))
+    assert statuses == ["done", "error"]
+    resumed = run_sweep(*no_retries, "--out", str(out), "--resume")
+    assert "resuming 'fault' from Tune's experiment" in resumed.stdout
+    assert_tables_equal(fault_reference, read_tables(out))
+
+
 def test_killed_driver_resumes_in_a_moved_folder_without_loss_or_duplicates(tmp_path, fault_reference):
     out = tmp_path / "results"
     t0 = time.time()

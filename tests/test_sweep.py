@@ -262,13 +262,66 @@ def test_resume_reruns_finished_trials_whose_rows_are_gone(tiny_reference, tmp_p
     assert_tables_equal(tiny_reference[1], read_tables(out))
 
 
+def test_folders_it_must_not_write_into_are_refused_before_anything_is_written(tiny_reference, tmp_path,
+                                                                             capsys):
+    """Results without a study.json, a --storage shared with another study's experiment of the
+    same name, a --storage Tune cannot use, and --resume with another grid: one line each, exit
+    2, nothing written."""
+    def refused(args: list[str], *words: str) -> None:
+        assert sweep.main(args) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and all(w in err for w in words), err
+
+    orphans = _copy_study(tiny_reference[0], tmp_path / "orphans")
+    (orphans / "study.json").unlink()
+    refused([*TINY, "--out", str(orphans)], "holds results of 4 trial(s) but no study.json")
+    assert not (orphans / "study.json").exists()
+    shared = [*TINY, "--storage", str(tiny_reference[0] / "tune")]
+    refused([*shared, "--out", str(tmp_path / "second")], "already holds a Tune experiment named 'full'",
+            "another --name")
+    assert not (tmp_path / "second" / "study.json").exists()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    refused([*TINY, "--out", str(tmp_path / "third"), "--storage", str(a_file)], "--storage")
+    refused([*TINY, "--out", str(tmp_path / "third"), "--storage", "foo://x"], "--storage foo://x")
+    assert not (tmp_path / "third" / "study.json").exists()
+    refused(["--norms", "batch", "--out", str(tiny_reference[0]), "--resume"],
+            "holds another grid of study 'full' (4 trials, not these 15)",
+            "rerun the command that started it (--norms none,batch --lrs 0.02 --seeds 0,1 ...)")
+
+
+def test_flag_messages_name_the_flag_once(capsys):
+    for args, message in (
+        (["--norms", ","], "study.sweep: error: --norms: the list is empty"),
+        (["--epochs", "0"], "study.sweep: error: --epochs: must be >= 1, got 0"),
+        (["--name", "", "--dry-run"], "--name '': a study name names a folder"),
+        (["--name", "a/b", "--dry-run"], "--name 'a/b'"),
+        (["--probe-every", "5", "--probe-etas", "0,-1", "--dry-run"],
+         "--probe-etas: step sizes must be > 0, got 0, -1"),
+    ):
+        try:
+            code = sweep.main(args)
+        except SystemExit as e:  # argparse's own errors
+            code = e.code
+        assert code == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+
+
+def test_more_cpus_per_trial_than_a_node_has_is_an_error_not_a_wait(tmp_path):
+    proc = run_sweep(*TINY, "--out", str(tmp_path / "r"), "--cpus-per-trial", "512", check=False,
+                     timeout=120)
+    assert proc.returncode == 2
+    assert "--cpus-per-trial 512: the largest node of the Ray cluster has" in proc.stderr
+
+
 def test_refuses_to_mix_studies(tiny_reference):
     out, _ = tiny_reference
     mtimes = {f: f.stat().st_mtime_ns for f in out.rglob("*.parquet")}
     same = run_sweep(*TINY, "--out", str(out), check=False)
     assert same.returncode == 2 and "--resume" in same.stderr
     other = run_sweep(*TINY[:-2], "--seeds", "5", "--out", str(out), check=False)
-    assert other.returncode == 2 and "different study" in other.stderr
+    assert other.returncode == 2 and "another grid of study" in other.stderr
     assert {f: f.stat().st_mtime_ns for f in out.rglob("*.parquet")} == mtimes
 
 
