@@ -346,7 +346,8 @@ def _note_incomplete(trials: pd.DataFrame, epochs: pd.DataFrame, notices: list[s
     running = status == "running"
     if running.any():
         notices.append(
-            f"{int(running.sum())} trial(s) still running; their curves end early and they are "
+            f"{int(running.sum())} trial(s) unfinished (running, or stopped: the sweep's --resume "
+            "finishes them); their curves end early and they are "
             f"not in the accuracy means: {describe(running)}"
         )
     short = (status == "done") & (have < want)

@@ -384,6 +384,9 @@ def run(args: argparse.Namespace) -> int:
               f"({', '.join(sorted(NOISY_VARIANTS))})", file=sys.stderr)
     if args.probe_etas and not args.probe_every:
         print("note: --probe-etas has no effect without --probe-every", file=sys.stderr)
+    if args.cuda_graph and not args.gpus:
+        print("note: --cuda-graph has no effect without --gpus (CPU trials train eagerly)",
+              file=sys.stderr)
     if args.name is not None and (not args.name.strip() or args.name in (".", "..")
                                   or re.search(r"[/\\\s]", args.name)):
         raise UsageError(f"--name {args.name!r}: a study name names a folder: give a word "

@@ -81,7 +81,7 @@ def test_load_joins_trial_configs_and_reports_incomplete_trials(study):
     running = s.epochs[s.epochs["trial_id"] == RUNNING]
     assert sorted(running["epoch"]) == [1, 2]
     text = " ".join(s.notices)
-    assert "still running" in text and RUNNING in text and "(2/3 epochs)" in text
+    assert "unfinished (running, or stopped" in text and RUNNING in text and "(2/3 epochs)" in text
     assert "diverged" in text and "error" in text and FAILED in text
     assert s.config["lrs"] == [0.001, 0.01]
 

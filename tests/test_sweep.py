@@ -98,6 +98,8 @@ def test_flags_that_change_nothing_get_a_note(capsys):
     assert "--noises has no effect" in err and "--probe-etas has no effect" in err
     assert sweep.main(["--norms", "noisy_batch", "--noises", "2", "--dry-run"]) == 0
     assert "no effect" not in capsys.readouterr().err
+    assert sweep.main(["--cuda-graph", "--dry-run"]) == 0
+    assert "--cuda-graph has no effect without --gpus" in capsys.readouterr().err
 
 
 def test_changed_settings_are_what_changes_a_trial():
