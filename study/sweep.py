@@ -585,10 +585,10 @@ def trial_gap(out: Path, trial_id: str) -> str | None:
         part = results.table_path(out, table, trial_id)
         if not part.exists():
             return f"trials/{path.name} records it {row['status']}, but {table}/{part.name} is missing"
-        epochs = {r["epoch"] for r in _read_rows(part, ["epoch"])}
-        if table == "epochs" and epochs != set(range(1, row["epochs_done"] + 1)):
-            return (f"trials/{path.name} records {row['epochs_done']} epochs, but {table}/{part.name} "
-                    f"holds {len(epochs)}")
+    epochs = {r["epoch"] for r in _read_rows(results.table_path(out, "epochs", trial_id), ["epoch"])}
+    if epochs != set(range(1, row["epochs_done"] + 1)):
+        return (f"trials/{path.name} records {row['epochs_done']} epochs, but epochs/{path.name} "
+                f"holds {len(epochs)}")
     return None
 
 
@@ -704,7 +704,7 @@ def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], pending:
     print(f"\nstudy {name!r}: {len(grid)} trials ({len(pending)} in this run), {errors} errored, "
           f"{time.time() - t0:.0f} s. Results: {out}")
     if errors:
-        print(f"study.sweep: {errors} trial(s) failed after {args.max_failures} retries (the "
+        print(f"study.sweep: {errors} trial(s) failed, out of retries (--max-failures; the "
               f"'error' column of {out / 'trials'}, and error.txt in their folders under "
               f"{exp_path}); rerun the same command with --resume to retry them from their last "
               "checkpoint", file=sys.stderr)

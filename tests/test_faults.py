@@ -94,7 +94,7 @@ def test_a_trial_out_of_retries_errors_and_resume_retries_it_from_its_checkpoint
     finally:
         proc.kill()
     assert proc.returncode == 1, output[-3000:]
-    assert "1 errored" in output and "failed after 0 retries" in output
+    assert "1 errored" in output and "1 trial(s) failed, out of retries" in output
     assert "rerun the same command with --resume to retry them" in output
     statuses = sorted(pd.read_parquet(f)["status"].item() for f in (out / "trials").glob("*.parquet"))
     assert statuses == ["done", "error"]
