@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
@@ -602,6 +603,16 @@ def _read_rows(path: Path, columns: list[str]) -> list[dict]:
                          "trial runs again") from None
 
 
+class _TuneStopNotes(logging.Filter):
+    """Drops what Tune logs when stopped by Ctrl-C: "Resume experiment with: Tuner.restore(...)"
+    (the sweep's own line says to rerun with --resume) and that the results of trials that had
+    not started yet cannot be read (the sweep does not read them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return "Resume experiment with:" not in text and "Failed to fetch metrics" not in text
+
+
 def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], pending: list[TrialConfig],
               extending: bool, resources: dict, dataset: str, out: Path, storage: str,
               record: dict) -> int:
@@ -698,6 +709,9 @@ def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], pending:
                 verbose=1,
             ),
         )
+    notes = _TuneStopNotes()
+    for logger in ("ray.tune.tune", "ray.tune.analysis.experiment_analysis"):
+        logging.getLogger(logger).addFilter(notes)
     grid_result = tuner.fit()  # a first Ctrl-C makes Tune save its state and return
     errors = grid_result.num_errors
     unfinished = [c for c in grid if not trial_finished(out, c.trial_id)]

@@ -157,6 +157,7 @@ def test_ctrl_c_stops_with_a_resume_hint_and_resume_finishes(tmp_path, fault_ref
     assert proc.returncode == 130, output[-3000:]
     assert "unfinished; continue with the same command and --resume" in output
     assert "Traceback" not in output
+    assert "Tuner.restore" not in output and "Failed to fetch metrics" not in output  # Tune's notes
     assert "stopped with 2 of the study's 2 trials unfinished" in output  # one never started
     proc = run_sweep(*FAULT, "--out", str(out), "--resume", env=one_slot)
     assert "resuming 'fault' from Tune's experiment" in proc.stdout, proc.stdout[-3000:]
