@@ -663,16 +663,19 @@ def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], pending:
     if (args.resume or args.extend) and not extending and tune.Tuner.can_restore(exp_path):
         # Tune brings back the study's own run settings (failures, concurrency); its Parquet
         # writer is this run's (the folder may have moved): see ParquetWriterCallback
-        with ParquetWriterCallback.driving(writer):
-            restored = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
-        # Tune runs only the trials its experiment holds unfinished. An extension stopped
-        # before Tune saved leaves the study's older experiment, which lacks the added trials;
-        # a finished trial whose rows were moved away is one Tune holds as ended. A trial's
-        # folder is its id (trial_name); one that has not reported yet has no config here
-        last_status = {Path(r.path).name: (r.metrics or {}).get("status")
-                       for r in restored.get_results()}
-        if all(c.trial_id in last_status and last_status[c.trial_id] not in ("done", "diverged")
-               for c in pending):
+        try:
+            with ParquetWriterCallback.driving(writer):
+                restored = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
+            # Tune runs only the trials its experiment holds unfinished. An extension stopped
+            # before Tune saved leaves the study's older experiment, which lacks the added
+            # trials; a finished trial whose rows were moved away is one Tune holds as ended. A
+            # trial's folder is its id (trial_name); one that has not reported has no config here
+            last_status = {Path(r.path).name: (r.metrics or {}).get("status")
+                           for r in restored.get_results()}
+        except RuntimeError:  # stopped as Tune began: its tuner.pkl without an experiment state
+            last_status = {}
+        if last_status and all(c.trial_id in last_status
+                               and last_status[c.trial_id] not in ("done", "diverged") for c in pending):
             tuner = restored
             print(f"resuming {name!r} from Tune's experiment in {exp_path}: "
                   f"{len(grid) - len(pending)} of {len(grid)} trials are finished")

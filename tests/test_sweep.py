@@ -221,13 +221,20 @@ def test_extend_runs_only_the_added_trials(tiny_reference, tmp_path):
     assert_tables_equal(tiny_reference[1], read_tables(stopped))
 
 
-def test_resume_without_tunes_experiment_runs_only_the_unfinished_trials(tiny_reference, tmp_path):
-    """Tune's experiment lost (another --storage, a deleted tune/): the results folder says
-    which trials are finished, and only the others run, giving the reference numbers."""
+@pytest.mark.parametrize("lost", ["tune/", "all but tuner.pkl"])
+def test_resume_without_tunes_experiment_runs_only_the_unfinished_trials(tiny_reference, tmp_path, lost):
+    """Tune's experiment lost (another --storage, a deleted tune/) or never saved (a stop as Tune
+    began leaves only its tuner.pkl): the results folder says which trials are finished, and
+    only the others run, giving the reference numbers."""
     import shutil
 
     out = _copy_study(tiny_reference[0], tmp_path / "results")
-    shutil.rmtree(out / "tune")
+    if lost == "tune/":
+        shutil.rmtree(out / "tune")
+    else:
+        for path in (out / "tune" / "full").iterdir():
+            if path.name != "tuner.pkl":
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
     tid = "batch-lr0.02-seed1"
     for table in ("trials", "epochs", "layers", "steps"):
         (out / table / f"{tid}.parquet").unlink()
