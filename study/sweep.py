@@ -13,6 +13,7 @@ Results are Parquet tables under ``--out`` (see study/results.py); draw them wit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ import socket
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -252,6 +254,24 @@ def check_out_dir(out: Path) -> None:
         raise UsageError(f"--out: cannot write to {out}: {e.strerror or e}") from None
 
 
+@contextlib.contextmanager
+def out_lock(out: Path) -> Iterator[None]:
+    """One sweep at a time in a results folder (two would train the same trials into the same
+    files): a lock on the folder itself, which ends with this process however it ends."""
+    import fcntl
+
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another sweep is running in {out}: let it finish, or stop it "
+                             "(Ctrl-C) and continue with --resume") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def check_storage(storage: str, name: str, new_study: bool) -> None:
     """Fail before anything is written if Tune could not keep its experiment in ``storage``, or
     if a new study would share it with another study's experiment of the same name (a later
@@ -447,25 +467,26 @@ def run(args: argparse.Namespace) -> int:
                      cpus_per_trial=args.cpus_per_trial, cuda_graph=bool(cuda_graph and args.gpus),
                      cpu_channels_last=CPU_CHANNELS_LAST)
     record = study_record(name, p, grid, dataset, execution)
-    pending, extending = plan_run(out, name, grid, record, args.resume, args.extend)
-    if not pending:
-        print(f"study {name!r} in {out} is already complete ({len(grid)} trials); nothing to do")
-        return 0
-    check_storage(storage, name, new_study=pending == grid and not (args.resume or args.extend))
+    with out_lock(out):  # held until the study stops
+        pending, extending = plan_run(out, name, grid, record, args.resume, args.extend)
+        if not pending:
+            print(f"study {name!r} in {out} is already complete ({len(grid)} trials); nothing to do")
+            return 0
+        check_storage(storage, name, new_study=pending == grid and not (args.resume or args.extend))
 
-    address = resolve_address(args.address)
-    if args.gpus and address == "local":
-        import torch
+        address = resolve_address(args.address)
+        if args.gpus and address == "local":
+            import torch
 
-        if args.gpus > torch.cuda.device_count():
-            raise UsageError(f"--gpus {args.gpus}: this machine has {torch.cuda.device_count()} "
-                             "GPUs (use --address to join a cluster)")
-    ray = init_ray(address)
-    try:
-        return _run_tune(ray, args, p, name, grid, pending, extending, resources, dataset, out,
-                         storage, record)
-    finally:
-        ray.shutdown()
+            if args.gpus > torch.cuda.device_count():
+                raise UsageError(f"--gpus {args.gpus}: this machine has {torch.cuda.device_count()} "
+                                 "GPUs (use --address to join a cluster)")
+        ray = init_ray(address)
+        try:
+            return _run_tune(ray, args, p, name, grid, pending, extending, resources, dataset, out,
+                             storage, record)
+        finally:
+            ray.shutdown()
 
 
 def plan_run(out: Path, name: str, grid: list[TrialConfig], record: dict, resume: bool,

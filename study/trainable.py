@@ -125,12 +125,25 @@ class ParquetWriterCallback(tune.Callback):
         row.update(extra)
         return row
 
+    def _finished(self, cfg: TrialConfig) -> bool:
+        """Whether the folder already holds the trial's whole results. Tune saves its experiment
+        after the rows are written, so a study stopped in between restores a trial that has
+        finished and runs its last epoch again: that run must not replace what is written."""
+        from study.sweep import UsageError, trial_finished
+
+        try:
+            return trial_finished(Path(self.out_dir), cfg.trial_id)
+        except UsageError:  # a damaged file: the rerun rewrites it
+            return False
+
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         blob = result.pop(ROWS_KEY, None)
         if blob is None:
             return
-        record = pickle.loads(blob)
         cfg = TrialConfig.from_dict(trial.config["trial"])
+        if self._finished(cfg):
+            return
+        record = pickle.loads(blob)
         tid, epoch = cfg.trial_id, record["epoch"]["epoch"]
         out = self.out_dir
         results.upsert_epoch_rows(out, "epochs", tid, results.to_arrow("epochs", [
@@ -150,6 +163,8 @@ class ParquetWriterCallback(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         cfg = TrialConfig.from_dict(trial.config["trial"])
+        if self._finished(cfg):
+            return
         err = ""
         if trial.error_file and os.path.exists(trial.error_file):
             err = Path(trial.error_file).read_text(errors="replace")[-4000:]

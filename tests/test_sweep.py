@@ -324,6 +324,47 @@ def test_more_cpus_per_trial_than_a_node_has_is_an_error_not_a_wait(tmp_path):
     assert "--cpus-per-trial 512: the largest node of the Ray cluster has" in proc.stderr
 
 
+def test_a_finished_trial_run_again_by_tune_does_not_replace_its_results(tiny_reference, tmp_path):
+    """Tune saves its experiment after the rows are written, so a study stopped in between
+    restores a finished trial as running and runs its last epoch again (on a GPU, not always to
+    the bit). The writer leaves a finished trial's files alone, and a fault in that rerun does
+    not turn its 'done' into 'error'. A trial whose rows are gone is still written."""
+    import pickle
+    from types import SimpleNamespace
+
+    from study.config import TrialConfig
+    from study.trainable import ROWS_KEY, ParquetWriterCallback
+
+    out = _copy_study(tiny_reference[0], tmp_path / "results")
+    study = json.loads((out / "study.json").read_text())
+    cfg = next(c for c in study["trials"] if TrialConfig(**c).trial_id == "batch-lr0.02-seed0")
+    trial = SimpleNamespace(config={"trial": cfg}, error_file=None)
+    writer = ParquetWriterCallback(str(out), "full", "synthetic", {"train": 160, "val": 40, "test": 200})
+    before = {f: f.read_bytes() for f in out.rglob("*.parquet")}
+    rerun = {"epoch": {"epoch": 3, "train_loss": 9.0}, "layers": [], "steps": {"step": []},
+             "status": "done"}
+    writer.on_trial_result(0, [], trial, {ROWS_KEY: pickle.dumps(rerun)})
+    writer.on_trial_error(0, [], trial)
+    assert {f: f.read_bytes() for f in out.rglob("*.parquet")} == before
+    (out / "trials" / "batch-lr0.02-seed0.parquet").unlink()
+    writer.on_trial_error(0, [], trial)
+    assert pq.read_table(out / "trials" / "batch-lr0.02-seed0.parquet")["status"].to_pylist() == ["error"]
+
+
+def test_a_second_sweep_in_the_same_folder_is_refused_while_the_first_runs(tiny_reference, tmp_path,
+                                                                         capsys):
+    """Two sweeps in one --out would train the same trials into the same files; the folder's
+    lock (held here as a running sweep holds it) refuses the second, and ends with its holder."""
+    out = _copy_study(tiny_reference[0], tmp_path / "results")
+    (out / "trials" / "none-lr0.02-seed1.parquet").unlink()
+    with sweep.out_lock(out):
+        assert sweep.main([*TINY, "--out", str(out), "--resume"]) == 2
+        assert "another sweep is running in" in capsys.readouterr().err
+    assert not (out / "trials" / "none-lr0.02-seed1.parquet").exists()
+    with sweep.out_lock(out):  # released: it can be taken again
+        pass
+
+
 def test_refuses_to_mix_studies(tiny_reference):
     out, _ = tiny_reference
     mtimes = {f: f.stat().st_mtime_ns for f in out.rglob("*.parquet")}
