@@ -57,10 +57,10 @@ def fault_reference(tmp_path_factory) -> dict[str, pd.DataFrame]:
     return read_tables(out)
 
 
-def test_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path, fault_reference):
-    out = tmp_path / "results"
-    t0 = time.time()
-    proc = subprocess.Popen(sweep_cmd(*FAULT, "--out", str(out)), cwd=ROOT, env=sweep_env(),
+def sweep_killing_a_worker(args: list[str], out: Path) -> tuple[int, str, dict]:
+    """Run the sweep, SIGKILL the worker of the first trial to checkpoint an epoch, let the
+    sweep end: (exit status, its output, that trial's first reported result)."""
+    proc = subprocess.Popen(sweep_cmd(*args, "--out", str(out)), cwd=ROOT, env=sweep_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         first = wait_for(lambda: [r for r in reported(out) if r.get("epoch") == 1], 180,
@@ -69,8 +69,15 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path, fault_refe
         output, _ = proc.communicate(timeout=300)
     finally:
         proc.kill()
+    return proc.returncode, output, first
+
+
+def test_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path, fault_reference):
+    out = tmp_path / "results"
+    t0 = time.time()
+    code, output, first = sweep_killing_a_worker(FAULT, out)
     TIMINGS["worker killed"] = time.time() - t0
-    assert proc.returncode == 0, output[-3000:]
+    assert code == 0, output[-3000:]
     after = read_tables(out)
     assert_tables_equal(fault_reference, after)
     killed = [r for r in reported(out) if r["trial_id"] == first["trial_id"]]
@@ -84,16 +91,8 @@ def test_a_trial_out_of_retries_errors_and_resume_retries_it_from_its_checkpoint
     out = tmp_path / "results"
     no_retries = [*FAULT[:FAULT.index("--max-failures")], "--max-failures", "0",
                   *FAULT[FAULT.index("--max-failures") + 2:]]
-    proc = subprocess.Popen(sweep_cmd(*no_retries, "--out", str(out)), cwd=ROOT, env=sweep_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        first = wait_for(lambda: [r for r in reported(out) if r.get("epoch") == 1], 180,
-                         "a trial's first checkpoint")[0]
-        os.kill(first["pid"], signal.SIGKILL)
-        output, _ = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-    assert proc.returncode == 1, output[-3000:]
+    code, output, _ = sweep_killing_a_worker(no_retries, out)
+    assert code == 1, output[-3000:]
     assert "1 errored" in output and "1 trial(s) failed, out of retries" in output
     assert "rerun the same command with --resume to retry them" in output
     statuses = sorted(pd.read_parquet(f)["status"].item() for f in (out / "trials").glob("*.parquet"))
