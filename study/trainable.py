@@ -133,7 +133,7 @@ class ParquetWriterCallback(tune.Callback):
 
         try:
             return trial_finished(Path(self.out_dir), cfg.trial_id)
-        except UsageError:  # a damaged file: the rerun rewrites it
+        except UsageError:  # damaged since the sweep checked the folder: write as before
             return False
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
