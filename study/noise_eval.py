@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if "://" in (args.storage or ""):
         raise UsageError("remote storage: copy the experiment folder here and pass its parent as --storage")
     storage = Path(args.storage) if args.storage else out / "tune"
-    planned = record.get("trials")  # an older study.json lacks them: every checkpoint is its
+    planned = record.get("trials")  # an older study.json lacks them: no check then
     if planned is not None and not any(t.get("norm") in NOISY_VARIANTS for t in planned):
         raise UsageError(f"the study in {out} has no noisy-BN trials (its variants: "
                          f"{', '.join(sorted({t.get('norm', '?') for t in planned}))})")

@@ -226,6 +226,45 @@ def write_trial_row(out_dir: str | os.PathLike, row: Mapping) -> None:
     write_atomic(to_arrow("trials", [row]), table_path(out_dir, "trials", row["trial_id"]))
 
 
+class DamagedFileError(ValueError):
+    """A trial's results file that cannot be read."""
+
+
+def trial_finished(out_dir: str | os.PathLike, trial_id: str) -> bool:
+    """Whether the results folder records the trial as done or diverged (an end, not a fault)
+    and still holds the rows of every epoch it ran."""
+    return trial_gap(out_dir, trial_id) is None
+
+
+def trial_gap(out_dir: str | os.PathLike, trial_id: str) -> str | None:
+    """Why the trial must run (again), or None if its results are whole: no end recorded, or
+    an end whose epoch, layer or step rows are gone (a file moved away, a copy cut short).
+    Raises DamagedFileError for a trials or epochs file that cannot be read."""
+    path = table_path(out_dir, "trials", trial_id)
+    if not path.exists():
+        return "not run"
+    row = _read_rows(path, ["status", "epochs_done"])[0]
+    if row["status"] not in ("done", "diverged"):
+        return row["status"]
+    for table in ("epochs", "layers", "steps"):
+        part = table_path(out_dir, table, trial_id)
+        if not part.exists():
+            return f"trials/{path.name} records it {row['status']}, but {table}/{part.name} is missing"
+    epochs = {r["epoch"] for r in _read_rows(table_path(out_dir, "epochs", trial_id), ["epoch"])}
+    if epochs != set(range(1, row["epochs_done"] + 1)):
+        return (f"trials/{path.name} records {row['epochs_done']} epochs, but epochs/{path.name} "
+                f"holds {len(epochs)}")
+    return None
+
+
+def _read_rows(path: Path, columns: list[str]) -> list[dict]:
+    try:
+        return read_table_file(path, columns=columns).to_pylist()
+    except Exception as e:  # noqa: BLE001 -- whatever is wrong with it, the user gets one line
+        raise DamagedFileError(f"{path} is unreadable ({type(e).__name__}: {e}); move it away and "
+                               "that trial runs again") from None
+
+
 def _sort_keys(table: str) -> list[str]:
     return {
         "epochs": ["epoch"],

@@ -31,6 +31,7 @@ from study.config import ConfigError, TrialConfig
 from study.data import split_sizes
 from study.model import NOISY_VARIANTS, NORM_VARIANTS
 from study.probes import DEFAULT_ETA_MULTIPLES
+from study.results import DamagedFileError, trial_finished, trial_gap
 
 EXIT_USAGE = 2
 #: Rough per-trial training speed (images/s) used by --dry-run's time estimate, batch 16: CPU,
@@ -450,7 +451,7 @@ def run(args: argparse.Namespace) -> int:
                                               resume=True, extend=True)
                 print(f"{out} holds {len(grid) - len(pending)} of these {len(grid)} trials finished: "
                       f"{'--extend' if extending else '--resume'} would run the other {len(pending)}")
-            except UsageError as e:
+            except (UsageError, DamagedFileError) as e:
                 print(f"{out}: the sweep would refuse it: {e}")
         return 0
 
@@ -534,7 +535,7 @@ def plan_run(out: Path, name: str, grid: list[TrialConfig], record: dict, resume
         raise UsageError(f"{flag}: {out} holds this study run with other settings "
                          f"({'; '.join(changed)}); {flag[2:]} it with the study's own settings, "
                          "or use another --out")
-    gaps = {t: trial_gap(out, t) for t in ids | set(old_ids)}
+    gaps = {t: trial_gap(out, t) for t in ids | set(old_ids)}  # results.DamagedFileError: main
     finished = {t for t, gap in gaps.items() if gap is None}
     for t, gap in gaps.items():
         if gap and gap not in ("not run", "running", "error"):
@@ -586,44 +587,6 @@ def changed_settings(old: dict, new: dict) -> list[str]:
     return [f"{k}: {a} -> {b}" for k, (a, b) in changed.items()]
 
 
-def trial_finished(out: Path, trial_id: str) -> bool:
-    """Whether the results folder records the trial as done or diverged (an end, not a fault)
-    and still holds the rows of every epoch it ran."""
-    return trial_gap(out, trial_id) is None
-
-
-def trial_gap(out: Path, trial_id: str) -> str | None:
-    """Why the trial must run (again), or None if its results are whole: no end recorded, or
-    an end whose epoch, layer or step rows are gone (a file moved away, a copy cut short)."""
-    from study import results
-
-    path = results.table_path(out, "trials", trial_id)
-    if not path.exists():
-        return "not run"
-    row = _read_rows(path, ["status", "epochs_done"])[0]
-    if row["status"] not in ("done", "diverged"):
-        return row["status"]
-    for table in ("epochs", "layers", "steps"):
-        part = results.table_path(out, table, trial_id)
-        if not part.exists():
-            return f"trials/{path.name} records it {row['status']}, but {table}/{part.name} is missing"
-    epochs = {r["epoch"] for r in _read_rows(results.table_path(out, "epochs", trial_id), ["epoch"])}
-    if epochs != set(range(1, row["epochs_done"] + 1)):
-        return (f"trials/{path.name} records {row['epochs_done']} epochs, but epochs/{path.name} "
-                f"holds {len(epochs)}")
-    return None
-
-
-def _read_rows(path: Path, columns: list[str]) -> list[dict]:
-    from study import results
-
-    try:
-        return results.read_table_file(path, columns=columns).to_pylist()
-    except Exception as e:  # noqa: BLE001 -- a damaged file: one clear message, nothing deleted
-        raise UsageError(f"{path} is unreadable ({type(e).__name__}: {e}); move it away and that "
-                         "trial runs again") from None
-
-
 class _TuneStopNotes(logging.Filter):
     """Drops what Tune logs when stopped by Ctrl-C: "Resume experiment with: Tuner.restore(...)"
     (the sweep's own line says to rerun with --resume) and that the results of trials that had
@@ -632,6 +595,9 @@ class _TuneStopNotes(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
         return "Resume experiment with:" not in text and "Failed to fetch metrics" not in text
+
+
+TUNE_STOP_NOTES = _TuneStopNotes()
 
 
 def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], pending: list[TrialConfig],
@@ -733,9 +699,8 @@ def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], pending:
                 verbose=1,
             ),
         )
-    notes = _TuneStopNotes()
     for logger in ("ray.tune.tune", "ray.tune.analysis.experiment_analysis"):
-        logging.getLogger(logger).addFilter(notes)
+        logging.getLogger(logger).addFilter(TUNE_STOP_NOTES)  # the same object is added once
     grid_result = tuner.fit()  # a first Ctrl-C makes Tune save its state and return
     errors = grid_result.num_errors
     unfinished = [c for c in grid if not trial_finished(out, c.trial_id)]
@@ -759,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         return run(args)
-    except (UsageError, ConfigError) as e:
+    except (UsageError, ConfigError, DamagedFileError) as e:
         print(f"study.sweep: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -129,11 +129,9 @@ class ParquetWriterCallback(tune.Callback):
         """Whether the folder already holds the trial's whole results. Tune saves its experiment
         after the rows are written, so a study stopped in between restores a trial that has
         finished and runs its last epoch again: that run must not replace what is written."""
-        from study.sweep import UsageError, trial_finished
-
         try:
-            return trial_finished(Path(self.out_dir), cfg.trial_id)
-        except UsageError:  # damaged since the sweep checked the folder: write as before
+            return results.trial_finished(self.out_dir, cfg.trial_id)
+        except results.DamagedFileError:  # damaged since the sweep checked the folder: write as before
             return False
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
