@@ -1,9 +1,9 @@
 """``python -m analysis.figures RESULTS``: the study's figures, tables and index page.
 
 Reads a results folder (DESIGN §5) and writes into ``RESULTS/figures`` (or ``--out``) the
-figures of DESIGN §6 with confidence bands across seeds, the accuracy table and the
-gradient-stability table (``analysis.stability``) as Markdown, CSV and LaTeX, and
-``index.md`` / ``index.html`` showing them all with the study's settings.
+figures of DESIGN §6 with confidence bands across seeds (drawn here), the accuracy and
+gradient-stability tables (``analysis.tables``), and ``index.md`` / ``index.html`` showing
+them all with the study's settings (``analysis.report``).
 A figure whose data the study lacks is skipped with a notice; bad input exits with status 2
 and one line on stderr, before anything is written.
 """
@@ -11,15 +11,13 @@ and one line on stderr, before anything is written.
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import math
 import os
-import re
 import sys
 import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -33,12 +31,25 @@ import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from analysis import bands  # noqa: E402
-from analysis.load import OK_STATUSES, ResultsError, Study, format_number, load_study  # noqa: E402
-from analysis.stability import STABILITY_METRICS, gradient_stability  # noqa: E402
+from analysis.load import (  # noqa: E402
+    OK_STATUSES,
+    ResultsError,
+    Study,
+    format_number,
+    load_study,
+    percent_scale,
+)
+from analysis.report import FORMATS, Options, Report, Skip, write_index  # noqa: E402
+from analysis.tables import (  # noqa: E402
+    accuracy_table,
+    final_accuracies,
+    stability_table,
+    write_accuracy_table,
+    write_stability_table,
+)
 from study import results  # noqa: E402
 
 PROG = "python -m analysis.figures"
-FORMATS: tuple[str, ...] = ("png", "pdf")
 #: Most x positions a curve is drawn at; longer series are averaged into this many bins first.
 MAX_POINTS = 500
 DPI = 150
@@ -53,12 +64,7 @@ SITE_WORDS = {
     "preact": "ReLU input (after norm)",
     "conv": "conv output (before norm)",
 }
-NO_NOTICES = "none: every figure was drawn from complete runs."
 STEP_PANELS = ("grad_norm", *(f"grad_norm_{name}" for name in results.GRAD_LAYERS))
-
-
-class Skip(Exception):
-    """The study lacks what a figure needs; the message says what."""
 
 
 @dataclass(frozen=True)
@@ -69,35 +75,6 @@ class VariantStyle:
     linestyle: str | tuple
     marker: str
     label: str
-
-
-@dataclass
-class Options:
-    """The command line, validated."""
-
-    results: Path
-    out: Path
-    method: str = "t"
-    level: float = 0.95
-    lr: float | None = None
-    lr_is_default: bool = True
-    smooth: int = 100
-    formats: tuple[str, ...] = FORMATS
-    reps: int = 2000
-
-
-@dataclass
-class Report:
-    """What was written and what was not, for the index page."""
-
-    figures: list[tuple[str, str, str]] = field(default_factory=list)  # name, title, caption
-    notices: list[str] = field(default_factory=list)
-    tables: list[tuple[str, str, list[str]]] = field(default_factory=list)  # heading, md, files
-
-    def skipped(self, name: str, why: Skip) -> None:
-        """A figure or table the study lacks the data for: a notice, printed and on the index."""
-        self.notices.append(f"{name} skipped: {why}")
-        print(f"notice: {name} skipped: {why}")
 
 
 # --------------------------------------------------------------------------- styles
@@ -317,25 +294,6 @@ def _ok(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame["status"].isin(OK_STATUSES)]
 
 
-def _percent(values: pd.Series | np.ndarray) -> float:
-    """100 if accuracies are stored as fractions (as training writes them), else 1."""
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    return 100.0 if v.size == 0 or v.max() <= 1.0 else 1.0
-
-
-def _estimate(frame: pd.DataFrame, by: list[str], x: str, value: str, opts: Options):
-    return bands.get_interval_estimates(
-        frame,
-        by,
-        x,
-        value,
-        method=opts.method,
-        confidence_interval_size=opts.level,
-        reps=opts.reps,
-    )
-
-
 def _variants_in(frame: pd.DataFrame) -> list[str]:
     present = set(frame["variant"].astype(str).unique())
     return [v for v in frame["variant"].cat.categories if v in present]
@@ -365,7 +323,7 @@ def fig_activations(study: Study, opts: Options, styles, report: Report) -> None
     fig, axes = _new_figure(len(rows), len(layers), 3.6 * len(layers), 10.5, sharex=True)
     all_est = []
     for r, (site, stat) in enumerate(rows):
-        est = _estimate(drawn[drawn["site"] == site], ["variant", "layer"], "epoch", stat, opts)
+        est = opts.estimate(drawn[drawn["site"] == site], ["variant", "layer"], "epoch", stat)
         all_est.append(est)
         for c, layer in enumerate(layers):
             ax = axes[r, c]
@@ -449,18 +407,18 @@ def fig_noisy_bn(study: Study, opts: Options, styles, report: Report) -> None:
     fig, axes = _new_figure(2, ncols, 3.4 * ncols, 6.6, sharex=True)
     all_est = []
     for r, stat in enumerate(("mean", "var")):
-        est = _estimate(drawn, ["variant", "layer"], "epoch", stat, opts)
+        est = opts.estimate(drawn, ["variant", "layer"], "epoch", stat)
         all_est.append(est)
         for c, layer in enumerate(layers):
             part = est[est["layer"] == layer]
             _draw(axes[r, c], part, styles, "epoch", markers=True, log=stat == "var")
             _activation_axes(axes[r, c], stat, "preact", layer)
-    scale = _percent(epochs[["train_acc", "test_acc"]].to_numpy())
+    scale = percent_scale(epochs[["train_acc", "test_acc"]].to_numpy())
     acc = epochs.assign(train=epochs["train_acc"] * scale, test=epochs["test_acc"] * scale)
     for r, (col, words) in enumerate(
         (("train", "training accuracy (running over the epoch)"), ("test", "test accuracy"))
     ):
-        est = _estimate(acc, ["variant"], "epoch", col, opts)
+        est = opts.estimate(acc, ["variant"], "epoch", col)
         all_est.append(est)
         ax = axes[r, ncols - 1]
         _draw(ax, est, styles, "epoch", markers=True, clip=(0.0, 100.0))
@@ -580,7 +538,7 @@ def fig_gradients(study: Study, opts: Options, styles, report: Report) -> None:
     fig, axes = _new_figure(nrows, ncols, 13, 3.3 * nrows + 0.4, sharex=True)
     all_est = []
     for ax, col in zip(axes.flat, panels, strict=False):
-        est = _estimate(curves, ["variant"], "step", col, opts)
+        est = opts.estimate(curves, ["variant"], "step", col)
         all_est.append(est)
         _draw(ax, est, styles, "step", markers=False, log=True)
         name = "all weights (global)" if col == "grad_norm" else col.removeprefix("grad_norm_")
@@ -614,223 +572,6 @@ def fig_gradients(study: Study, opts: Options, styles, report: Report) -> None:
     )
 
 
-# --------------------------------------------------------------------------- accuracy
-
-
-def final_accuracies(study: Study) -> pd.DataFrame:
-    """One row per trial: train, validation and test accuracy at its last recorded epoch.
-
-    Train accuracy is the running average over the last epoch (the seed's measure).
-    """
-    trials = study.trials[["trial_id", "variant", "norm", "noise", "lr", "seed", "status"]]
-    ep = study.epochs
-    if ep.empty:
-        last = pd.DataFrame(columns=["trial_id", "epoch", "train_acc", "val_acc", "test_acc"])
-    else:
-        ep = ep.sort_values(["trial_id", "epoch"])
-        last = ep.groupby("trial_id", observed=True).tail(1)
-        last = last[["trial_id", "epoch", "train_acc", "val_acc", "test_acc"]].assign(
-            trial_id=lambda d: d["trial_id"].astype(str)
-        )
-    return trials.merge(last, on="trial_id", how="left")
-
-
-def accuracy_table(study: Study, opts: Options) -> pd.DataFrame:
-    """Variant × lr: final accuracies (percent) as mean, interval and half-width over done runs."""
-    final = final_accuracies(study)
-    scale = _percent(final[["train_acc", "val_acc", "test_acc"]].to_numpy())
-    done = final[final["status"] == "done"]
-    keys = ["variant", "lr"]
-    rows = final.groupby(keys, observed=True, sort=True).agg(
-        norm=("norm", "first"), noise=("noise", "first"), trials=("trial_id", "size")
-    )
-    for status in ("done", "diverged", "error", "running"):
-        rows[status] = (
-            final[final["status"] == status]
-            .groupby(keys, observed=True)
-            .size()
-            .reindex(rows.index)
-            .fillna(0)
-            .astype(int)
-        )
-    rows = rows.rename(columns={"done": "n"})
-    metrics = ("train", "val", "test")
-    _add_intervals(rows, done.assign(**{m: done[f"{m}_acc"] * scale for m in metrics}), keys, metrics, opts)
-    for metric in metrics:
-        rows[f"{metric}_hw"] = (rows[f"{metric}_hi"] - rows[f"{metric}_lo"]) / 2
-    out = rows.reset_index()
-    out["variant"] = out["variant"].astype(str)
-    first = ["variant", "norm", "noise", "lr", "trials"]
-    return out[first + [c for c in out.columns if c not in first]]
-
-
-def _add_intervals(rows: pd.DataFrame, runs: pd.DataFrame, keys: list[str], columns: Sequence[str],
-                   opts: Options) -> None:
-    """``rows`` (indexed by ``keys``) gain ``<column>_mean``, ``_lo``, ``_hi`` and ``_n``: each
-    column's mean over the ``runs`` with a finite value per key, its interval (``--ci``,
-    ``--level``) and how many runs it is over."""
-    for column in columns:
-        est = _estimate(runs.assign(x=0), keys, "x", column, opts).set_index(keys)
-        for part in ("mean", "lo", "hi"):
-            rows[f"{column}_{part}"] = est[part].reindex(rows.index)
-        rows[f"{column}_n"] = est["n"].reindex(rows.index).fillna(0).astype(int)
-
-
-def _interval_note(opts: Options) -> str:
-    """What a table's cells are: the mean over finished runs and its interval."""
-    return (f"{'Mean ± half-width' if opts.method == 't' else 'Mean [interval]'} of the "
-            f"{bands.method_label(opts.method, opts.level, opts.reps)} over the n runs that finished "
-            "(status done)")
-
-
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    """A Markdown table's lines (pipes inside cells escaped)."""
-    line = lambda cells: "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"  # noqa: E731
-    return [line(header), "|" + "---|" * len(header), *(line(r) for r in rows)]
-
-
-def _write_table(opts: Options, report: Report, stem: str, heading: str, title: str, md_text: str,
-                 tex_header: str, tex_rows: Sequence[str], caption: str, label: str,
-                 extra_files: Sequence[str] = ()) -> None:
-    """``stem``.md and ``stem``.tex (the CSV is written by the caller); the index page shows the
-    Markdown under ``heading``."""
-    (opts.out / f"{stem}.md").write_text(f"# {title}\n\n{md_text}")
-    n_cols = tex_header.count(" & ") + 1
-    tex = [f"% {title} (written by analysis.figures)", "\\begin{table}[t]", "\\centering",
-           "\\begin{tabular}{ll" + "r" * (n_cols - 2) + "}", "\\hline", tex_header + " \\\\", "\\hline",
-           *(row + " \\\\" for row in tex_rows), "\\hline", "\\end{tabular}", "\\caption{" + caption + "}",
-           f"\\label{{{label}}}", "\\end{table}"]
-    (opts.out / f"{stem}.tex").write_text("\n".join(tex) + "\n")
-    report.tables.append((heading, md_text, [f"{stem}.md", f"{stem}.csv", f"{stem}.tex", *extra_files]))
-    print(f"wrote {opts.out / stem}.md, .csv, .tex" + "".join(f", {f}" for f in extra_files))
-
-
-def _cell(mean: float, lo: float, hi: float, n: int, of: int, latex: bool, symmetric: bool,
-          digits: int = 2) -> str:
-    """``mean ± half-width`` for a symmetric interval (Student-t), ``mean [lo, hi]`` for one
-    that need not be (the percentile bootstrap); over ``n`` runs, said where the row has ``of``
-    more (runs without a finite value)."""
-    f = f".{digits}f"
-    if not np.isfinite(mean) or n < 1:
-        return "–"
-    fewer = "" if n >= of else f" (n={n})"
-    if n == 1 or not (np.isfinite(lo) and np.isfinite(hi)):
-        return f"{mean:{f}}{fewer}"
-    if symmetric:
-        hw = (hi - lo) / 2
-        return (f"${mean:{f}} \\pm {hw:{f}}${fewer}" if latex else f"{mean:{f}} ± {hw:{f}}{fewer}")
-    return (f"${mean:{f}}$ [{lo:{f}}, {hi:{f}}]{fewer}" if latex
-            else f"{mean:{f}} [{lo:{f}}, {hi:{f}}]{fewer}")
-
-
-def write_accuracy_table(table: pd.DataFrame, study: Study, opts: Options, report: Report) -> None:
-    """The accuracy table as CSV (full precision), Markdown and LaTeX."""
-    metrics = (("train", "train"), ("val", "validation"), ("test", "test"))
-    csv_path = opts.out / "accuracy_table.csv"
-    table.to_csv(csv_path, index=False)
-    notes = [
-        "Accuracy in percent at the last epoch; train accuracy is the running average over the "
-        "last epoch (the seed's measure).",
-        _interval_note(opts) + "; no interval where n = 1, and a cell over fewer runs (a value "
-        "missing) gives its own n.",
-        "Diverged runs (a non-finite loss) are counted in the 'diverged' column and excluded "
-        "from the means; so are failed ('error') and still running runs.",
-        f"Dataset: {', '.join(study.datasets)}.",
-    ]
-    header = ["variant", "lr", *(f"{w} acc." for _, w in metrics), "n", "diverged¹", "error", "running"]
-
-    def cells(r, tex: bool) -> list[str]:
-        """One table row's cells, for Markdown or LaTeX."""
-        return [_tex_escape(r.variant) if tex else r.variant, format_number(r.lr),
-                *(_cell(getattr(r, f"{m}_mean"), getattr(r, f"{m}_lo"), getattr(r, f"{m}_hi"),
-                        getattr(r, f"{m}_n"), r.n, tex, symmetric=opts.method == "t")
-                  for m, _ in metrics),
-                *(str(v) for v in (r.n, r.diverged, r.error, r.running))]
-
-    rows = list(table.itertuples(index=False))
-    md_text = (
-        "\n".join(_md_table(header, [cells(r, False) for r in rows]))
-        + "\n\n"
-        + "\n\n".join(f"{'¹ ' if i == 2 else ''}{note}" for i, note in enumerate(notes))
-        + "\n"
-    )
-    _write_table(
-        opts, report, "accuracy_table", "Accuracy", "Final accuracy per variant and learning rate", md_text,
-        "variant & lr & train acc. & validation acc. & test acc. & $n$ & diverged$^{a}$ & error & running",
-        [" & ".join(cells(r, True)) for r in rows],
-        _tex_escape(" ".join(notes[:2])) + " $^{a}$" + _tex_escape(notes[2]) + " " + _tex_escape(notes[3]),
-        "tab:accuracy",
-    )
-
-
-def stability_table(study: Study, opts: Options) -> tuple[pd.DataFrame, int]:
-    """Variant × lr: each ``STABILITY_METRICS`` quantity of the done runs' global gradient
-    norm (mean and interval over runs), past the first epoch when the study has more than
-    one; returns the table and the number of epochs skipped."""
-    epochs = pd.to_numeric(study.trials["epochs"], errors="coerce").max()
-    skip = 1 if epochs >= 2 else 0
-    if study.steps.empty:
-        raise Skip("no run has per-step gradient norms")
-    layers = tuple(c.removeprefix("grad_norm_") for c in STEP_PANELS[1:] if c in study.steps)
-    trials = study.trials[["trial_id", "variant", "norm", "noise", "lr", "seed", "status"]]
-    per_run = trials.assign(trial_id=trials["trial_id"].astype(str)).merge(
-        gradient_stability(study.steps, skip, layers), on="trial_id")
-    per_run.to_csv(opts.out / "gradient_stability_runs.csv", index=False)
-    done = per_run[per_run["status"] == "done"]
-    if done.empty:
-        raise Skip("no finished run has per-step gradient norms")
-    keys = ["variant", "lr"]
-    rows = done.groupby(keys, observed=True, sort=True).agg(
-        norm=("norm", "first"), noise=("noise", "first"), n=("trial_id", "size"))
-    _add_intervals(rows, done, keys, list(STABILITY_METRICS), opts)
-    out = rows.reset_index()
-    out["variant"] = out["variant"].astype(str)
-    return out, skip
-
-
-def write_stability_table(table: pd.DataFrame, skip: int, study: Study, opts: Options,
-                          report: Report) -> None:
-    """The gradient-stability table as CSV (full precision), Markdown and LaTeX."""
-    table.to_csv(opts.out / "gradient_stability.csv", index=False)
-    past = f"after the first {'epoch' if skip == 1 else f'{skip} epochs'}" if skip else "in every epoch"
-    notes = [
-        f"Per run, over its global gradient ℓ2 norm ‖g‖ at each recorded step {past}: "
-        + "; ".join(f"{h}: {what}" for h, what in STABILITY_METRICS.values()) + ".",
-        f"{_interval_note(opts)}. Dataset: {', '.join(study.datasets)}.",
-        "Each run's values, for each layer's norm too: gradient_stability_runs.csv.",
-    ]
-    header = ["variant", "lr", *(h for h, _ in STABILITY_METRICS.values()), "n"]
-
-    def cells(r, tex: bool) -> list[str]:
-        return [_tex_escape(r.variant) if tex else r.variant, format_number(r.lr),
-                *(_cell(getattr(r, f"{m}_mean"), getattr(r, f"{m}_lo"), getattr(r, f"{m}_hi"),
-                        getattr(r, f"{m}_n"), r.n, tex, symmetric=opts.method == "t", digits=3)
-                  for m in STABILITY_METRICS),
-                str(r.n)]
-
-    rows = list(table.itertuples(index=False))
-    md_lines = _md_table(header, [cells(r, False) for r in rows])
-    md_text = "\n".join(md_lines) + "\n\n" + "\n\n".join(notes) + "\n"
-    _write_table(opts, report, "gradient_stability", "Gradient stability",
-                 "Gradient stability per variant and learning rate", md_text,
-                 " & ".join(_tex_escape(h) for h in header), [" & ".join(cells(r, True)) for r in rows],
-                 _tex_escape(" ".join(notes)), "tab:gradient-stability", ["gradient_stability_runs.csv"])
-
-
-#: LaTeX's special characters, and the typographic and math ones the tables use, in text mode,
-#: replaced in one pass.
-_TEX_SPECIAL = {
-    "\\": "\\textbackslash{}", "&": "\\&", "%": "\\%", "_": "\\_", "#": "\\#", "$": "\\$",
-    "{": "\\{", "}": "\\}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}",
-    "±": "$\\pm$", "–": "--", "|": "$|$", "‖": "$\\|$", "Δ": "$\\Delta$", "÷": "$\\div$",
-    "ℓ": "$\\ell$",
-}
-
-
-def _tex_escape(text: str) -> str:
-    return "".join(_TEX_SPECIAL.get(ch, ch) for ch in text)
-
-
 def fig_lr_sensitivity(study: Study, opts: Options, styles, report: Report) -> None:
     """Final train and test accuracy against learning rate per variant; diverged runs marked."""
     if len(study.lrs) < 2:
@@ -839,7 +580,7 @@ def fig_lr_sensitivity(study: Study, opts: Options, styles, report: Report) -> N
     done = final[final["status"] == "done"]
     if done.empty:
         raise Skip("no finished runs yet")
-    scale = _percent(done[["train_acc", "test_acc"]].to_numpy())
+    scale = percent_scale(done[["train_acc", "test_acc"]].to_numpy())
     done = done.assign(train=done["train_acc"] * scale, test=done["test_acc"] * scale)
     diverged = final[final["status"] == "diverged"].groupby(["variant", "lr"], observed=True).size()
     fig, axes = _new_figure(1, 2, 12, 4.8)
@@ -852,7 +593,7 @@ def fig_lr_sensitivity(study: Study, opts: Options, styles, report: Report) -> N
         ),
         strict=True,
     ):
-        est = _estimate(done, ["variant"], "lr", col, opts)
+        est = opts.estimate(done, ["variant"], "lr", col)
         all_est.append(est)
         _draw(ax, est, styles, "lr", markers=True, clip=(0.0, 100.0))
         ax.set_xscale("log")
@@ -1087,7 +828,7 @@ def fig_probes_ics(study: Study, opts: Options, styles, report: Report) -> None:
     fig, axes = _new_figure(2, len(layers), 3.0 * len(layers) + 0.5, 6.4, sharex=True)
     all_est = []
     for r, (col, words) in enumerate((("ics_l2", "‖G − G′‖ (ℓ2)"), ("ics_cos", "cos(G, G′)"))):
-        est = _estimate(per_trial, ["variant", "layer"], "step", col, opts)
+        est = opts.estimate(per_trial, ["variant", "layer"], "step", col)
         all_est.append(est)
         clip = (0.0, np.inf) if col == "ics_l2" else (-1.0, 1.0)
         for c, layer in enumerate(layers):
@@ -1150,7 +891,7 @@ def fig_probes_landscape(study: Study, opts: Options, styles, report: Report) ->
         ),
         strict=True,
     ):
-        est = _estimate(per_trial, ["variant"], "step", col, opts)
+        est = opts.estimate(per_trial, ["variant"], "step", col)
         all_est.append(est)
         _draw(ax, est, styles, "step", markers=False, log=True)
         ax.set_title(words, fontsize=10)
@@ -1178,132 +919,6 @@ def fig_probes_landscape(study: Study, opts: Options, styles, report: Report) ->
         report,
         _legend_handles(styles, _variants_in(sel), markers=False),
     )
-
-
-# --------------------------------------------------------------------------- index
-
-
-def _config_items(study: Study, opts: Options) -> list[tuple[str, str]]:
-    t = study.trials
-    status = t["status"].value_counts()
-    items = [
-        ("results folder", str(study.path)),
-        ("dataset(s)", ", ".join(study.datasets)),
-        ("trials", f"{len(t)} (" + ", ".join(f"{s} {int(k)}" for s, k in status.items()) + ")"),
-        ("variants", ", ".join(study.variants)),
-        ("learning rates", ", ".join(format_number(x) for x in study.lrs)),
-        ("seeds", ", ".join(str(int(s)) for s in sorted(t["seed"].dropna().unique()))),
-        (
-            "seeds per variant × lr",
-            ", ".join(
-                str(int(k))
-                for k in sorted(set(t.groupby(["variant", "lr"], observed=True).size().tolist()))
-            ),
-        ),
-    ]
-    for col, words in (
-        ("epochs", "epochs"),
-        ("batch_size", "batch size"),
-        ("momentum", "momentum"),
-        ("noise_scope", "noise scope"),
-        ("grad_every", "gradient norms every k steps"),
-        ("probe_every", "probes every N steps"),
-    ):
-        if col in t and t[col].notna().any():
-            items.append((words, ", ".join(str(v) for v in sorted(t[col].dropna().unique()))))
-    items += [
-        ("intervals", f"{bands.method_label(opts.method, opts.level, opts.reps)} across seeds"),
-        (
-            "figures 1–3, histograms, probes at lr",
-            format_number(opts.lr) + (" (smallest in the study)" if opts.lr_is_default else ""),
-        ),
-        ("gradient smoothing", f"{opts.smooth} steps"),
-    ]
-    for key, value in study.config.items():
-        inner = value.items() if isinstance(value, dict) else [(None, value)]
-        for sub, v in inner:
-            name = f"study.json: {key}" + (f".{sub}" if sub is not None else "")
-            items.append((name, _short_json(v)))
-    return items
-
-
-def _short_json(value) -> str:
-    """A study.json value in one short line (a list of records is only counted)."""
-    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        return f"{len(value)} entries (see study.json)"
-    text = value if isinstance(value, str) else json.dumps(value)
-    return text if len(text) <= 200 else text[:197] + "…"
-
-
-def write_index(study: Study, opts: Options, report: Report) -> Path:
-    """index.md and index.html: every figure and table, with settings and notices."""
-    image = "png" if "png" in opts.formats else opts.formats[0]
-    items = _config_items(study, opts)
-    md = [f"# BatchNorm study: {study.path.name}", "", "## Configuration", ""]
-    md += [f"- **{k}**: {v}" for k, v in items]
-    md += ["", "## Notices", ""]
-    md += [f"- {n}" for n in report.notices] or [f"- {NO_NOTICES}"]
-    for heading, table_md, files in report.tables:
-        md += ["", f"## {heading}", "", table_md, "Files: " + ", ".join(f"[{f}]({f})" for f in files), ""]
-    for name, title, caption in report.figures:
-        files = ", ".join(f"[{fmt.upper()}]({name}.{fmt})" for fmt in opts.formats)
-        link = f"![{title}]({name}.png)" if image == "png" else f"[{title}]({name}.{image})"
-        md += [f"## {title}", "", link, "", caption, "", files, ""]
-    (opts.out / "index.md").write_text("\n".join(md))
-
-    e = html.escape
-    page = [
-        "<!doctype html>",
-        "<html><head><meta charset='utf-8'>",
-        f"<title>BatchNorm study: {e(study.path.name)}</title>",
-        "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
-        "img{max-width:100%;border:1px solid #ddd}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-        "td:first-child,th:first-child{text-align:left}.caption{color:#444;font-size:90%}"
-        "</style></head><body>",
-        f"<h1>BatchNorm study: {e(study.path.name)}</h1>",
-        "<h2>Configuration</h2><ul>",
-        *(f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in items),
-        "</ul><h2>Notices</h2><ul>",
-        *(f"<li>{e(n)}</li>" for n in report.notices),
-        *([] if report.notices else [f"<li>{NO_NOTICES}</li>"]),
-        "</ul>",
-    ]
-    for heading, table_md, files in report.tables:
-        page += [f"<h2>{e(heading)}</h2>", _md_table_to_html(table_md),
-                 "<p>Files: " + ", ".join(f"<a href='{e(f)}'>{e(f)}</a>" for f in files) + "</p>"]
-    for name, title, caption in report.figures:
-        files = ", ".join(f"<a href='{e(name)}.{fmt}'>{fmt.upper()}</a>" for fmt in opts.formats)
-        shown = (
-            f"<img src='{e(name)}.png' alt='{e(title)}'>"
-            if image == "png"
-            else f"<a href='{e(name)}.{image}'>{e(title)}</a>"
-        )
-        page += [
-            f"<h2>{e(title)}</h2>",
-            shown,
-            f"<p class='caption'>{e(caption)}</p>",
-            f"<p>{files}</p>",
-        ]
-    page.append("</body></html>")
-    (opts.out / "index.html").write_text("\n".join(page) + "\n")
-    return opts.out / "index.html"
-
-
-def _md_table_to_html(md: str) -> str:
-    lines = md.strip().splitlines()
-    rows = [line for line in lines if line.startswith("|")]
-    notes = [line for line in lines if line and not line.startswith("|")]
-    out = ["<table>"]
-    for i, line in enumerate(rows):
-        if i == 1:
-            continue
-        cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
-        tag = "th" if i == 0 else "td"
-        out.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>")
-    out.append("</table>")
-    out += [f"<p class='caption'>{html.escape(n)}</p>" for n in notes]
-    return "\n".join(out)
 
 
 # --------------------------------------------------------------------------- command line

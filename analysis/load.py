@@ -69,6 +69,13 @@ def format_number(x: float) -> str:
     return f"{float(x):g}"
 
 
+def percent_scale(values: pd.Series | np.ndarray) -> float:
+    """100 if accuracies are stored as fractions (as training writes them), else 1."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return 100.0 if v.size == 0 or v.max() <= 1.0 else 1.0
+
+
 def variant_label(norm: str, noise: float) -> str:
     """The label of one (norm, noise) pair, e.g. ``noisy BN (noise 1)``.
 

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from scipy import stats
 
-from analysis import figures, load
+from analysis import figures, load, report, tables
 from analysis.synthetic import trial_id, write_synthetic_study
 from study import results
 
@@ -122,9 +122,9 @@ def test_files_of_trials_study_json_does_not_list_are_left_out(tmp_path):
     mixed, alone = load.load_study(folder), load.load_study(clean)
     for name in ("trials", "epochs", "layers", "steps", "probes"):
         pd.testing.assert_frame_equal(getattr(mixed, name), getattr(alone, name))
-    opts = figures.Options(results=folder, out=tmp_path / "unused", lr=0.001)
+    opts = report.Options(results=folder, out=tmp_path / "unused", lr=0.001)
     pd.testing.assert_frame_equal(
-        figures.accuracy_table(mixed, opts), figures.accuracy_table(alone, opts)
+        tables.accuracy_table(mixed, opts), tables.accuracy_table(alone, opts)
     )
     notice = [n for n in mixed.notices if "left out" in n]
     assert len(notice) == 1 and all(tid in notice[0] for tid in extra_ids)
@@ -367,8 +367,8 @@ def test_diverged_marks_sit_below_every_accuracy_drawn(study, tmp_path, monkeypa
     drawn = {}
     monkeypatch.setattr(figures, "_finish", lambda fig, name, *a, **k: drawn.setdefault(name, fig))
     loaded = load.load_study(study["folder"])
-    opts = figures.Options(results=study["folder"], out=tmp_path, lr=loaded.lrs[0])
-    figures.fig_lr_sensitivity(loaded, opts, figures.variant_styles(loaded.trials), figures.Report())
+    opts = report.Options(results=study["folder"], out=tmp_path, lr=loaded.lrs[0])
+    figures.fig_lr_sensitivity(loaded, opts, figures.variant_styles(loaded.trials), report.Report())
     def screen_y(artist, xy):  # height on the figure, whatever coordinates the artist uses
         return artist.get_transform().transform(np.asarray(xy, dtype=float))[:, 1]
 
@@ -403,10 +403,10 @@ def test_probe_figures_draw_each_layer_and_step_mean_over_seeds(study, tmp_path,
     monkeypatch.setattr(figures, "_finish", lambda fig, name, *a, **k: drawn.setdefault(name, fig))
     loaded = load.load_study(study["folder"])
     lr = min(loaded.lrs)
-    opts = figures.Options(results=study["folder"], out=tmp_path, lr=lr)
+    opts = report.Options(results=study["folder"], out=tmp_path, lr=lr)
     styles = figures.variant_styles(loaded.trials)
-    figures.fig_probes_ics(loaded, opts, styles, figures.Report())
-    figures.fig_probes_landscape(loaded, opts, styles, figures.Report())
+    figures.fig_probes_ics(loaded, opts, styles, report.Report())
+    figures.fig_probes_landscape(loaded, opts, styles, report.Report())
     probes = loaded.probes[np.isclose(loaded.probes["lr"], lr)
                            & loaded.probes["status"].isin(["done", "running"])]
 
@@ -431,7 +431,7 @@ def test_probe_figures_draw_each_layer_and_step_mean_over_seeds(study, tmp_path,
 
 
 def test_tex_escape_makes_every_special_character_literal():
-    assert figures._tex_escape(r"a_b & 5% #1 $x$ {y} ~z ^w \ ± – |Δ‖ℓ÷") == (
+    assert tables.tex_escape(r"a_b & 5% #1 $x$ {y} ~z ^w \ ± – |Δ‖ℓ÷") == (
         r"a\_b \& 5\% \#1 \$x\$ \{y\} \textasciitilde{}z \textasciicircum{}w "
         r"\textbackslash{} $\pm$ -- $|$$\Delta$$\|$$\ell$$\div$")
 
@@ -499,7 +499,7 @@ def test_running_trials_are_drawn_and_the_default_lr_is_the_smallest(study):
     assert RUNNING in set(ok["trial_id"].astype(str))
     assert DIVERGED not in set(ok["trial_id"].astype(str))
     index = (study["folder"] / "figures" / "index.md").read_text()
-    assert f"Learning rate {figures.format_number(min(loaded.lrs))} (the smallest in the study" in index
+    assert f"Learning rate {load.format_number(min(loaded.lrs))} (the smallest in the study" in index
 
 
 def test_histogram_densities_integrate_to_one_on_mixed_bins():
@@ -521,7 +521,7 @@ def test_histogram_densities_integrate_to_one_on_mixed_bins():
 
 def test_import_loads_neither_torch_nor_ray():
     code = (
-        "import sys, analysis.figures, analysis.load, analysis.bands, analysis.synthetic\n"
+        "import sys, analysis.figures, analysis.load, analysis.bands, analysis.synthetic, analysis.tables\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray'))\n"
         "print(bad)\n"
     )

@@ -20,7 +20,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from analysis import figures, load  # noqa: E402
+from analysis import figures, load, report  # noqa: E402
 from analysis.synthetic import trial_id, write_synthetic_study  # noqa: E402
 from study import results  # noqa: E402
 
@@ -46,7 +46,7 @@ def drawn(tmp_path_factory):
         per_epoch=False, outcome=OUTCOME,
     )
     study = load.load_study(folder)
-    opts = figures.Options(
+    opts = report.Options(
         results=folder, out=folder, lr=LR, lr_is_default=False, level=LEVEL, smooth=SMOOTH
     )
     styles = figures.variant_styles(study.trials)
@@ -55,7 +55,7 @@ def drawn(tmp_path_factory):
         mp.setattr(figures, "_finish", lambda fig, name, *a, **k: figs.setdefault(name, fig))
         for draw in (figures.fig_activations, figures.fig_noisy_bn, figures.fig_gradients,
                      figures.fig_histograms):
-            draw(study, opts, styles, figures.Report())
+            draw(study, opts, styles, report.Report())
     yield study, figs
     for fig in figs.values():
         plt.close(fig)
