@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from study.data import DataArrays
 
@@ -20,6 +21,15 @@ VOLATILE = {"wall_s", "images_per_s", "host", "device", "error"}
 #: A tiny study: 2 variants × 2 seeds, 3 epochs of 160 images (about 20 s of Ray on 2 cores).
 TINY = ["--norms", "none,batch", "--seeds", "0,1", "--lrs", "0.02", "--epochs", "3",
         "--dataset", "synthetic", "--subset", "200", "--max-failures", "2"]
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """``run_trial(threads=N)`` sets torch's process-wide thread count; every test starts with
+    the count the session began with, so no test's numbers depend on which tests ran before."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
 
 
 def sweep_env(**extra: str) -> dict[str, str]:

@@ -169,7 +169,9 @@ def test_taps_reduced_during_the_forward_pass_equal_the_taps_reduced_after():
         ref = t.detach().double().numpy().ravel()
         assert row["count"] == ref.size and sum(row["hist"]) == ref.size
         assert abs(row["mean"] - ref.mean()) <= 1e-6 * max(1.0, ref.std())
-        assert abs(row["var"] - ref.var()) <= 1e-6 * ref.var()
+        # fp32 tolerance: a tap here is 262,144 values, and one thread's BLAS dot sums their
+        # squares in a few float32 lanes (1.4e-6 off for one tap at 1 thread; 2 threads halve it)
+        assert abs(row["var"] - ref.var()) <= 1e-5 * ref.var()
 
 
 def test_values_beyond_the_histogram_range_land_in_its_edge_bins():
