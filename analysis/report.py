@@ -57,7 +57,6 @@ class Report:
         print(f"notice: {name} skipped: {why}")
 
 
-
 def _config_items(study: Study, opts: Options) -> list[tuple[str, str]]:
     t = study.trials
     status = t["status"].value_counts()
