@@ -138,6 +138,12 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # "-1e-3" or "-1,2" after a flag is its value, as Python 3.13's argparse takes it (3.11
+        # took only "-1" and "-.5" for numbers, and the rest for unknown flags)
+        self._negative_number_matcher = re.compile(r"-\.?\d")
+
     def error(self, message: str):  # one line, exit 2 (argparse's default prints usage too)
         message = re.sub(r"^argument (\S+): \1: ", r"\1: ", message)  # our types name the flag
         self.exit(EXIT_USAGE, f"study.sweep: error: {message}\n")

@@ -666,6 +666,7 @@ def test_ctrl_c_gives_one_line_exit_130_and_keeps_what_was_written(study, tmp_pa
         (["--smooth", "0"], "at least 1"),
         (["--format", "gif"], "png, pdf"),
         (["--lr", "-1"], "positive"),
+        (["--lr", "-1e-3"], "positive"),
         (["--lr", "0.02"], "not in the study"),
         (["--bogus"], "unrecognized"),
     ],

@@ -378,6 +378,7 @@ def test_refuses_to_mix_studies(tiny_reference):
 @pytest.mark.parametrize("flag,value,message", [
     ("--norms", "group", "unknown norm"),
     ("--lrs", "-0.1", "learning rates must be > 0"),
+    ("--lrs", "-1e-3,1e-2", "learning rates must be > 0"),  # a value, not an unknown flag
     ("--noises", "-1", "noise magnitudes must be >= 0"),
     ("--seeds", ",", "empty"),
     ("--seeds", "a,b", "not a comma-separated list"),
