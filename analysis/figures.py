@@ -1,6 +1,7 @@
 """``python -m analysis.figures RESULTS``: the study's figures, tables and index page.
 
-Reads a results folder (DESIGN §5) and writes into ``RESULTS/figures`` (or ``--out``) the
+Reads a results folder (DESIGN §5), or several that hold parts of one study
+(``analysis.load.load_studies``), and writes into ``RESULTS/figures`` (or ``--out``) the
 figures of DESIGN §6 with confidence bands across seeds (drawn here), the accuracy and
 gradient-stability tables (``analysis.tables``), and ``index.md`` / ``index.html`` showing
 them all with the study's settings (``analysis.report``).
@@ -37,7 +38,7 @@ from analysis.load import (  # noqa: E402
     ResultsError,
     Study,
     format_number,
-    load_study,
+    load_studies,
     percent_scale,
 )
 from analysis.report import FORMATS, Options, Report, Skip, write_index  # noqa: E402
@@ -977,7 +978,10 @@ def build_parser() -> argparse.ArgumentParser:
         "and index page from a "
         "results folder (RESULTS/<table>/<trial_id>.parquet).",
     )
-    p.add_argument("results", metavar="RESULTS", help="the results folder written by the sweep")
+    p.add_argument("results", metavar="RESULTS", nargs="+",
+                   help="the results folder written by the sweep; several folders that hold parts "
+                   "of one study (other seeds or learning rates, same settings) are drawn as one, "
+                   "into --out")
     p.add_argument(
         "--out",
         metavar="DIR",
@@ -1055,13 +1059,16 @@ def _main(argv: Sequence[str] | None, started: list[Path]) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     try:
-        study = load_study(args.results, step_columns=STEP_PANELS)
+        if len(args.results) > 1 and args.out is None:
+            raise ResultsError(f"{len(args.results)} results folders are drawn as one study into "
+                               "--out DIR: give it")
+        study = load_studies(args.results, step_columns=STEP_PANELS)
     except ResultsError as exc:
         sys.stderr.write(f"{PROG}: error: {_one_line(str(exc))}\n")
         return 2
     lrs = study.lrs
     if not lrs:
-        sys.stderr.write(f"{PROG}: error: {args.results}: the trials table has no learning rate\n")
+        sys.stderr.write(f"{PROG}: error: {study.name}: the trials table has no learning rate\n")
         return 2
     if args.lr is None:
         lr, lr_is_default = lrs[0], True
@@ -1074,9 +1081,9 @@ def _main(argv: Sequence[str] | None, started: list[Path]) -> int:
             )
             return 2
         lr, lr_is_default = match[0], False
-    out = Path(args.out) if args.out is not None else Path(args.results) / "figures"
+    out = Path(args.out) if args.out is not None else study.path / "figures"
     opts = Options(
-        results=Path(args.results),
+        results=study.path,
         out=out,
         method=args.ci,
         level=args.level,

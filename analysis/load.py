@@ -39,16 +39,31 @@ class ResultsError(Exception):
 
 @dataclass
 class Study:
-    """One results folder, read: the five tables, the sweep's settings and what is incomplete."""
+    """One study, read: the five tables, the sweep's settings and what is incomplete. Usually
+    one results folder; several when the study was run in parts (``load_studies``)."""
 
-    path: Path
+    paths: tuple[Path, ...]
     trials: pd.DataFrame
     epochs: pd.DataFrame
     layers: pd.DataFrame
     steps: pd.DataFrame
     probes: pd.DataFrame | None
-    config: dict = field(default_factory=dict)
+    configs: tuple[dict, ...] = ()  # each folder's study.json ({} where it has none)
     notices: list[str] = field(default_factory=list)
+
+    @property
+    def path(self) -> Path:
+        """The (first) results folder."""
+        return self.paths[0]
+
+    @property
+    def name(self) -> str:
+        return " + ".join(p.name for p in self.paths)
+
+    @property
+    def config(self) -> dict:
+        """The study.json of a study read from one folder ({} for several)."""
+        return self.configs[0] if len(self.configs) == 1 else {}
 
     @property
     def variants(self) -> list[str]:
@@ -103,7 +118,72 @@ def load_study(path: str | Path, *, step_columns: Sequence[str] | None = None) -
     :class:`ResultsError` for a missing folder, a folder without results, an unreadable file or
     an unknown schema version.
     """
-    root = Path(path)
+    return load_studies([path], step_columns=step_columns)
+
+
+#: Trial settings that must agree across the folders of one study: runs that differ in them
+#: do not belong in one band.
+SHARED_SETTINGS = ("dataset", "train_size", "val_size", "test_size", "epochs", "batch_size",
+                   "momentum", "noise_scope", "grad_every", "probe_every")
+
+
+def load_studies(paths: Sequence[str | Path], *, step_columns: Sequence[str] | None = None) -> Study:
+    """Read results folders that hold parts of one study (seeds or learning rates run
+    separately, on different clusters) as one :class:`Study`, as ``load_study`` reads one.
+
+    Raises :class:`ResultsError` as ``load_study`` does, and where a folder is given twice, a
+    trial is in two folders, or the folders' trials differ in a ``SHARED_SETTINGS`` value.
+    """
+    roots = [Path(p) for p in paths]
+    if not roots:
+        raise ResultsError("no results folder given")
+    seen: dict[Path, Path] = {}
+    for root in roots:
+        if root.resolve() in seen:
+            raise ResultsError(f"{root} is given twice (as {seen[root.resolve()]})")
+        seen[root.resolve()] = root
+    notices: list[str] = []
+    several = len(roots) > 1
+    folders = [_read_folder(root, notices, f"{root}: " if several else "") for root in roots]
+    if several:
+        _check_parts(folders)
+    trials = _prepare_trials(pd.concat([f.trials for f in folders], ignore_index=True), notices)
+
+    frames: dict[str, pd.DataFrame] = {}
+    for name in ("epochs", "layers", "steps", "probes"):
+        columns = None
+        if name == "steps" and step_columns is not None:
+            columns = ["trial_id", "step", "epoch", *step_columns]
+        arrow = _read_table([p for f in folders for p in f.files[name]], name, columns)
+        frames[name] = _attach(_to_pandas(arrow), trials, name, notices)
+
+    _note_incomplete(trials, frames["epochs"], notices)
+    for f in folders:
+        _note_not_started(f.config, trials, notices, f"{f.root}: " if several else "")
+    has_probes = any(f.files["probes"] for f in folders)
+    return Study(
+        paths=tuple(roots),
+        trials=trials,
+        epochs=frames["epochs"],
+        layers=frames["layers"],
+        steps=frames["steps"],
+        probes=frames["probes"] if has_probes else None,
+        configs=tuple(f.config for f in folders),
+        notices=notices,
+    )
+
+
+@dataclass
+class _Folder:
+    """One results folder's study.json, table files and trials rows."""
+
+    root: Path
+    config: dict
+    files: dict[str, list[Path]]
+    trials: pd.DataFrame
+
+
+def _read_folder(root: Path, notices: list[str], prefix: str) -> _Folder:
     if not root.exists():
         raise ResultsError(f"results folder {root} does not exist")
     if not root.is_dir():
@@ -120,37 +200,37 @@ def load_study(path: str | Path, *, step_columns: Sequence[str] | None = None) -
     if not files["trials"]:
         raise ResultsError(f"{root}: no trials table (trials/*.parquet), so runs cannot be grouped")
 
-    notices: list[str] = []
     config = _read_config(root, notices)
     planned = _planned_ids(config)
     if planned is not None:
-        files = _only_planned(root, files, planned, notices)
+        files = _only_planned(root, files, planned, notices, prefix)
     trials = _read_table(files["trials"], "trials").to_pandas()
     if planned is not None:  # a file named after a planned trial may still hold another's row
         trials = trials[trials["trial_id"].astype(str).isin(planned)]
-    trials = _prepare_trials(trials, notices)
+    return _Folder(root, config, files, trials)
 
-    frames: dict[str, pd.DataFrame] = {}
-    for name in ("epochs", "layers", "steps", "probes"):
-        columns = None
-        if name == "steps" and step_columns is not None:
-            columns = ["trial_id", "step", "epoch", *step_columns]
-        arrow = _read_table(files[name], name, columns)
-        frames[name] = _attach(_to_pandas(arrow), trials, name, notices)
 
-    _note_incomplete(trials, frames["epochs"], notices)
-    _note_not_started(config, trials, notices)
-    probes = frames["probes"] if files["probes"] else None
-    return Study(
-        path=root,
-        trials=trials,
-        epochs=frames["epochs"],
-        layers=frames["layers"],
-        steps=frames["steps"],
-        probes=probes,
-        config=config,
-        notices=notices,
-    )
+def _check_parts(folders: list[_Folder]) -> None:
+    """Several folders are one study only if no trial is in two and their settings agree."""
+    where: dict[str, Path] = {}
+    for f in folders:
+        for tid in dict.fromkeys(f.trials["trial_id"].astype(str)):
+            if tid in where:
+                raise ResultsError(
+                    f"trial {tid} is in both {where[tid]} and {f.root}: a trial can be analysed "
+                    "once (leave one folder out, or rerun the sweep with --extend to grow one study)"
+                )
+            where[tid] = f.root
+    for col in SHARED_SETTINGS:
+        values = [sorted(str(v) for v in f.trials[col].dropna().unique()) if col in f.trials else []
+                  for f in folders]
+        if any(v != values[0] for v in values[1:]):
+            shown = "; ".join(f"{f.root}: {', '.join(v) or 'none'}" for f, v in zip(folders, values,
+                                                                                  strict=True))
+            raise ResultsError(
+                f"the folders' trials differ in {col} ({shown}); runs with other settings "
+                "do not belong in one band: analyse each folder on its own"
+            )
 
 
 def _table_files(folder: Path) -> list[Path]:
@@ -175,7 +255,7 @@ def _planned_ids(config: dict) -> set[str] | None:
 
 
 def _only_planned(
-    root: Path, files: dict[str, list[Path]], planned: set[str], notices: list[str]
+    root: Path, files: dict[str, list[Path]], planned: set[str], notices: list[str], prefix: str = ""
 ) -> dict[str, list[Path]]:
     """Drop the files of trials study.json does not list (another grid run or copied into the
     folder), so that they are neither mixed into the study nor able to block it; say so once."""
@@ -184,7 +264,7 @@ def _only_planned(
     if other:
         ids = sorted({p.stem for p in other})
         notices.append(
-            f"{len(other)} file(s) of {len(ids)} trial(s) not in study.json's trial_ids were "
+            f"{prefix}{len(other)} file(s) of {len(ids)} trial(s) not in study.json's trial_ids were "
             f"left out: {', '.join(ids[:3])}{f', and {len(ids) - 3} more' if len(ids) > 3 else ''}"
         )
     if files["trials"] and not kept["trials"]:
@@ -322,7 +402,7 @@ def _attach(df: pd.DataFrame, trials: pd.DataFrame, table: str, notices: list[st
     return df
 
 
-def _note_not_started(config: dict, trials: pd.DataFrame, notices: list[str]) -> None:
+def _note_not_started(config: dict, trials: pd.DataFrame, notices: list[str], prefix: str = "") -> None:
     """Trials the sweep planned (study.json ``trial_ids``) that have no trials row yet."""
     planned = config.get("trial_ids")
     if not isinstance(planned, list):
@@ -330,7 +410,7 @@ def _note_not_started(config: dict, trials: pd.DataFrame, notices: list[str]) ->
     missing = [str(t) for t in planned if str(t) not in set(trials["trial_id"])]
     if missing:
         notices.append(
-            f"{len(missing)} of the study's {len(planned)} planned trials have not started: "
+            f"{prefix}{len(missing)} of the study's {len(planned)} planned trials have not started: "
             + ", ".join(missing[:6])
             + (f", and {len(missing) - 6} more" if len(missing) > 6 else "")
         )

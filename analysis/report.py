@@ -61,7 +61,7 @@ def _config_items(study: Study, opts: Options) -> list[tuple[str, str]]:
     t = study.trials
     status = t["status"].value_counts()
     items = [
-        ("results folder", str(study.path)),
+        ("results folder" + ("s" if len(study.paths) > 1 else ""), ", ".join(map(str, study.paths))),
         ("dataset(s)", ", ".join(study.datasets)),
         ("trials", f"{len(t)} (" + ", ".join(f"{s} {int(k)}" for s, k in status.items()) + ")"),
         ("variants", ", ".join(study.variants)),
@@ -93,11 +93,13 @@ def _config_items(study: Study, opts: Options) -> list[tuple[str, str]]:
         ),
         ("gradient smoothing", f"{opts.smooth} steps"),
     ]
-    for key, value in study.config.items():
-        inner = value.items() if isinstance(value, dict) else [(None, value)]
-        for sub, v in inner:
-            name = f"study.json: {key}" + (f".{sub}" if sub is not None else "")
-            items.append((name, _short_json(v)))
+    for path, config in zip(study.paths, study.configs, strict=True):
+        where = "study.json" if len(study.paths) == 1 else f"{path.name}/study.json"
+        for key, value in config.items():
+            inner = value.items() if isinstance(value, dict) else [(None, value)]
+            for sub, v in inner:
+                name = f"{where}: {key}" + (f".{sub}" if sub is not None else "")
+                items.append((name, _short_json(v)))
     return items
 
 
@@ -113,7 +115,7 @@ def write_index(study: Study, opts: Options, report: Report) -> Path:
     """index.md and index.html: every figure and table, with settings and notices."""
     image = "png" if "png" in opts.formats else opts.formats[0]
     items = _config_items(study, opts)
-    md = [f"# BatchNorm study: {study.path.name}", "", "## Configuration", ""]
+    md = [f"# BatchNorm study: {study.name}", "", "## Configuration", ""]
     md += [f"- **{k}**: {v}" for k, v in items]
     md += ["", "## Notices", ""]
     md += [f"- {n}" for n in report.notices] or [f"- {NO_NOTICES}"]
@@ -129,13 +131,13 @@ def write_index(study: Study, opts: Options, report: Report) -> Path:
     page = [
         "<!doctype html>",
         "<html><head><meta charset='utf-8'>",
-        f"<title>BatchNorm study: {e(study.path.name)}</title>",
+        f"<title>BatchNorm study: {e(study.name)}</title>",
         "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
         "img{max-width:100%;border:1px solid #ddd}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
         "td:first-child,th:first-child{text-align:left}.caption{color:#444;font-size:90%}"
         "</style></head><body>",
-        f"<h1>BatchNorm study: {e(study.path.name)}</h1>",
+        f"<h1>BatchNorm study: {e(study.name)}</h1>",
         "<h2>Configuration</h2><ul>",
         *(f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in items),
         "</ul><h2>Notices</h2><ul>",

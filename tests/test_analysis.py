@@ -530,6 +530,63 @@ def test_import_loads_neither_torch_nor_ray():
     assert proc.stdout.strip() == "[]"
 
 
+# --------------------------------------------------------------------------- several folders
+
+
+def parts_by_seed(folder: Path, dest: Path, seed_sets: list[set[int]]) -> list[Path]:
+    """The study's trial files copied into one folder per set of seeds, each with a study.json
+    naming its trials: a study run in parts."""
+    parts = []
+    for i, seeds in enumerate(seed_sets):
+        part = dest / f"part{i}"
+        ids = [f.stem for f in sorted((folder / "trials").glob("*.parquet"))
+               if int(f.stem.rsplit("_s", 1)[1]) in seeds]
+        for table in results.TABLES:
+            (part / table).mkdir(parents=True)
+            for tid in ids:
+                if (folder / table / f"{tid}.parquet").exists():
+                    shutil.copy(folder / table / f"{tid}.parquet", part / table)
+        (part / "study.json").write_text(json.dumps({"name": f"part{i}", "trial_ids": ids}))
+        parts.append(part)
+    return parts
+
+
+def test_several_folders_are_drawn_as_the_study_they_split(study, tmp_path):
+    parts = parts_by_seed(study["folder"], tmp_path, [{0}, {1, 2}])
+    out = tmp_path / "together"
+    code, stdout, stderr = run_main([*map(str, parts), "--out", str(out)])
+    assert code == 0, stderr
+    whole = study["folder"] / "figures"  # the same trials, drawn from one folder
+    for name in ("accuracy_table.csv", "gradient_stability.csv", "gradient_stability_runs.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(out / name), pd.read_csv(whole / name))
+    for name in FIGURES:
+        assert (out / f"{name}.png").read_bytes() == (whole / f"{name}.png").read_bytes(), name
+    index = (out / "index.md").read_text()
+    assert f"**results folders**: {parts[0]}, {parts[1]}" in index
+    assert "**part1/study.json: trial_ids**" in index and "# BatchNorm study: part0 + part1" in index
+
+
+def test_several_folders_that_are_not_one_study_are_refused(study, tmp_path):
+    overlap = parts_by_seed(study["folder"], tmp_path / "overlap", [{0, 1}, {1, 2}])
+    code, _, err = run_main([*map(str, overlap), "--out", str(tmp_path / "out")])
+    assert_refused(code, err, "is in both", str(overlap[0]), str(overlap[1]), "--extend")
+
+    a, b = parts_by_seed(study["folder"], tmp_path / "epochs", [{0}, {1, 2}])
+    for path in (b / "trials").glob("*.parquet"):  # part b's trials ran for 5 epochs
+        table = pq.read_table(path)
+        epochs = pa.array([5] * len(table), pa.int64())
+        pq.write_table(table.set_column(table.schema.get_field_index("epochs"), "epochs", epochs), path)
+    code, _, err = run_main([str(a), str(b), "--out", str(tmp_path / "out")])
+    assert_refused(code, err, "differ in epochs", f"{a}: 3", f"{b}: 5")
+
+    code, _, err = run_main([str(a), str(b)])
+    assert_refused(code, err, "--out DIR")
+    code, _, err = run_main([str(a), str(a) + "/", "--out", str(tmp_path / "out")])
+    assert_refused(code, err, "given twice")
+    assert not (tmp_path / "out").exists()
+    assert not (a / "figures").exists() and not (b / "figures").exists()
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -651,7 +708,7 @@ def test_ctrl_c_gives_one_line_exit_130_and_keeps_what_was_written(study, tmp_pa
     assert (out / "fig1_activations.png").is_file() and (out / "accuracy_table.csv").is_file()
     assert not (out / "index.html").exists()
     # Interrupted while reading, before anything is written: it says so.
-    monkeypatch.setattr(figures, "load_study", interrupted)
+    monkeypatch.setattr(figures, "load_studies", interrupted)
     code, _, err = run_main([str(study["folder"]), "--out", str(tmp_path / "none")])
     assert code == 130 and err == f"{figures.PROG}: interrupted; nothing was written\n"
     assert not (tmp_path / "none").exists()
