@@ -214,7 +214,8 @@ def _check_parts(folders: list[_Folder]) -> None:
     """Several folders are one study only if no trial is in two and their settings agree."""
     where: dict[str, Path] = {}
     for f in folders:
-        for tid in dict.fromkeys(f.trials["trial_id"].astype(str)):
+        ids = [*f.trials["trial_id"].astype(str), *(p.stem for paths in f.files.values() for p in paths)]
+        for tid in dict.fromkeys(ids):
             if tid in where:
                 raise ResultsError(
                     f"trial {tid} is in both {where[tid]} and {f.root}: a trial can be analysed "

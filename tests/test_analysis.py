@@ -571,6 +571,13 @@ def test_several_folders_that_are_not_one_study_are_refused(study, tmp_path):
     code, _, err = run_main([*map(str, overlap), "--out", str(tmp_path / "out")])
     assert_refused(code, err, "is in both", str(overlap[0]), str(overlap[1]), "--extend")
 
+    a, b = parts_by_seed(study["folder"], tmp_path / "stray", [{0}, {1, 2}])
+    (b / "study.json").unlink()  # so every file in b is read: one is a trial of a's
+    stray = next((a / "epochs").glob("*.parquet"))
+    shutil.copy(stray, b / "epochs")
+    code, _, err = run_main([str(a), str(b), "--out", str(tmp_path / "out")])
+    assert_refused(code, err, f"trial {stray.stem} is in both")
+
     a, b = parts_by_seed(study["folder"], tmp_path / "epochs", [{0}, {1, 2}])
     for path in (b / "trials").glob("*.parquet"):  # part b's trials ran for 5 epochs
         table = pq.read_table(path)
