@@ -22,7 +22,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+from study.interrupt import python_interrupts, quiet_until_main
+
+if __name__ == "__main__":  # Ctrl-C while matplotlib and pandas load: one line, not a traceback
+    quiet_until_main("python -m analysis.figures")
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 
@@ -1038,6 +1043,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Ctrl-C gives one line and status 130, not a traceback: it says whether anything was written.
     """
+    python_interrupts()
     started: list[Path] = []  # the output folder, once writing into it has begun
     try:
         return _main(argv, started)

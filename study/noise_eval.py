@@ -23,14 +23,19 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
+from study.interrupt import python_interrupts, quiet_until_main
 
-from study import results
-from study.config import TrialConfig
-from study.data import DataError, load_dataset
-from study.model import NOISY_VARIANTS, NoisyBatchNorm2d, SeedCNN, build_model, expected_scale
-from study.sweep import EXIT_USAGE, UsageError
-from study.train import STATE_FILE, evaluate, pick_device
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line, not a traceback
+    quiet_until_main("study.noise_eval")
+
+import torch  # noqa: E402
+
+from study import results  # noqa: E402
+from study.config import TrialConfig  # noqa: E402
+from study.data import DataError, load_dataset  # noqa: E402
+from study.model import NOISY_VARIANTS, NoisyBatchNorm2d, SeedCNN, build_model, expected_scale  # noqa: E402
+from study.sweep import EXIT_USAGE, UsageError  # noqa: E402
+from study.train import STATE_FILE, evaluate, pick_device  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -137,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    python_interrupts()
     ap = argparse.ArgumentParser(prog="python -m study.noise_eval", description=__doc__.splitlines()[0])
     ap.add_argument("results", help="the study's results folder (holds study.json)")
     ap.add_argument("--storage", default=None, help="Tune's storage path of the study (default RESULTS/tune)")

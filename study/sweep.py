@@ -27,11 +27,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from study.config import ConfigError, TrialConfig
-from study.data import split_sizes
-from study.model import NOISY_VARIANTS, NORM_VARIANTS
-from study.probes import DEFAULT_ETA_MULTIPLES
-from study.results import DamagedFileError, trial_finished, trial_gap
+from study.interrupt import python_interrupts, quiet_until_main
+
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line, not a traceback
+    quiet_until_main("study.sweep")
+
+from study.config import ConfigError, TrialConfig  # noqa: E402
+from study.data import split_sizes  # noqa: E402
+from study.model import NOISY_VARIANTS, NORM_VARIANTS  # noqa: E402
+from study.probes import DEFAULT_ETA_MULTIPLES  # noqa: E402
+from study.results import DamagedFileError, trial_finished, trial_gap  # noqa: E402
 
 EXIT_USAGE = 2
 #: Rough per-trial training speed (images/s) used by --dry-run's time estimate, batch 16: CPU,
@@ -727,6 +732,7 @@ def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], pending:
 
 
 def main(argv: list[str] | None = None) -> int:
+    python_interrupts()
     args = make_parser().parse_args(argv)
     try:
         return run(args)

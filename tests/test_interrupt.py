@@ -1,0 +1,34 @@
+"""Ctrl-C while a command line is still importing its libraries: one line, exit status 130."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("module, prog, library", [
+    ("study.sweep", "study.sweep", "libtorch"),
+    ("study.noise_eval", "study.noise_eval", "libtorch"),
+    ("analysis.figures", "python -m analysis.figures", "numpy"),
+])
+def test_ctrl_c_while_importing_is_one_line_and_status_130(module, prog, library):
+    proc = subprocess.Popen([sys.executable, "-m", module, "--help"], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # the heavy imports come after the module installs its handler: once the library is in the
+    # process's memory map, the import is under way (it takes a second or more after that)
+    deadline = time.monotonic() + 60
+    while library not in Path(f"/proc/{proc.pid}/maps").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, "the library never loaded"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert stderr == f"{prog}: interrupted while starting; nothing was written\n"
+    assert stdout == ""
