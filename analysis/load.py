@@ -57,8 +57,14 @@ class Study:
         return self.paths[0]
 
     @property
+    def labels(self) -> list[str]:
+        """A short name per folder: its own name, or the path as given where names repeat."""
+        names = [p.name or p.resolve().name for p in self.paths]
+        return names if len(set(names)) == len(names) else [str(p) for p in self.paths]
+
+    @property
     def name(self) -> str:
-        return " + ".join(p.name for p in self.paths)
+        return " + ".join(self.labels)
 
     @property
     def config(self) -> dict:
@@ -121,8 +127,9 @@ def load_study(path: str | Path, *, step_columns: Sequence[str] | None = None) -
     return load_studies([path], step_columns=step_columns)
 
 
-#: Trial settings that must agree across the folders of one study: runs that differ in them
-#: do not belong in one band.
+#: Trial settings that must agree across the folders of one study (with every setting in the
+#: trials' configs but the grid's): runs that differ in them do not belong in one band.
+GRID_KEYS = ("norm", "noise", "lr", "seed")
 SHARED_SETTINGS = ("dataset", "train_size", "val_size", "test_size", "epochs", "batch_size",
                    "momentum", "noise_scope", "grad_every", "probe_every")
 
@@ -132,16 +139,17 @@ def load_studies(paths: Sequence[str | Path], *, step_columns: Sequence[str] | N
     separately, on different clusters) as one :class:`Study`, as ``load_study`` reads one.
 
     Raises :class:`ResultsError` as ``load_study`` does, and where a folder is given twice, a
-    trial is in two folders, or the folders' trials differ in a ``SHARED_SETTINGS`` value.
+    trial is in two folders, or the folders' trials differ in a setting (``_settings``).
     """
     roots = [Path(p) for p in paths]
     if not roots:
         raise ResultsError("no results folder given")
     seen: dict[Path, Path] = {}
     for root in roots:
-        if root.resolve() in seen:
-            raise ResultsError(f"{root} is given twice (as {seen[root.resolve()]})")
-        seen[root.resolve()] = root
+        first = seen.setdefault(root.resolve(), root)
+        if first is not root:
+            raise ResultsError(f"{root} is given twice" if first == root
+                               else f"{root} is the same folder as {first}, given before it")
     notices: list[str] = []
     several = len(roots) > 1
     folders = [_read_folder(root, notices, f"{root}: " if several else "") for root in roots]
@@ -222,16 +230,34 @@ def _check_parts(folders: list[_Folder]) -> None:
                     "once (leave one folder out, or rerun the sweep with --extend to grow one study)"
                 )
             where[tid] = f.root
-    for col in SHARED_SETTINGS:
-        values = [sorted(str(v) for v in f.trials[col].dropna().unique()) if col in f.trials else []
-                  for f in folders]
+    settings = [_settings(f.trials) for f in folders]
+    for key in dict.fromkeys(k for s in settings for k in s):
+        values = [s.get(key, []) for s in settings]
         if any(v != values[0] for v in values[1:]):
             shown = "; ".join(f"{f.root}: {', '.join(v) or 'none'}" for f, v in zip(folders, values,
                                                                                   strict=True))
             raise ResultsError(
-                f"the folders' trials differ in {col} ({shown}); runs with other settings "
+                f"the folders' trials differ in {key} ({shown}); runs with other settings "
                 "do not belong in one band: analyse each folder on its own"
             )
+
+
+def _settings(trials: pd.DataFrame) -> dict[str, list[str]]:
+    """Each setting's values among ``trials``: the ``SHARED_SETTINGS`` columns and every key of
+    the trials' configs (config_json) but the grid's (norm, noise, lr, seed)."""
+    found: dict[str, set[str]] = {}
+    for col in SHARED_SETTINGS:
+        if col in trials:
+            found[col] = {str(v) for v in trials[col].dropna().unique()}
+    for text in trials.get("config_json", pd.Series(dtype=object)).dropna().unique():
+        try:
+            config = json.loads(text)
+        except ValueError:
+            continue
+        for key, value in config.items() if isinstance(config, dict) else ():
+            if key not in GRID_KEYS and key not in SHARED_SETTINGS:
+                found.setdefault(key, set()).add(json.dumps(value, sort_keys=True))
+    return {key: sorted(values) for key, values in found.items()}
 
 
 def _table_files(folder: Path) -> list[Path]:

@@ -93,8 +93,8 @@ def _config_items(study: Study, opts: Options) -> list[tuple[str, str]]:
         ),
         ("gradient smoothing", f"{opts.smooth} steps"),
     ]
-    for path, config in zip(study.paths, study.configs, strict=True):
-        where = "study.json" if len(study.paths) == 1 else f"{path.name}/study.json"
+    for label, config in zip(study.labels, study.configs, strict=True):
+        where = "study.json" if len(study.paths) == 1 else f"{label}/study.json"
         for key, value in config.items():
             inner = value.items() if isinstance(value, dict) else [(None, value)]
             for sub, v in inner:

@@ -26,8 +26,10 @@ class _ExitWhileStarting:
 
 
 def quiet_until_main(prog: str) -> None:
-    """From now until ``python_interrupts()``, Ctrl-C ends the program with one line."""
-    signal.signal(signal.SIGINT, _ExitWhileStarting(prog))
+    """From now until ``python_interrupts()``, Ctrl-C ends the program with one line; a
+    program started with Ctrl-C ignored (``cmd &`` in a script) keeps ignoring it."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _ExitWhileStarting(prog))
 
 
 def python_interrupts() -> None:

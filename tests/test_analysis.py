@@ -565,6 +565,16 @@ def test_several_folders_are_drawn_as_the_study_they_split(study, tmp_path):
     assert f"**results folders**: {parts[0]}, {parts[1]}" in index
     assert "**part1/study.json: trial_ids**" in index and "# BatchNorm study: part0 + part1" in index
 
+    # folders of one name (copied from two clusters) are told apart by their paths
+    same = [tmp_path / "c1" / "results", tmp_path / "c2" / "results"]
+    for part, copy in zip(parts, same, strict=True):
+        shutil.copytree(part, copy)
+    code, _, stderr = run_main([*map(str, same), "--out", str(tmp_path / "same")])
+    assert code == 0, stderr
+    index = (tmp_path / "same" / "index.md").read_text()
+    assert f"# BatchNorm study: {same[0]} + {same[1]}" in index
+    assert f"**{same[1]}/study.json: trial_ids**" in index
+
 
 def test_several_folders_that_are_not_one_study_are_refused(study, tmp_path):
     overlap = parts_by_seed(study["folder"], tmp_path / "overlap", [{0, 1}, {1, 2}])
@@ -586,10 +596,22 @@ def test_several_folders_that_are_not_one_study_are_refused(study, tmp_path):
     code, _, err = run_main([str(a), str(b), "--out", str(tmp_path / "out")])
     assert_refused(code, err, "differ in epochs", f"{a}: 3", f"{b}: 5")
 
+    a, b = parts_by_seed(study["folder"], tmp_path / "config", [{0}, {1, 2}])
+    for path in (b / "trials").glob("*.parquet"):  # b's histograms had 64 bins (config_json)
+        table = pq.read_table(path)
+        configs = [json.dumps({**json.loads(c), "hist_bins": 64}) for c in table["config_json"].to_pylist()]
+        column = table.schema.get_field_index("config_json")
+        pq.write_table(table.set_column(column, "config_json", pa.array(configs, pa.string())), path)
+    code, _, err = run_main([str(a), str(b), "--out", str(tmp_path / "out")])
+    assert_refused(code, err, "differ in hist_bins", f"{b}: 64")
+
     code, _, err = run_main([str(a), str(b)])
     assert_refused(code, err, "--out DIR")
-    code, _, err = run_main([str(a), str(a) + "/", "--out", str(tmp_path / "out")])
-    assert_refused(code, err, "given twice")
+    code, _, err = run_main([str(a), str(a), "--out", str(tmp_path / "out")])
+    assert_refused(code, err, f"{a} is given twice")
+    (tmp_path / "link").symlink_to(a)
+    code, _, err = run_main([str(a), str(tmp_path / "link"), "--out", str(tmp_path / "out")])
+    assert_refused(code, err, f"{tmp_path / 'link'} is the same folder as {a}")
     assert not (tmp_path / "out").exists()
     assert not (a / "figures").exists() and not (b / "figures").exists()
 

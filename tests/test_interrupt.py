@@ -13,14 +13,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("module, prog, library", [
-    ("study.sweep", "study.sweep", "libtorch"),
-    ("study.noise_eval", "study.noise_eval", "libtorch"),
-    ("analysis.figures", "python -m analysis.figures", "numpy"),
-])
-def test_ctrl_c_while_importing_is_one_line_and_status_130(module, prog, library):
+def interrupt_while_importing(module: str, library: str, **popen) -> subprocess.Popen:
+    """Start ``python -m module --help``; send Ctrl-C's signal once ``library`` is loading."""
     proc = subprocess.Popen([sys.executable, "-m", module, "--help"], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
     # the heavy imports come after the module installs its handler: once the library is in the
     # process's memory map, the import is under way (it takes a second or more after that)
     deadline = time.monotonic() + 60
@@ -28,7 +24,27 @@ def test_ctrl_c_while_importing_is_one_line_and_status_130(module, prog, library
         assert proc.poll() is None and time.monotonic() < deadline, "the library never loaded"
         time.sleep(0.002)
     proc.send_signal(signal.SIGINT)
+    return proc
+
+
+@pytest.mark.parametrize("module, prog, library", [
+    ("study.sweep", "study.sweep", "libtorch"),
+    ("study.noise_eval", "study.noise_eval", "libtorch"),
+    ("analysis.figures", "python -m analysis.figures", "numpy"),
+])
+def test_ctrl_c_while_importing_is_one_line_and_status_130(module, prog, library):
+    proc = interrupt_while_importing(module, library)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert stderr == f"{prog}: interrupted while starting; nothing was written\n"
     assert stdout == ""
+
+
+def test_a_command_started_with_ctrl_c_ignored_keeps_ignoring_it():
+    """``cmd &`` in a script starts it with SIGINT ignored, so Ctrl-C in the terminal stops
+    the script, not its background jobs."""
+    proc = interrupt_while_importing("study.sweep", "libtorch",
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "--resume" in stdout and stderr == ""
