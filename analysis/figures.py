@@ -992,7 +992,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         type=Path,
         default=None,
-        help="where to write the figures (default: RESULTS/figures)",
+        help="where to write the figures (default: RESULTS/figures; needed for several RESULTS)",
     )
     p.add_argument(
         "--ci",
