@@ -15,14 +15,13 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from study.interrupt import python_interrupts, quiet_until_main
+from study.cli import Parser, python_interrupts, quiet_until_main
 
 if __name__ == "__main__":  # Ctrl-C while matplotlib and pandas load: one line, not a traceback
     quiet_until_main("python -m analysis.figures")
@@ -931,19 +930,6 @@ def fig_probes_landscape(study: Study, opts: Options, styles, report: Report) ->
 # --------------------------------------------------------------------------- command line
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage dump), exit status 2."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        # "--lr -1e-3" is a value, as Python 3.13's argparse takes it (3.11: an unknown flag)
-        self._negative_number_matcher = re.compile(r"-\.?\d")
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        raise SystemExit(2)
-
-
 def _number(kind: type, ok, must: str):
     """An argparse type: parse ``kind`` and check ``ok``, with one clear message either way."""
     noun = "a whole number" if kind is int else "a number"
@@ -977,8 +963,9 @@ def _formats(text: str) -> tuple[str, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m analysis.figures``."""
-    p = _Parser(
+    p = Parser(
         prog=PROG,
+        name=PROG,
         description="Draw the BatchNorm study's figures, accuracy and gradient-stability tables "
         "and index page from a "
         "results folder (RESULTS/<table>/<trial_id>.parquet).",

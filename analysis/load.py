@@ -127,9 +127,10 @@ def load_study(path: str | Path, *, step_columns: Sequence[str] | None = None) -
     return load_studies([path], step_columns=step_columns)
 
 
+#: The keys of a trial's config that place it in the grid; the others are the study's settings.
+GRID_KEYS = ("norm", "noise", "lr", "seed")
 #: Trial settings that must agree across the folders of one study (with every setting in the
 #: trials' configs but the grid's): runs that differ in them do not belong in one band.
-GRID_KEYS = ("norm", "noise", "lr", "seed")
 SHARED_SETTINGS = ("dataset", "train_size", "val_size", "test_size", "epochs", "batch_size",
                    "momentum", "noise_scope", "grad_every", "probe_every")
 

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from study.interrupt import python_interrupts, quiet_until_main
+from study.cli import Parser, python_interrupts, quiet_until_main
 
 if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line, not a traceback
     quiet_until_main("study.noise_eval")
@@ -143,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     python_interrupts()
-    ap = argparse.ArgumentParser(prog="python -m study.noise_eval", description=__doc__.splitlines()[0])
+    ap = Parser(prog="python -m study.noise_eval", name="study.noise_eval",
+                description=__doc__.splitlines()[0])
     ap.add_argument("results", help="the study's results folder (holds study.json)")
     ap.add_argument("--storage", default=None, help="Tune's storage path of the study (default RESULTS/tune)")
     ap.add_argument("--data-dir", default="data", help="where the study's dataset is (as for the sweep)")

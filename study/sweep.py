@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from study.interrupt import python_interrupts, quiet_until_main
+from study.cli import Parser, python_interrupts, quiet_until_main
 
 if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line, not a traceback
     quiet_until_main("study.sweep")
@@ -142,21 +142,10 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-class _Parser(argparse.ArgumentParser):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        # "-1e-3" or "-1,2" after a flag is its value, as Python 3.13's argparse takes it (3.11
-        # took only "-1" and "-.5" for numbers, and the rest for unknown flags)
-        self._negative_number_matcher = re.compile(r"-\.?\d")
-
-    def error(self, message: str):  # one line, exit 2 (argparse's default prints usage too)
-        message = re.sub(r"^argument (\S+): \1: ", r"\1: ", message)  # our types name the flag
-        self.exit(EXIT_USAGE, f"study.sweep: error: {message}\n")
-
-
 def make_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="python -m study.sweep",
+        name="study.sweep",
         description="Run the BatchNorm / noisy-BatchNorm study as a Ray Tune sweep and write "
         "Parquet results. Lists are comma-separated; overrides replace the preset's values.",
         formatter_class=_Formatter,

@@ -1,4 +1,5 @@
-"""Ctrl-C while a command line is still importing its libraries: one line, exit status 130."""
+"""What the command lines share (study.cli): Ctrl-C while a command is still importing its
+libraries gives one line and exit status 130."""
 
 from __future__ import annotations
 
@@ -48,3 +49,17 @@ def test_a_command_started_with_ctrl_c_ignored_keeps_ignoring_it():
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
     assert "--resume" in stdout and stderr == ""
+
+
+@pytest.mark.parametrize("module, prog, argv, words", [
+    ("study.sweep", "study.sweep", ["--lrs", "-1e-3,1e-2"], "--lrs: learning rates must be > 0"),
+    ("study.noise_eval", "study.noise_eval", ["results", "--device", "tpu"], "invalid choice"),
+    ("analysis.figures", "python -m analysis.figures", ["results", "--lr", "-1e-3"], "positive"),
+])
+def test_every_command_line_refuses_a_bad_flag_in_one_line(module, prog, argv, words, capsys):
+    main = __import__(module, fromlist=["main"]).main
+    with pytest.raises(SystemExit) as exc:  # analysis.figures returns the status instead
+        sys.exit(main(argv))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{prog}: error: ") and words in err and err.count("\n") == 1, err
