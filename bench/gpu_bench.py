@@ -35,7 +35,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-PARTS = ("ceiling", "seed", "eager", "concurrency", "concurrency_graph")
+PARTS = ("ceiling", "seed", "eager", "concurrency", "concurrency_graph", "streams", "study", "mps")
 
 
 def model_train_flops_per_image() -> float:
@@ -206,14 +206,14 @@ def part_eager(args) -> dict:
     return out
 
 
-def part_concurrency(args, cuda_graph: bool = False) -> dict:
+def part_concurrency(args, cuda_graph: bool = False, env_extra: dict | None = None) -> dict:
     _setup(args.device)
     import cpu_threads as ct
 
     ks = (1, 2) if args.quick else (1, 2, 4, 8)
     steps = 20 if args.quick else 600
     wargs = argparse.Namespace(steps=steps, batch=16, device=args.device, cuda_graph=cuda_graph)
-    workers = [ct.Worker(1, wargs) for _ in range(max(ks))]
+    workers = [ct.Worker(1, wargs, env_extra) for _ in range(max(ks))]
     out: dict = {"steps": steps, "batch": 16, "k": {}, "cuda_graph": cuda_graph}
     try:
         for w in workers:
@@ -236,6 +236,202 @@ def part_concurrency(args, cuda_graph: bool = False) -> dict:
     return out
 
 
+def part_streams(args) -> dict:
+    """K trials' CUDA-graphed steps (every statistic) in ONE process, each trial on its own CUDA
+    stream, replayed in turns by one host thread: whether trials packed in a process overlap on
+    the GPU where processes (time-sliced) do not. Each trial has its own data copy, model,
+    optimiser, statistics and generators, as separate trials would."""
+    torch, dev = _setup(args.device)
+    import contextlib
+    import math
+
+    import throughput as tp
+
+    from study.config import TrialConfig
+    from study.data import augment_thetas
+    from study.model import build_model
+    from study.results import GRAD_LAYERS
+    from study.stats import EpochStats
+    from study.step import GraphedTrainStep, TrainStep
+    from study.train import DeviceData, build_optimizer
+
+    ks = (1, 2) if args.quick else (1, 2, 4, 8)
+    steps, reps = (20, 1) if args.quick else (400, 3)
+    cfg = TrialConfig(norm="batch", batch_size=16, epochs=1, grad_every=1)
+    data = tp.synthetic_with_train_size((steps + 60) * 16, cfg)
+    cuda = dev.type == "cuda"
+    torch.set_num_threads(1)
+
+    class Packed:
+        def __init__(self, seed: int):
+            torch.manual_seed(seed)
+            self.gen = torch.Generator(dev).manual_seed(seed)
+            d = DeviceData.from_arrays(data, cfg, dev)
+            model = build_model(cfg.norm, cfg.noise, cfg.noise_scope).to(dev)
+            model.set_noise_generator(self.gen)
+            opt = build_optimizer(model, cfg, dev)
+            params, weights = list(model.parameters()), model.weight_layers()
+            widx = [next(i for i, p in enumerate(params) if p is weights[n].weight) for n in GRAD_LAYERS]
+            n = len(d.train_y)
+            stats = EpochStats(math.ceil(n / 16), len(params), widx, cfg.hist_bins, cfg.hist_range, dev,
+                               model.bn_channels())
+            self.train_step = TrainStep(model, opt, d.train_x, d.train_y, stats)
+            self.step = GraphedTrainStep(self.train_step, 16, [self.gen]) if cuda else self.train_step
+            order = torch.randperm(n, generator=self.gen, device=dev)
+            thetas = augment_thetas(n, self.gen, *d.train_x.shape[-2:])
+            self.batches = list(zip(order.split(16), thetas.split(16), strict=True))[: steps + 50]
+            self.stream = torch.cuda.Stream(dev) if cuda else None
+
+        def on_stream(self):
+            return torch.cuda.stream(self.stream) if cuda else contextlib.nullcontext()
+
+    trials = [Packed(100 + j) for j in range(max(ks))]
+
+    def run(k: int, n_steps: int) -> float:
+        for t in trials[:k]:
+            t.train_step.reset()
+        tp.sync(dev)
+        t0 = time.perf_counter()
+        for i in range(n_steps):
+            hist = i % cfg.hist_every == 0
+            for t in trials[:k]:
+                idx, theta = t.batches[i]
+                with t.on_stream():
+                    t.step(idx, theta, i, hist, True)
+        tp.sync(dev)
+        return k * n_steps * 16 / (time.perf_counter() - t0)
+
+    run(max(ks), cfg.hist_every + 1)  # warm-up, and the captures of both kinds of step (histogram or not)
+    out: dict = {"steps": steps, "batch": 16, "k": {}, "cuda_graph": cuda}
+    if cuda:
+        out["graphs_failed"] = [t.step.failed for t in trials if t.step.failed]
+    agg: dict[int, list[float]] = {k: [] for k in ks}
+    for _ in range(reps):
+        for k in list(ks) + list(reversed(ks)):
+            agg[k].append(run(k, steps))
+        out["k"] = {str(k): dict(aggregate=statistics.median(v), per_trial=statistics.median(v) / k,
+                                 runs=len(v)) for k, v in agg.items()}
+        args.save(out)
+    return out
+
+
+def part_mps(args) -> dict:
+    """concurrency_graph again with NVIDIA's MPS daemon running (its own pipe folder, so only
+    these workers are its clients): do separate trial processes then overlap on the GPU?"""
+    import shutil
+    import subprocess
+    import tempfile
+
+    exe = shutil.which("nvidia-cuda-mps-control")
+    if args.device == "cpu" or exe is None:
+        return {"mps": "not run: " + ("CPU dry run" if args.device == "cpu" else
+                                      "nvidia-cuda-mps-control not found")}
+    env = dict(CUDA_MPS_PIPE_DIRECTORY=tempfile.mkdtemp(prefix="mps_pipe_"),
+               CUDA_MPS_LOG_DIRECTORY=tempfile.mkdtemp(prefix="mps_log_"))
+    full = {**os.environ, **env}
+    r = subprocess.run([exe, "-d"], env=full, capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        return {"mps": f"daemon failed to start (exit {r.returncode}): {(r.stdout + r.stderr)[-300:]}"}
+    try:
+        out = part_concurrency(args, cuda_graph=True, env_extra=env)
+        servers = subprocess.run([exe], input="get_server_list\n", env=full, capture_output=True,
+                                 text=True, timeout=30).stdout.split()
+        out["mps"] = f"on (MPS servers running: {len(servers)})"
+        args.save(out)
+    finally:
+        subprocess.run([exe], input="quit\n", env=full, capture_output=True, text=True, timeout=30)
+        for name in ("control.log", "server.log"):
+            p = Path(env["CUDA_MPS_LOG_DIRECTORY"]) / name
+            if p.exists():
+                print(f"--- MPS {name} (end):\n" + p.read_text()[-1500:], flush=True)
+    return out
+
+
+def part_study(args) -> dict:
+    """A study's shape: M whole trials, each a fresh process (start, import torch, data to the
+    GPU, captures, then every epoch with evaluation, as a Ray trial runs), K at a time; the
+    aggregate is all trials' training images over the wall time from first start to last end.
+    Trials are the ``full`` preset's size (40,000 training images, 10 epochs) with CUDA graphs,
+    so each trial's start-up weighs as it does in a study."""
+    import subprocess
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    _setup("cpu")  # the driver does no GPU work: the trial processes do
+    import throughput as tp
+
+    from study.config import TrialConfig
+
+    m, ks, n_train, epochs = (2, (1, 2), 200, 2) if args.quick else (4, (1, 2, 4), 40_000, 10)
+    cfg = TrialConfig(norm="batch", batch_size=16, epochs=epochs)
+    data = tp.synthetic_with_train_size(n_train, cfg)
+    folder = Path(tempfile.mkdtemp(prefix="study_data_"))
+    for name in ("train_x", "train_y", "test_x", "test_y"):  # the trials read them as memory maps,
+        np.save(folder / f"{name}.npy", getattr(data, name))  # as Ray's object store hands them over
+    images = tp.n_train_images(len(data.train_y), cfg) * epochs
+
+    def one(seed: int) -> dict:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "trial", str(folder), "--device",
+               args.device, "--epochs", str(epochs), "--seed", str(seed)]
+        t0 = time.time()
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                           env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+        if r.returncode != 0:
+            raise RuntimeError(f"trial {seed} failed: {(r.stdout + r.stderr)[-800:]}")
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        res["t0"], res["t1"] = t0, time.time()
+        res["startup_s"] = res.pop("epoch1_start") - t0  # launch to the first epoch's first step
+        return res
+
+    out: dict = {"trials": m, "images_per_trial": images, "epochs": epochs, "k": {}}
+    for k in ks:
+        t0 = time.time()
+        with ThreadPoolExecutor(k) as pool:
+            res = list(pool.map(one, range(m)))
+        wall = time.time() - t0
+        out["k"][str(k)] = dict(aggregate=m * images / wall, wall_s=wall,
+                                startup_s=statistics.median(r["startup_s"] for r in res),
+                                train_s=statistics.median(r["train_s"] for r in res),
+                                trial_s=statistics.median(r["t1"] - r["t0"] for r in res))
+        print(f"  K={k}: {m} trials in {wall:.1f} s, aggregate {m * images / wall:,.0f} images/s", flush=True)
+        args.save(out)
+    return out
+
+
+def trial_child(folder: str, device: str, epochs: int, seed: int) -> int:
+    """One whole trial for part_study, timed from the process's start."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from study.config import TrialConfig
+    from study.data import DataArrays
+    from study.train import run_trial
+
+    arrays = {n: np.load(Path(folder) / f"{n}.npy", mmap_mode="r")
+              for n in ("train_x", "train_y", "test_x", "test_y")}
+    data = DataArrays("synthetic", tuple(str(i) for i in range(10)), **arrays)
+    cfg = TrialConfig(norm="batch", batch_size=16, epochs=epochs, seed=seed)
+    first: list[float] = []
+    rows: list[dict] = []
+
+    def on_epoch(record: dict, state: dict) -> None:
+        rows.append(record["epoch"])
+        if not first:
+            first.append(time.time() - record["epoch"]["wall_s"])  # when epoch 1 began
+
+    dev = torch.device(device)
+    summary = run_trial(cfg, data, on_epoch=on_epoch, device=device, threads=1,
+                        cuda_graph=dev.type == "cuda")
+    if summary["status"] != "done":
+        raise SystemExit(f"trial ended {summary['status']}")
+    print(json.dumps(dict(epoch1_start=first[0], train_s=sum(r["wall_s"] for r in rows))))
+    return 0
+
+
 # ---------------------------------------------------------------------------- table
 
 
@@ -251,7 +447,7 @@ def table(folder: Path) -> str:
         except (OSError, ValueError):
             return None
 
-    env, ceil, seed, eager, conc, conc_graph = (load(n) for n in ("env", *PARTS))
+    env, ceil, seed, eager, conc, conc_graph, streams, study, mps = (load(n) for n in ("env", *PARTS))
     lines = []
     if env:
         lines.append(f"GPU check on {env.get('device')} ({env.get('device_name')}), torch "
@@ -312,6 +508,40 @@ def table(folder: Path) -> str:
         for k, r in c["k"].items():
             rel = f"{r['aggregate'] / base:.2f}" if base else "-"
             lines.append(f"   {k:>3} {r['aggregate']:>20,.0f} {r['per_trial']:>20,.0f} {rel:>8}")
+    if mps is not None and "k" not in mps:
+        lines.append(f"{'K concurrent trials, CUDA graphs, under MPS':<{w}}{mps.get('mps')}")
+    elif mps is not None:
+        base = mps["k"].get("1", {}).get("aggregate")
+        lines.append(f"K concurrent run_trial processes, CUDA graphs, under MPS ({mps.get('mps', '?')}):")
+        lines.append(f"   {'K':>3} {'aggregate images/s':>20} {'per trial (median)':>20} {'vs K=1':>8}")
+        for k, r in mps["k"].items():
+            rel = f"{r['aggregate'] / base:.2f}" if base else "-"
+            lines.append(f"   {k:>3} {r['aggregate']:>20,.0f} {r['per_trial']:>20,.0f} {rel:>8}")
+    if streams:
+        how = "CUDA graphs" if streams.get("cuda_graph") else "eager (CPU dry run)"
+        base = streams["k"].get("1", {}).get("aggregate")
+        lines.append(f"K trials in one process, one CUDA stream each, {how}, batch 16, "
+                     f"{streams['steps']} steps:")
+        lines.append(f"   {'K':>3} {'aggregate images/s':>20} {'per trial':>20} {'vs K=1':>8}")
+        for k, r in streams["k"].items():
+            rel = f"{r['aggregate'] / base:.2f}" if base else "-"
+            lines.append(f"   {k:>3} {r['aggregate']:>20,.0f} {r['per_trial']:>20,.0f} {rel:>8}")
+        if streams.get("graphs_failed"):
+            lines.append(f"   captures failed: {streams['graphs_failed'][0]}")
+    else:
+        lines.append(f"{'K trials in one process on K streams':<{w}}failed")
+    if study:
+        base = study["k"].get("1", {}).get("aggregate")
+        lines.append(f"A study's shape: {study['trials']} whole trials ({study['images_per_trial']:,} "
+                     f"training images, {study['epochs']} epochs each; fresh process each), K at a time:")
+        lines.append(f"   {'K':>3} {'aggregate images/s':>20} {'wall s':>8} {'start-up s':>11} "
+                     f"{'train s':>8} {'vs K=1':>8}")
+        for k, r in study["k"].items():
+            rel = f"{r['aggregate'] / base:.2f}" if base else "-"
+            lines.append(f"   {k:>3} {r['aggregate']:>20,.0f} {r['wall_s']:>8.1f} {r['startup_s']:>11.1f} "
+                         f"{r['train_s']:>8.1f} {rel:>8}")
+    else:
+        lines.append(f"{'A study of whole trials, K at a time':<{w}}failed")
     rc, summary = folder / "test_gpu.rc", folder / "test_gpu.txt"
     if rc.exists():
         code = rc.read_text().strip()
@@ -361,12 +591,16 @@ def part_env(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("part", choices=("env", *PARTS, "all", "table"))
+    ap.add_argument("part", choices=("env", *PARTS, "all", "table", "trial"))
     ap.add_argument("folder", nargs="?", help="table: the folder of the parts' JSON files")
+    ap.add_argument("--epochs", type=int, default=10, help=argparse.SUPPRESS)  # trial (part study)
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a dry run of the logic")
     ap.add_argument("--json", help="write the part's result here")
     args = ap.parse_args(argv)
+    if args.part == "trial":
+        return trial_child(args.folder, args.device, args.epochs, args.seed)
     if args.part == "table":
         if not args.folder:
             ap.error("table needs the folder of JSON files")
@@ -375,7 +609,8 @@ def main(argv: list[str] | None = None) -> int:
     args.save = lambda d: Path(args.json).write_text(json.dumps(d)) if args.json else None
     fns = dict(env=part_env, ceiling=part_ceiling, seed=part_seed, eager=part_eager,
                concurrency=part_concurrency,
-               concurrency_graph=lambda a: part_concurrency(a, cuda_graph=args.device != "cpu"))
+               concurrency_graph=lambda a: part_concurrency(a, cuda_graph=args.device != "cpu"),
+               streams=part_streams, study=part_study, mps=part_mps)
     if args.part == "all":
         import tempfile
 
