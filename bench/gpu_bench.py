@@ -26,6 +26,7 @@ i.e. that the loop is bound by kernel launches and the host, not by the GPU's ar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -35,7 +36,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-PARTS = ("ceiling", "seed", "eager", "concurrency", "concurrency_graph", "streams", "study", "mps")
+PARTS = ("ceiling", "seed", "eager", "concurrency", "concurrency_graph", "streams", "study", "mps",
+         "study_mps")
 
 
 def model_train_flops_per_image() -> float:
@@ -315,39 +317,63 @@ def part_streams(args) -> dict:
     return out
 
 
-def part_mps(args) -> dict:
-    """concurrency_graph again with NVIDIA's MPS daemon running (its own pipe folder, so only
-    these workers are its clients): do separate trial processes then overlap on the GPU?"""
+@contextlib.contextmanager
+def mps_daemon(args):
+    """NVIDIA's MPS daemon with its own pipe folder (only processes given the yielded environment
+    are its clients); yields that environment, or a reason why MPS is not run."""
     import shutil
     import subprocess
     import tempfile
 
     exe = shutil.which("nvidia-cuda-mps-control")
     if args.device == "cpu" or exe is None:
-        return {"mps": "not run: " + ("CPU dry run" if args.device == "cpu" else
-                                      "nvidia-cuda-mps-control not found")}
+        yield "not run: " + ("CPU dry run" if args.device == "cpu" else "nvidia-cuda-mps-control not found")
+        return
     env = dict(CUDA_MPS_PIPE_DIRECTORY=tempfile.mkdtemp(prefix="mps_pipe_"),
                CUDA_MPS_LOG_DIRECTORY=tempfile.mkdtemp(prefix="mps_log_"))
     full = {**os.environ, **env}
     r = subprocess.run([exe, "-d"], env=full, capture_output=True, text=True, timeout=30)
     if r.returncode != 0:
-        return {"mps": f"daemon failed to start (exit {r.returncode}): {(r.stdout + r.stderr)[-300:]}"}
+        yield f"daemon failed to start (exit {r.returncode}): {(r.stdout + r.stderr)[-300:]}"
+        return
     try:
-        out = part_concurrency(args, cuda_graph=True, env_extra=env)
+        yield env
+    finally:
         servers = subprocess.run([exe], input="get_server_list\n", env=full, capture_output=True,
                                  text=True, timeout=30).stdout.split()
-        out["mps"] = f"on (MPS servers running: {len(servers)})"
-        args.save(out)
-    finally:
+        print(f"MPS servers running at the end: {len(servers)}", flush=True)
         subprocess.run([exe], input="quit\n", env=full, capture_output=True, text=True, timeout=30)
         for name in ("control.log", "server.log"):
             p = Path(env["CUDA_MPS_LOG_DIRECTORY"]) / name
             if p.exists():
                 print(f"--- MPS {name} (end):\n" + p.read_text()[-1500:], flush=True)
+
+
+def part_mps(args) -> dict:
+    """concurrency_graph again with NVIDIA's MPS daemon running: do separate trial processes
+    then overlap on the GPU?"""
+    with mps_daemon(args) as env:
+        if isinstance(env, str):
+            return {"mps": env}
+        out = part_concurrency(args, cuda_graph=True, env_extra=env)
+        out["mps"] = "on"
+        args.save(out)
     return out
 
 
-def part_study(args) -> dict:
+def part_study_mps(args) -> dict:
+    """part_study under MPS, one wave of K trials for each K (K trials started together)."""
+    with mps_daemon(args) as env:
+        if isinstance(env, str):
+            return {"mps": env}
+        ks = (1, 2) if args.quick else (1, 2, 4, 8)
+        out = part_study(args, {k: k for k in ks}, env_extra=env)
+        out["mps"] = "on"
+        args.save(out)
+    return out
+
+
+def part_study(args, trials_for_k: dict[int, int] | None = None, env_extra: dict | None = None) -> dict:
     """A study's shape: M whole trials, each a fresh process (start, import torch, data to the
     GPU, captures, then every epoch with evaluation, as a Ray trial runs), K at a time; the
     aggregate is all trials' training images over the wall time from first start to last end.
@@ -365,6 +391,7 @@ def part_study(args) -> dict:
     from study.config import TrialConfig
 
     m, ks, n_train, epochs = (2, (1, 2), 200, 2) if args.quick else (4, (1, 2, 4), 40_000, 10)
+    trials_for_k = trials_for_k or {k: m for k in ks}
     cfg = TrialConfig(norm="batch", batch_size=16, epochs=epochs)
     data = tp.synthetic_with_train_size(n_train, cfg)
     folder = Path(tempfile.mkdtemp(prefix="study_data_"))
@@ -377,7 +404,8 @@ def part_study(args) -> dict:
                args.device, "--epochs", str(epochs), "--seed", str(seed)]
         t0 = time.time()
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                           env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+                           env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+                                    **(env_extra or {})))
         if r.returncode != 0:
             raise RuntimeError(f"trial {seed} failed: {(r.stdout + r.stderr)[-800:]}")
         res = json.loads(r.stdout.strip().splitlines()[-1])
@@ -385,13 +413,13 @@ def part_study(args) -> dict:
         res["startup_s"] = res.pop("epoch1_start") - t0  # launch to the first epoch's first step
         return res
 
-    out: dict = {"trials": m, "images_per_trial": images, "epochs": epochs, "k": {}}
-    for k in ks:
+    out: dict = {"images_per_trial": images, "epochs": epochs, "k": {}}
+    for k, m in trials_for_k.items():
         t0 = time.time()
         with ThreadPoolExecutor(k) as pool:
             res = list(pool.map(one, range(m)))
         wall = time.time() - t0
-        out["k"][str(k)] = dict(aggregate=m * images / wall, wall_s=wall,
+        out["k"][str(k)] = dict(trials=m, aggregate=m * images / wall, wall_s=wall,
                                 startup_s=statistics.median(r["startup_s"] for r in res),
                                 train_s=statistics.median(r["train_s"] for r in res),
                                 trial_s=statistics.median(r["t1"] - r["t0"] for r in res))
@@ -447,7 +475,8 @@ def table(folder: Path) -> str:
         except (OSError, ValueError):
             return None
 
-    env, ceil, seed, eager, conc, conc_graph, streams, study, mps = (load(n) for n in ("env", *PARTS))
+    env, ceil, seed, eager, conc, conc_graph, streams, study, mps, study_mps = (
+        load(n) for n in ("env", *PARTS))
     lines = []
     if env:
         lines.append(f"GPU check on {env.get('device')} ({env.get('device_name')}), torch "
@@ -530,18 +559,19 @@ def table(folder: Path) -> str:
             lines.append(f"   captures failed: {streams['graphs_failed'][0]}")
     else:
         lines.append(f"{'K trials in one process on K streams':<{w}}failed")
-    if study:
-        base = study["k"].get("1", {}).get("aggregate")
-        lines.append(f"A study's shape: {study['trials']} whole trials ({study['images_per_trial']:,} "
-                     f"training images, {study['epochs']} epochs each; fresh process each), K at a time:")
-        lines.append(f"   {'K':>3} {'aggregate images/s':>20} {'wall s':>8} {'start-up s':>11} "
+    for st, how in ((study, "CUDA graphs"), (study_mps, "CUDA graphs, under MPS")):
+        if st is None or "k" not in st:
+            lines.append(f"{'Whole trials, K at a time, ' + how:<{w}}{(st or {}).get('mps', 'failed')}")
+            continue
+        base = st["k"].get("1", {}).get("aggregate")
+        lines.append(f"Whole trials ({st['images_per_trial']:,} training images, {st['epochs']} epochs each; "
+                     f"a fresh process each), K at a time, {how}:")
+        lines.append(f"   {'K':>3} {'trials':>6} {'aggregate images/s':>20} {'wall s':>8} {'start-up s':>11} "
                      f"{'train s':>8} {'vs K=1':>8}")
-        for k, r in study["k"].items():
+        for k, r in st["k"].items():
             rel = f"{r['aggregate'] / base:.2f}" if base else "-"
-            lines.append(f"   {k:>3} {r['aggregate']:>20,.0f} {r['wall_s']:>8.1f} {r['startup_s']:>11.1f} "
-                         f"{r['train_s']:>8.1f} {rel:>8}")
-    else:
-        lines.append(f"{'A study of whole trials, K at a time':<{w}}failed")
+            lines.append(f"   {k:>3} {r.get('trials', st.get('trials', 0)):>6} {r['aggregate']:>20,.0f} "
+                         f"{r['wall_s']:>8.1f} {r['startup_s']:>11.1f} {r['train_s']:>8.1f} {rel:>8}")
     rc, summary = folder / "test_gpu.rc", folder / "test_gpu.txt"
     if rc.exists():
         code = rc.read_text().strip()
@@ -610,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     fns = dict(env=part_env, ceiling=part_ceiling, seed=part_seed, eager=part_eager,
                concurrency=part_concurrency,
                concurrency_graph=lambda a: part_concurrency(a, cuda_graph=args.device != "cpu"),
-               streams=part_streams, study=part_study, mps=part_mps)
+               streams=part_streams, study=part_study, mps=part_mps, study_mps=part_study_mps)
     if args.part == "all":
         import tempfile
 

@@ -19,7 +19,7 @@ ROOT=$PWD
 WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
 LOG=$WORK/gpu_check.log
 ARGS=${GPU_BENCH_ARGS:-}
-ALL="tests seed eager ceiling concurrency concurrency_graph streams study mps"
+ALL="tests seed eager ceiling concurrency concurrency_graph streams study mps study_mps"
 ASKED=" ${*:-$ALL} "
 for p in $ASKED; do
     case " $ALL " in *" $p "*) ;; *) echo "gpu_check: no part '$p' (parts: $ALL)"; exit 2;; esac
@@ -83,7 +83,9 @@ part concurrency 95
 part concurrency_graph 85
 part streams 60
 part study 200
-part mps 90  # last: it runs NVIDIA's MPS daemon (for its own workers only) and stops it
+# last: these run NVIDIA's MPS daemon (for their own workers only) and stop it
+part mps 90
+part study_mps 150
 
 # ---- the table
 {
