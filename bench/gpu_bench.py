@@ -12,6 +12,11 @@ Parts (each its own command, so that the shell script can bound each in time):
   concurrency  K = 1, 2, 4, 8 processes, each running ``run_trial`` on the GPU (batch 16,
                1 torch thread), released together: aggregate and per-trial images/s
   concurrency_graph   the same with CUDA graphs
+  streams      K = 1, 2, 4, 8 graphed trials in one process, one CUDA stream each
+  study        whole trials (the full preset's size, a fresh process each: start-up counts),
+               4 trials run K = 1, 2, 4 at a time
+  mps          concurrency_graph under NVIDIA's MPS daemon (started and stopped here)
+  study_mps    one wave of K = 1, 2, 4, 8 whole trials under MPS
   table        read the parts' JSON files and print one table
 
     python bench/gpu_bench.py ceiling --json /tmp/g/ceiling.json
@@ -587,8 +592,10 @@ def table(folder: Path) -> str:
         lines.append(f"{'CUDA-graph tests':<{w}}{sum(o == 'passed' for o in graphs.values())}/{len(graphs)} "
                      f"passed" + ("" if ok else ": " + ", ".join(f"{k} {o}" for k, o in graphs.items()
                                                                      if o != "passed")))
-        lines.append(f"{'   so study.train.CUDA_GRAPH_DEFAULT':<{w}}"
-                     f"{'may be True' if ok else 'stays False'}")
+        skipped = all(o == "skipped" for o in graphs.values())
+        verdict = ("not checked here (no CUDA)" if skipped else "True stands" if ok else
+                   "FAILED on this GPU: set it to False and find out why")
+        lines.append(f"{'   so study.train.CUDA_GRAPH_DEFAULT':<{w}}{verdict}")
     return "\n".join(lines)
 
 

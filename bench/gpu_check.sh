@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # One prepared GPU check (issue 7), for a lent GPU machine: run from the repository root,
 #
-#     bash bench/gpu_check.sh                  # every part: about 8 minutes, each part bounded
-#     bash bench/gpu_check.sh streams study    # only these parts (and env); names as below
+#     bash bench/gpu_check.sh                  # the default parts: about 6.5 minutes, each bounded
+#     bash bench/gpu_check.sh study tests      # only these parts (and env); names as below
+#
+# Parts: tests seed eager ceiling concurrency concurrency_graph streams mps study_mps (the
+# default), and study (whole trials K at a time without MPS, 3.3 minutes: by name only).
 #
 # It needs no install and no network: the machine's python3 already has torch, torchvision,
 # numpy, pillow, pyarrow and pytest, which is all that study.train and the bench import (Ray
@@ -19,8 +22,9 @@ ROOT=$PWD
 WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
 LOG=$WORK/gpu_check.log
 ARGS=${GPU_BENCH_ARGS:-}
-ALL="tests seed eager ceiling concurrency concurrency_graph streams study mps study_mps"
-ASKED=" ${*:-$ALL} "
+DEFAULT="tests seed eager ceiling concurrency concurrency_graph streams mps study_mps"
+ALL="$DEFAULT study"
+ASKED=" ${*:-$DEFAULT} "
 for p in $ASKED; do
     case " $ALL " in *" $p "*) ;; *) echo "gpu_check: no part '$p' (parts: $ALL)"; exit 2;; esac
 done
@@ -54,7 +58,7 @@ torchvision.__version__, '| pillow', PIL.__version__, '| numpy', numpy.__version
     "$PY" -c "import study.train" && echo "study.train imports"
 } 2>&1 | tee -a "$LOG"
 
-# ---- the parts, each bounded (limits add up to 700 s; they took 420 s on an H200)
+# ---- the parts, each bounded: the default parts' limits add up to 600 s (they took 390 s on an H200)
 part() {  # part NAME SECONDS
     local name=$1 limit=$2 start rc
     want "$name" || [ "$name" = env ] || return 0
@@ -67,24 +71,24 @@ part() {  # part NAME SECONDS
     [ $rc -ne 0 ] && tail -n 15 "$LOG" | sed 's/^/   | /'
 }
 # most telling first: whether graphs give the eager numbers, then one trial's speed
-part env 25
+part env 20
 if want tests; then
-    echo "== tests/test_gpu.py, CUDA cases of test_stats.py (limit 75s)" | tee -a "$LOG"
-    timeout -k 10 75 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$WORK/test_gpu.xml" tests/test_gpu.py tests/test_stats.py -k "test_gpu or cuda" \
+    echo "== tests/test_gpu.py, CUDA cases of test_stats.py (limit 45s)" | tee -a "$LOG"
+    timeout -k 10 45 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$WORK/test_gpu.xml" tests/test_gpu.py tests/test_stats.py -k "test_gpu or cuda" \
         >"$WORK/test_gpu.txt" 2>&1
     echo $? >"$WORK/test_gpu.rc"
     cat "$WORK/test_gpu.txt" >>"$LOG"
     tail -n 3 "$WORK/test_gpu.txt" | sed 's/^/   | /'
 fi
 part seed 45
-part eager 100
-part ceiling 35
-part concurrency 95
-part concurrency_graph 85
-part streams 60
+part eager 80
+part ceiling 20
+part concurrency 70
+part concurrency_graph 70
+part streams 40
 part study 200
 # last: these run NVIDIA's MPS daemon (for their own workers only) and stop it
-part mps 90
+part mps 60
 part study_mps 150
 
 # ---- the table

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import socket
 import sys
 import time
@@ -40,9 +41,10 @@ from study.results import DamagedFileError, trial_finished, trial_gap  # noqa: E
 
 EXIT_USAGE = 2
 #: Rough per-trial training speed (images/s) used by --dry-run's time estimate, batch 16: CPU,
-#: run_trial with 1 thread on a 2-core VM (bench/throughput.py, 1,822); GPU, one of 8 eager
-#: trials sharing an H200 (bench/gpu_check.sh: 5.25 x 4,457 / 8).
-NOMINAL_IMAGES_PER_S = {"cpu": 1800.0, "gpu": 2900.0}
+#: run_trial with 1 thread on a 2-core VM (bench/throughput.py, 1,822); GPU, one of 8 trials
+#: with CUDA graphs sharing an H200 without MPS (bench/gpu_check.sh: 32,797 / 8; under MPS
+#: 121,649 / 8).
+NOMINAL_IMAGES_PER_S = {"cpu": 1800.0, "gpu": 4100.0}
 NOMINAL_SIZES = {"cifar10": (50_000, 10_000), "synthetic": (50_000, 10_000)}
 
 
@@ -193,13 +195,15 @@ def make_parser() -> argparse.ArgumentParser:
                    help="total GPUs the study may use; trials get 1/--trials-per-gpu GPU each")
     w.add_argument("--trials-per-gpu", type=_positive_int("--trials-per-gpu"), default=8,
                    help="trials packed on one GPU: one trial of this small CNN leaves most of a GPU "
-                   "idle; 8 gave 5.3x the images/s of 1 on an H200 (bench/gpu_check.sh)")
+                   "idle. Start NVIDIA MPS on GPU nodes (nvidia-cuda-mps-control -d; cluster.yaml "
+                   "does) so that their kernels overlap: 8 whole trials then gave 5.5x the "
+                   "images/s of 1 on an H200 (without MPS they take turns: 1.6x at 4)")
     w.add_argument("--cpus-per-trial", type=_positive_int("--cpus-per-trial"), default=1,
                    help="CPUs reserved per trial, also torch's intra-op threads")
     w.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
-                   help="replay each GPU trial's training steps from CUDA graphs (same numbers as "
-                   "the eager steps, far fewer kernel launches); default: study.train's "
-                   "CUDA_GRAPH_DEFAULT, now off until verified on a GPU. CPU trials ignore it")
+                   help="replay each GPU trial's training steps from CUDA graphs (the eager steps' "
+                   "numbers to fp32 rounding, one launch a step: 8x as fast at batch 16 on an "
+                   "H200); default: on (study.train's CUDA_GRAPH_DEFAULT). CPU trials ignore it")
     w.add_argument("--address", default=None,
                    help="join a running Ray cluster (host:port or auto; RAY_ADDRESS works too); "
                    "without it the sweep joins a cluster started on this machine by `ray start` "
@@ -339,6 +343,23 @@ def dry_run_text(name: str, p: Preset, grid: list[TrialConfig], resources: dict)
     return "\n".join(lines)
 
 
+def mps_control_socket() -> Path:
+    """Where a running MPS control daemon listens: NVIDIA's default pipe folder or the one
+    CUDA_MPS_PIPE_DIRECTORY names (clients look there too)."""
+    return Path(os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps") / "control"
+
+
+def mps_notice(trials_per_gpu: int) -> str | None:
+    """A note when this machine has NVIDIA GPUs but runs no MPS daemon: trials packed on one of
+    its GPUs would take turns on it instead of overlapping (None where MPS runs, or no GPU)."""
+    if trials_per_gpu < 2 or shutil.which("nvidia-smi") is None or mps_control_socket().exists():
+        return None
+    return (f"note: NVIDIA MPS is not running on this machine, so the {trials_per_gpu} trials that "
+            "share each of its GPUs take turns on it; `nvidia-cuda-mps-control -d` before `ray start` "
+            "lets their kernels overlap (8 trials: 5.5x the images/s of one on an H200, against 1.6x "
+            "at best without; README, \"Packing trials\")")
+
+
 def trial_name(trial) -> str:
     """Tune's trial name and folder: the same readable key as the Parquet files."""
     return TrialConfig.from_dict(trial.config["trial"]).trial_id
@@ -409,6 +430,8 @@ def run(args: argparse.Namespace) -> int:
     if args.cuda_graph and not args.gpus:
         print("note: --cuda-graph has no effect without --gpus (CPU trials train eagerly)",
               file=sys.stderr)
+    if args.gpus and (note := mps_notice(args.trials_per_gpu)):
+        print(note, file=sys.stderr)
     if args.name is not None and (not args.name.strip() or args.name in (".", "..")
                                   or re.search(r"[/\\\s]", args.name)):
         raise UsageError(f"--name {args.name!r}: a study name names a folder: give a word "

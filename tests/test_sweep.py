@@ -102,6 +102,34 @@ def test_flags_that_change_nothing_get_a_note(capsys):
     assert "--cuda-graph has no effect without --gpus" in capsys.readouterr().err
 
 
+def test_packed_gpu_trials_without_mps_get_a_note(tmp_path, monkeypatch, capsys):
+    """The note follows NVIDIA's rule for where clients find the daemon: the control socket in
+    CUDA_MPS_PIPE_DIRECTORY (default /tmp/nvidia-mps); it is about this machine's GPUs only."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\n")
+    smi.chmod(0o755)
+    pipes = tmp_path / "mps"
+    pipes.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(pipes))
+    assert sweep.mps_control_socket() == pipes / "control"
+    assert sweep.main(["--gpus", "1", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "NVIDIA MPS is not running on this machine, so the 8 trials" in err
+    assert "nvidia-cuda-mps-control -d" in err and len(err.strip().splitlines()) == 1
+    assert sweep.main(["--gpus", "1", "--trials-per-gpu", "1", "--dry-run"]) == 0  # nothing shared
+    assert "MPS" not in capsys.readouterr().err
+    (pipes / "control").touch()  # a running daemon's socket
+    assert sweep.main(["--gpus", "1", "--dry-run"]) == 0
+    assert "MPS" not in capsys.readouterr().err
+    (pipes / "control").unlink()
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))  # no NVIDIA GPU here (a CPU head node)
+    assert sweep.main(["--gpus", "1", "--dry-run"]) == 0
+    assert "MPS" not in capsys.readouterr().err
+
+
 def test_changed_settings_are_what_changes_a_trial():
     """Only what changes some trial's config or the data counts: unused noise values do not."""
     from dataclasses import replace
@@ -417,6 +445,10 @@ def test_cluster_yaml_passes_rays_validation():
     assert config["available_node_types"]["head"]["resources"] == {"CPU": 0}
     assert workers["node_config"]["InstanceType"].startswith(("g5", "g6"))
     assert "127.0.0.1" in " ".join(config["head_start_ray_commands"])
+    # MPS on the GPU nodes, started before Ray (its workers must find the daemon when they start)
+    start = config["worker_start_ray_commands"]
+    mps = next(i for i, c in enumerate(start) if "nvidia-cuda-mps-control -d" in c)
+    assert mps < next(i for i, c in enumerate(start) if "ray start" in c)
 
 
 def test_two_node_cluster_packs_trials_on_the_gpu_node(tmp_path):
