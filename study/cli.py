@@ -2,9 +2,9 @@
 one line, and Ctrl-C in one line from the start.
 
 ``Parser`` is argparse with one-line errors (``NAME: error: ...``, exit status 2, no usage
-dump) that takes a value starting like a negative number (``--lrs -1e-3,1e-2``) as the flag's
-value, as Python 3.13's argparse does (3.11 takes only ``-1`` and ``-.5`` for numbers, and the
-rest for unknown flags), so it gets the command's own refusal.
+dump) that takes a value starting like a negative number (``--lrs -1e-3,1e-2``, ``--lr -inf``)
+as the flag's value, as Python 3.13's argparse does for numbers (3.11 takes only ``-1`` and
+``-.5``, and the rest for unknown flags), so it gets the command's own refusal.
 
 Ctrl-C while a command is still importing (torch, Ray, matplotlib, pyarrow: seconds on a small
 machine) gives one line and exit status 130, as a Ctrl-C later does, not a traceback from
@@ -29,7 +29,7 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args, name: str, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.name = name
-        self._negative_number_matcher = re.compile(r"-\.?\d")
+        self._negative_number_matcher = re.compile(r"-(\.?\d|inf|nan)", re.IGNORECASE)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         message = re.sub(r"^argument (\S+): \1: ", r"\1: ", message)  # types that name their flag

@@ -53,6 +53,8 @@ def test_a_command_started_with_ctrl_c_ignored_keeps_ignoring_it():
 
 @pytest.mark.parametrize("module, prog, argv, words", [
     ("study.sweep", "study.sweep", ["--lrs", "-1e-3,1e-2"], "--lrs: learning rates must be > 0"),
+    ("study.sweep", "study.sweep", ["--lrs", "-inf"], "--lrs: learning rates must be > 0"),
+    ("study.sweep", "study.sweep", ["--noises", "-NaN"], "--noises"),
     ("study.noise_eval", "study.noise_eval", ["results", "--device", "tpu"], "invalid choice"),
     ("analysis.figures", "python -m analysis.figures", ["results", "--lr", "-1e-3"], "positive"),
 ])
