@@ -472,7 +472,20 @@ def _fmt(v, spec: str = ",.0f") -> str:
     return "failed" if v is None else format(v, spec)
 
 
+def _k_table(title: str, r: dict, per: str = "per trial (median)") -> list[str]:
+    """A part's K rows: aggregate images/s, per trial, and the aggregate ÷ K = 1's."""
+    base = r["k"].get("1", {}).get("aggregate")
+    lines = [title, f"   {'K':>3} {'aggregate images/s':>20} {per:>20} {'vs K=1':>8}"]
+    for k, v in r["k"].items():
+        rel = f"{v['aggregate'] / base:.2f}" if base else "-"
+        lines.append(f"   {k:>3} {v['aggregate']:>20,.0f} {v['per_trial']:>20,.0f} {rel:>8}")
+    return lines
+
+
 def table(folder: Path) -> str:
+    """The parts' results in ``folder`` as one table; parts that ``asked.txt`` (written by
+    gpu_check.sh) does not name are left out, and a part asked for without a result shows as
+    failed."""
     def load(name: str) -> dict | None:
         p = folder / f"{name}.json"
         try:
@@ -480,6 +493,8 @@ def table(folder: Path) -> str:
         except (OSError, ValueError):
             return None
 
+    asked_file = folder / "asked.txt"
+    asked = set(asked_file.read_text().split()) if asked_file.exists() else {*PARTS, "tests"}
     env, ceil, seed, eager, conc, conc_graph, streams, study, mps, study_mps = (
         load(n) for n in ("env", *PARTS))
     lines = []
@@ -491,36 +506,39 @@ def table(folder: Path) -> str:
     w = 56
     lines.append(f"{'measure':<{w}}value")
     lines.append("-" * (w + 30))
-    c = ceil or {}
-    lines.append(f"{'ceiling: bf16 matmul ' + str(c.get('matmul_n', '')) + '^3':<{w}}"
-                 f"{_fmt(c.get('bf16_tflops'), '.1f')} TFLOP/s")
-    lines.append(f"{'ceiling: fp32 matmul (TF32 off)':<{w}}{_fmt(c.get('fp32_tflops'), '.1f')} TFLOP/s")
-    lines.append(f"{'ceiling: device copy, read+write':<{w}}{_fmt(c.get('copy_tb_s'), '.2f')} TB/s")
-    s = seed or {}
-    e = eager or {}
-    lines.append(f"{'1 trial: seed-style loop, batch 16':<{w}}{_fmt(s.get('seed'))} images/s")
-    for key, label in (("seed_nohooks", "   its loop without per-layer .item() moments"),
-                       ("seed_loader", "   its DataLoader + PIL transforms alone")):
-        lines.append(f"{label:<{w}}{_fmt(s.get(key))} images/s")
-    for b in (16, 128):
-        label = f"1 trial: run_trial eager, all stats, batch {b}"
-        lines.append(f"{label:<{w}}{_fmt(e.get(f'run_trial_{b}'))} images/s  (run_trial reports "
-                     f"{_fmt(e.get(f'run_trial_reported_{b}'))})")
-        lines.append(f"{f'1 trial: bare step, batch {b}':<{w}}{_fmt(e.get(f'bare_{b}'))} images/s")
-        lines.append(f"{f'1 trial: run_trial CUDA graphs, all stats, batch {b}':<{w}}"
-                     f"{_fmt(e.get(f'graph_run_trial_{b}'))} images/s")
-        lines.append(f"{f'1 trial: bare step, one CUDA graph, batch {b}':<{w}}"
-                     f"{_fmt(e.get(f'graph_bare_{b}'))} images/s")
-    for b in (16, 128):
-        lines.append(f"{f'stats on / off (run_trial / bare), batch {b}':<{w}}"
-                     f"{_fmt(e.get(f'stats_ratio_{b}'), '.3f')}  (with CUDA graphs "
-                     f"{_fmt(e.get(f'graph_stats_ratio_{b}'), '.3f')})")
-    for key, err in e.get("errors", {}).items():
-        lines.append(f"   {key} failed: {err}")
-    if e.get("breakdown_ms"):
-        bd = e["breakdown_ms"]
-        parts = ", ".join(f"{k} {v:+.3f}" for k, v in bd.items() if k != "bare")
-        lines.append(f"{'   breakdown at batch 16, ms/step':<{w}}bare {bd['bare']:.3f}; {parts}")
+    if "ceiling" in asked:
+        c = ceil or {}
+        lines.append(f"{'ceiling: bf16 matmul ' + str(c.get('matmul_n', '')) + '^3':<{w}}"
+                     f"{_fmt(c.get('bf16_tflops'), '.1f')} TFLOP/s")
+        lines.append(f"{'ceiling: fp32 matmul (TF32 off)':<{w}}{_fmt(c.get('fp32_tflops'), '.1f')} TFLOP/s")
+        lines.append(f"{'ceiling: device copy, read+write':<{w}}{_fmt(c.get('copy_tb_s'), '.2f')} TB/s")
+    if "seed" in asked:
+        s = seed or {}
+        lines.append(f"{'1 trial: seed-style loop, batch 16':<{w}}{_fmt(s.get('seed'))} images/s")
+        for key, label in (("seed_nohooks", "   its loop without per-layer .item() moments"),
+                           ("seed_loader", "   its DataLoader + PIL transforms alone")):
+            lines.append(f"{label:<{w}}{_fmt(s.get(key))} images/s")
+    if "eager" in asked:
+        e = eager or {}
+        for b in (16, 128):
+            label = f"1 trial: run_trial eager, all stats, batch {b}"
+            lines.append(f"{label:<{w}}{_fmt(e.get(f'run_trial_{b}'))} images/s  (run_trial reports "
+                         f"{_fmt(e.get(f'run_trial_reported_{b}'))})")
+            lines.append(f"{f'1 trial: bare step, batch {b}':<{w}}{_fmt(e.get(f'bare_{b}'))} images/s")
+            lines.append(f"{f'1 trial: run_trial CUDA graphs, all stats, batch {b}':<{w}}"
+                         f"{_fmt(e.get(f'graph_run_trial_{b}'))} images/s")
+            lines.append(f"{f'1 trial: bare step, one CUDA graph, batch {b}':<{w}}"
+                         f"{_fmt(e.get(f'graph_bare_{b}'))} images/s")
+        for b in (16, 128):
+            lines.append(f"{f'stats on / off (run_trial / bare), batch {b}':<{w}}"
+                         f"{_fmt(e.get(f'stats_ratio_{b}'), '.3f')}  (with CUDA graphs "
+                         f"{_fmt(e.get(f'graph_stats_ratio_{b}'), '.3f')})")
+        for key, err in e.get("errors", {}).items():
+            lines.append(f"   {key} failed: {err}")
+        if e.get("breakdown_ms"):
+            bd = e["breakdown_ms"]
+            parts = ", ".join(f"{k} {v:+.3f}" for k, v in bd.items() if k != "bare")
+            lines.append(f"{'   breakdown at batch 16, ms/step':<{w}}bare {bd['bare']:.3f}; {parts}")
     for key, label in (("run_trial_16", "run_trial eager / seed loop, batch 16"),
                        ("graph_run_trial_16", "run_trial CUDA graphs / seed loop, batch 16")):
         if seed and eager and seed.get("seed") and eager.get(key):
@@ -529,42 +547,29 @@ def table(folder: Path) -> str:
     if eager and eager.get("run_trial_128"):
         lines.append(f"{'model arithmetic at run_trial batch 128':<{w}}"
                      f"{eager['run_trial_128'] * flops / 1e12:.3f} TFLOP/s ({flops / 1e6:.1f} MFLOP/image)")
-    for c, how in ((conc, "eager"), (conc_graph, "CUDA graphs")):
-        if c and how == "CUDA graphs" and not c.get("cuda_graph"):
-            how = "CUDA graphs asked, eager run (CPU dry run)"
-        if not c:
-            lines.append(f"{f'K concurrent trials, {how}':<{w}}failed")
+    for name, r, how in (("concurrency", conc, "eager"), ("concurrency_graph", conc_graph, "CUDA graphs"),
+                         ("mps", mps, "CUDA graphs, under MPS")):
+        if name not in asked:
             continue
-        base = c["k"].get("1", {}).get("aggregate")
-        lines.append(f"K concurrent run_trial processes on one device, {how}, batch {c['batch']}, "
-                     f"{c['steps']} steps each:")
-        lines.append(f"   {'K':>3} {'aggregate images/s':>20} {'per trial (median)':>20} {'vs K=1':>8}")
-        for k, r in c["k"].items():
-            rel = f"{r['aggregate'] / base:.2f}" if base else "-"
-            lines.append(f"   {k:>3} {r['aggregate']:>20,.0f} {r['per_trial']:>20,.0f} {rel:>8}")
-    if mps is not None and "k" not in mps:
-        lines.append(f"{'K concurrent trials, CUDA graphs, under MPS':<{w}}{mps.get('mps')}")
-    elif mps is not None:
-        base = mps["k"].get("1", {}).get("aggregate")
-        lines.append(f"K concurrent run_trial processes, CUDA graphs, under MPS ({mps.get('mps', '?')}):")
-        lines.append(f"   {'K':>3} {'aggregate images/s':>20} {'per trial (median)':>20} {'vs K=1':>8}")
-        for k, r in mps["k"].items():
-            rel = f"{r['aggregate'] / base:.2f}" if base else "-"
-            lines.append(f"   {k:>3} {r['aggregate']:>20,.0f} {r['per_trial']:>20,.0f} {rel:>8}")
-    if streams:
+        if r and name == "concurrency_graph" and not r.get("cuda_graph"):
+            how = "CUDA graphs asked, eager run (CPU dry run)"
+        if not r or "k" not in r:
+            lines.append(f"{f'K concurrent trials, {how}':<{w}}{(r or {}).get('mps', 'failed')}")
+            continue
+        lines += _k_table(f"K concurrent run_trial processes on one device, {how}, batch {r['batch']}, "
+                          f"{r['steps']} steps each:", r)
+    if "streams" in asked and streams:
         how = "CUDA graphs" if streams.get("cuda_graph") else "eager (CPU dry run)"
-        base = streams["k"].get("1", {}).get("aggregate")
-        lines.append(f"K trials in one process, one CUDA stream each, {how}, batch 16, "
-                     f"{streams['steps']} steps:")
-        lines.append(f"   {'K':>3} {'aggregate images/s':>20} {'per trial':>20} {'vs K=1':>8}")
-        for k, r in streams["k"].items():
-            rel = f"{r['aggregate'] / base:.2f}" if base else "-"
-            lines.append(f"   {k:>3} {r['aggregate']:>20,.0f} {r['per_trial']:>20,.0f} {rel:>8}")
+        lines += _k_table(f"K trials in one process, one CUDA stream each, {how}, batch 16, "
+                          f"{streams['steps']} steps:", streams, "per trial")
         if streams.get("graphs_failed"):
             lines.append(f"   captures failed: {streams['graphs_failed'][0]}")
-    else:
+    elif "streams" in asked:
         lines.append(f"{'K trials in one process on K streams':<{w}}failed")
-    for st, how in ((study, "CUDA graphs"), (study_mps, "CUDA graphs, under MPS")):
+    for name, st, how in (("study", study, "CUDA graphs"),
+                          ("study_mps", study_mps, "CUDA graphs, under MPS")):
+        if name not in asked:
+            continue
         if st is None or "k" not in st:
             lines.append(f"{'Whole trials, K at a time, ' + how:<{w}}{(st or {}).get('mps', 'failed')}")
             continue
@@ -578,6 +583,8 @@ def table(folder: Path) -> str:
             lines.append(f"   {k:>3} {r.get('trials', st.get('trials', 0)):>6} {r['aggregate']:>20,.0f} "
                          f"{r['wall_s']:>8.1f} {r['startup_s']:>11.1f} {r['train_s']:>8.1f} {rel:>8}")
     rc, summary = folder / "test_gpu.rc", folder / "test_gpu.txt"
+    if "tests" in asked and not rc.exists():
+        lines.append(f"{'GPU tests':<{w}}failed (no result)")
     if rc.exists():
         code = rc.read_text().strip()
         last = summary.read_text().strip().splitlines()[-1:] if summary.exists() else []

@@ -81,9 +81,9 @@ if want tests; then
     tail -n 3 "$WORK/test_gpu.txt" | sed 's/^/   | /'
 fi
 part seed 45
-part eager 80
-part ceiling 20
-part concurrency 70
+part eager 75
+part ceiling 30
+part concurrency 65
 part concurrency_graph 70
 part streams 40
 part study 200
@@ -94,7 +94,7 @@ part study_mps 150
 # ---- the table
 {
     echo
-    echo "parts run:$ASKED"
+    echo "$ASKED" >"$WORK/asked.txt"
     if ! "$PY" bench/gpu_bench.py table "$WORK" 2>&1; then
         echo "(table failed; raw results:)"
         for f in "$WORK"/*.json; do [ -e "$f" ] && echo "$(basename "$f"): $(cat "$f")"; done
@@ -105,6 +105,7 @@ part study_mps 150
 if [ -n "${OUT:-}" ]; then
     cp "$WORK/gpu_check.txt" "$WORK/gpu_check.log" "$OUT/" 2>/dev/null
     cp "$WORK/test_gpu.xml" "$OUT/" 2>/dev/null
-    cat "$WORK"/*.json >"$OUT/gpu_check.json" 2>/dev/null
+    "$PY" -c 'import json, pathlib, sys; print(json.dumps({p.stem: json.loads(p.read_text())
+        for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json"))}, indent=1))' "$WORK" >"$OUT/gpu_check.json"
 fi
 exit 0
