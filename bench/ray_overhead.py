@@ -2,13 +2,15 @@
 
   sweep  ``python -m study.sweep --preset smoke --dataset synthetic --out TMP`` (a local Ray,
          2 trials at a time on 2 CPUs, 1 torch thread each, Parquet results, a checkpoint
-         per epoch)
+         per epoch; Tune reuses a finished trial's worker process for the next trial)
+  fresh  the same sweep with Tune's actor reuse off (``reuse_actors=False``, the sweep's
+         setting until 2026-11-27): every trial starts a new worker process
   plain  ``python bench/ray_overhead.py --plain``: the same process start, the same dataset
          (``load_dataset("synthetic", subset=3000)``), the same TrialConfigs
          (``build_grid(PRESETS["smoke"])``), run by ``run_trial(threads=1)`` in a pool of 2
          worker processes (spawn), so 2 trials at a time as in the sweep; nothing written
 
-Both are timed as whole commands (interpreter start to exit), alternated ABBA over the
+All are timed as whole commands (interpreter start to exit), alternated ABBA over the
 repetitions so that drift in the machine's load weighs on both alike; the CPU seconds of each
 command's process tree (Ray's daemons and workers included, sampled from /proc) are shown
 too. The ratio is the median of the per-repetition ratios; the goal is <= 1.3.
@@ -45,6 +47,22 @@ def _one_trial(cfg_dict: dict, data) -> tuple[str, str, float]:
     cfg = TrialConfig.from_dict(cfg_dict)
     out = run_trial(cfg, data, device="cpu", threads=1)
     return cfg.trial_id, out["status"], out["wall_s"]
+
+
+def sweep_without_actor_reuse(argv: list[str]) -> int:
+    """``study.sweep`` with every trial in a new worker process (Tune's ``reuse_actors`` off)."""
+    sys.path.insert(0, str(ROOT))
+    from ray import tune
+
+    tune_config = tune.TuneConfig
+
+    def without_reuse(*args, **kwargs):
+        return tune_config(*args, **{**kwargs, "reuse_actors": False})
+
+    tune.TuneConfig = without_reuse
+    from study import sweep
+
+    return sweep.main(argv)
 
 
 def plain(concurrency: int) -> int:
@@ -136,25 +154,31 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=2, help="repetitions of each (ABBA order)")
     ap.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--fresh", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.plain:
         return plain(CONCURRENCY)
+    if args.fresh is not None:
+        return sweep_without_actor_reuse(args.fresh)
 
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
     print(f"ray_overhead: smoke preset (6 trials, 2 epochs, synthetic subset 3000), {os.cpu_count()} "
           f"CPUs, {CONCURRENCY} trials at a time, 1 torch thread each; {args.reps} reps, ABBA; load "
           f"average at start {loadavg()}", flush=True)
-    times: dict[str, list[float]] = {"sweep": [], "plain": []}
-    cpus: dict[str, list[float]] = {"sweep": [], "plain": []}
+    kinds = ("sweep", "fresh", "plain")
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    cpus: dict[str, list[float]] = {k: [] for k in kinds}
     inner: list[float] = []
     with tempfile.TemporaryDirectory(prefix="ray_overhead_") as tmp:
         for rep in range(args.reps):
-            order = ("sweep", "plain") if rep % 2 == 0 else ("plain", "sweep")
+            order = kinds if rep % 2 == 0 else tuple(reversed(kinds))
             for kind in order:
+                sweep_args = ["--preset", PRESET, "--dataset", "synthetic", "--out",
+                              str(Path(tmp) / f"{kind}{rep}")]
                 if kind == "sweep":
-                    out = Path(tmp) / f"sweep{rep}"
-                    cmd = [sys.executable, "-m", "study.sweep", "--preset", PRESET, "--dataset",
-                           "synthetic", "--out", str(out)]
+                    cmd = [sys.executable, "-m", "study.sweep", *sweep_args]
+                elif kind == "fresh":
+                    cmd = [sys.executable, str(Path(__file__).resolve()), "--fresh", *sweep_args]
                 else:
                     cmd = [sys.executable, str(Path(__file__).resolve()), "--plain"]
                 wall, cpu, stdout = timed(cmd, env)
@@ -162,13 +186,16 @@ def main(argv: list[str] | None = None) -> int:
                 cpus[kind].append(cpu)
                 m = re.search(r"study '[^']*': \d+ trials(?: \(\d+ in this run\))?, (\d+) errored, "
                               r"(\d+) s", stdout)
-                if kind == "sweep" and m:
-                    if int(m.group(1)):
-                        raise RuntimeError(f"the sweep had {m.group(1)} errored trials")
+                if kind != "plain" and not m:
+                    raise RuntimeError(f"{kind}: no summary line in its output:\n{stdout[-2000:]}")
+                if kind != "plain" and int(m.group(1)):
+                    raise RuntimeError(f"{kind}: the sweep had {m.group(1)} errored trials")
+                if kind == "sweep":
                     inner.append(float(m.group(2)))
                 print(f"  rep {rep + 1}: {kind:<5} {wall:6.1f} s wall, {cpu:6.1f} CPU-s   (load {loadavg()})",
                       flush=True)
     r = [s / p for s, p in zip(times["sweep"], times["plain"], strict=True)]
+    fresh = [s / f for s, f in zip(times["sweep"], times["fresh"], strict=True)]
     print(f"\nload average at end {loadavg()}")
     print(f"sweep wall time: median {statistics.median(times['sweep']):.1f} s  "
           f"{[round(t, 1) for t in times['sweep']]}")
@@ -180,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     med = statistics.median(r)
     print(f"ratio sweep / plain, wall time: {med:.3f} [{min(r):.3f}-{max(r):.3f}]   goal <= {GOAL}: "
           f"{'met' if med <= GOAL else 'NOT met'}")
+    print(f"without actor reuse (fresh): median {statistics.median(times['fresh']):.1f} s  "
+          f"{[round(t, 1) for t in times['fresh']]}; ratio sweep / fresh, wall time: "
+          f"{statistics.median(fresh):.3f} [{min(fresh):.3f}-{max(fresh):.3f}]")
     c = [s / p for s, p in zip(cpus["sweep"], cpus["plain"], strict=True)]
     print(f"ratio sweep / plain, CPU seconds of the whole process tree: {statistics.median(c):.3f} "
           f"[{min(c):.3f}-{max(c):.3f}]  (sweep {[round(x) for x in cpus['sweep']]}, plain "

@@ -711,6 +711,9 @@ def _run_tune(ray, args, p: Preset, name: str, grid: list[TrialConfig], pending:
                 trial_name_creator=trial_name,
                 trial_dirname_creator=trial_name,
                 max_concurrent_trials=(args.gpus * args.trials_per_gpu) or None,
+                # a finished trial's worker process runs the next trial: no new process, PyTorch
+                # import or CUDA context per trial (the smoke sweep in 0.74x the time, bench/ray_overhead.py)
+                reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=name,
