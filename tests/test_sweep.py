@@ -65,6 +65,31 @@ def read_steps_columns(out: Path) -> list[str]:
     return pq.read_schema(next((out / "steps").glob("*.parquet"))).names
 
 
+def _trial_pids(out: Path) -> dict[str, int]:
+    """The worker process each trial ran in, from Tune's per-trial result.json."""
+    return {f.parent.name: json.loads(f.read_text().splitlines()[-1])["pid"]
+            for f in (out / "tune").rglob("result.json")}
+
+
+def test_a_trial_in_a_reused_worker_process_gives_the_numbers_of_one_in_a_new_process(
+        tiny_reference, tmp_path):
+    """Tune runs the next trial in a finished trial's worker process (reuse_actors): what a trial
+    leaves in its process (generator states, thread counts, caches) must not change the next
+    trial's numbers. Reference: the same study with every trial in a new process."""
+    out, reference = tiny_reference
+    pids = _trial_pids(out)
+    assert len(pids) == 4 and len(set(pids.values())) < 4, pids  # some process ran two trials
+    fresh = tmp_path / "fresh"
+    code = ("import sys\nfrom ray import tune\nconfig = tune.TuneConfig\n"
+            "tune.TuneConfig = lambda *a, **k: config(*a, **{**k, 'reuse_actors': False})\n"
+            "from study import sweep\nsys.exit(sweep.main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, *TINY, "--out", str(fresh)], cwd=ROOT,
+                          env=sweep_env(), timeout=300, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert len(set(_trial_pids(fresh).values())) == 4  # one process per trial
+    assert_tables_equal(reference, read_tables(fresh))
+
+
 def test_resume_of_a_finished_study_does_nothing(tiny_reference):
     out, before = tiny_reference
     mtimes = {f: f.stat().st_mtime_ns for f in out.rglob("*.parquet")}
