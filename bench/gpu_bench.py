@@ -249,7 +249,6 @@ def part_streams(args) -> dict:
     the GPU where processes (time-sliced) do not. Each trial has its own data copy, model,
     optimiser, statistics and generators, as separate trials would."""
     torch, dev = _setup(args.device)
-    import contextlib
     import math
 
     import throughput as tp
@@ -257,7 +256,6 @@ def part_streams(args) -> dict:
     from study.config import TrialConfig
     from study.data import augment_thetas
     from study.model import build_model
-    from study.results import GRAD_LAYERS
     from study.stats import EpochStats
     from study.step import GraphedTrainStep, TrainStep
     from study.train import DeviceData, build_optimizer
@@ -277,11 +275,8 @@ def part_streams(args) -> dict:
             model = build_model(cfg.norm, cfg.noise, cfg.noise_scope).to(dev)
             model.set_noise_generator(self.gen)
             opt = build_optimizer(model, cfg, dev)
-            params, weights = list(model.parameters()), model.weight_layers()
-            widx = [next(i for i, p in enumerate(params) if p is weights[n].weight) for n in GRAD_LAYERS]
             n = len(d.train_y)
-            stats = EpochStats(math.ceil(n / 16), len(params), widx, cfg.hist_bins, cfg.hist_range, dev,
-                               model.bn_channels())
+            stats = EpochStats.for_model(model, math.ceil(n / 16), cfg.hist_bins, cfg.hist_range, dev)
             self.train_step = TrainStep(model, opt, d.train_x, d.train_y, stats)
             self.step = GraphedTrainStep(self.train_step, 16, [self.gen]) if cuda else self.train_step
             order = torch.randperm(n, generator=self.gen, device=dev)

@@ -64,7 +64,6 @@ from study.data import (  # noqa: E402
     train_val_split,
 )
 from study.model import NOISY_VARIANTS, NORM_VARIANTS, build_model  # noqa: E402
-from study.results import GRAD_LAYERS  # noqa: E402
 from study.stats import EpochStats  # noqa: E402
 from study.step import grads_to_none  # noqa: E402
 from study.train import DeviceData, build_optimizer, run_trial, trial_seeds  # noqa: E402
@@ -266,17 +265,13 @@ class ReplicaStep:
         self.model.set_noise_generator(torch.Generator(device).manual_seed(seed_noise))
         self.opt = build_optimizer(self.model, cfg, device)
         self.params = list(self.model.parameters())
-        weights = self.model.weight_layers()
-        self.weight_idx = [next(i for i, p in enumerate(self.params) if p is weights[n].weight)
-                           for n in GRAD_LAYERS]
         self.cfg, self.dev, self.parts = cfg, device, parts
         self.n = len(self.d.train_y)
         self.order = torch.randperm(self.n, generator=self.gen, device=device)
         self.thetas = augment_thetas(self.n, self.gen, *self.d.train_x.shape[-2:])
         if parts & {"hist", "grads", "book"} and "moments" not in parts:
             raise ValueError("the replica's hist, grads and book parts need its moments part")
-        self.stats = EpochStats(capacity, len(self.params), self.weight_idx, cfg.hist_bins, cfg.hist_range,
-                                device, self.model.bn_channels())
+        self.stats = EpochStats.for_model(self.model, capacity, cfg.hist_bins, cfg.hist_range, device)
         bs = cfg.batch_size
         self.spe = self.n // bs
         if "data" not in parts:

@@ -61,6 +61,15 @@ class EpochStats:
     (``SeedCNN.bn_channels()``), 0 where there is none.
     """
 
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, n_steps: int, bins: int, value_range: float,
+                  device: torch.device) -> EpochStats:
+        """Sized for ``model`` (a ``SeedCNN``): its parameters, where the GRAD_LAYERS weights sit
+        among them, and its BN layers' widths."""
+        params, weights = list(model.parameters()), model.weight_layers()
+        weight_idx = [next(i for i, p in enumerate(params) if p is weights[n].weight) for n in GRAD_LAYERS]
+        return cls(n_steps, len(params), weight_idx, bins, value_range, device, model.bn_channels())
+
     def __init__(self, n_steps: int, n_params: int, weight_idx: Sequence[int], bins: int,
                  value_range: float, device: torch.device, bn_channels: Sequence[int] = ()):
         self.n_taps = len(ACT_LAYERS) * len(SITES)

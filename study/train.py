@@ -24,7 +24,6 @@ from study.config import TrialConfig
 from study.data import DataArrays, augment_thetas, normalise, train_val_split
 from study.model import SeedCNN, build_model
 from study.probes import StepProber
-from study.results import GRAD_LAYERS
 from study.stats import EpochStats
 from study.step import GraphedTrainStep, TrainStep
 
@@ -171,8 +170,6 @@ def run_trial(
     model.set_noise_generator(gens["noise"])
     opt = build_optimizer(model, cfg, dev)
     prober = StepProber(cfg.probe_every, cfg.probe_etas, cfg.lr)  # Santurkar's probes (0: off)
-    params, weights = list(model.parameters()), model.weight_layers()
-    weight_idx = [next(i for i, p in enumerate(params) if p is weights[n].weight) for n in GRAD_LAYERS]
 
     first_epoch, history, status, elapsed = 1, [], "running", 0.0
     if resume_from is not None:
@@ -187,8 +184,7 @@ def run_trial(
     check_often = dev.type == "cpu"
     steps_per_epoch = math.ceil(n_train / bs)
     # the epoch's statistics live for the whole trial: a captured graph holds their addresses
-    stats = EpochStats(steps_per_epoch, len(params), weight_idx, cfg.hist_bins, cfg.hist_range, dev,
-                       model.bn_channels())
+    stats = EpochStats.for_model(model, steps_per_epoch, cfg.hist_bins, cfg.hist_range, dev)
     train_step = TrainStep(model, opt, d.train_x, d.train_y, stats)
     # the graphs draw only the noise (the data generator's order and augmentation are drawn
     # eagerly at each epoch's start), so only the noise generator is registered with them
