@@ -80,10 +80,9 @@ def test_a_trial_in_a_reused_worker_process_gives_the_numbers_of_one_in_a_new_pr
     pids = _trial_pids(out)
     assert len(pids) == 4 and len(set(pids.values())) < 4, pids  # some process ran two trials
     fresh = tmp_path / "fresh"
-    code = ("import sys\nfrom ray import tune\nconfig = tune.TuneConfig\n"
-            "tune.TuneConfig = lambda *a, **k: config(*a, **{**k, 'reuse_actors': False})\n"
-            "from study import sweep\nsys.exit(sweep.main(sys.argv[1:]))")
-    proc = subprocess.run([sys.executable, "-c", code, *TINY, "--out", str(fresh)], cwd=ROOT,
+    # study.sweep with Tune's reuse_actors off, as bench/ray_overhead.py times it
+    without_reuse = [sys.executable, str(ROOT / "bench" / "ray_overhead.py"), "--fresh"]
+    proc = subprocess.run([*without_reuse, *TINY, "--out", str(fresh)], cwd=ROOT,
                           env=sweep_env(), timeout=300, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert len(set(_trial_pids(fresh).values())) == 4  # one process per trial
