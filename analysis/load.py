@@ -435,7 +435,8 @@ def _note_not_started(config: dict, trials: pd.DataFrame, notices: list[str], pr
     planned = config.get("trial_ids")
     if not isinstance(planned, list):
         return
-    missing = [str(t) for t in planned if str(t) not in set(trials["trial_id"])]
+    started = set(trials["trial_id"].astype(str))
+    missing = [str(t) for t in planned if str(t) not in started]
     if missing:
         notices.append(
             f"{prefix}{len(missing)} of the study's {len(planned)} planned trials have not started: "
