@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from study.cli import Parser, python_interrupts, quiet_until_main
+from common.cli import Parser, python_interrupts, quiet_until_main
 
 if __name__ == "__main__":  # Ctrl-C while matplotlib and pandas load: one line, not a traceback
     quiet_until_main("python -m analysis.figures")

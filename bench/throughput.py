@@ -63,10 +63,11 @@ from study.data import (  # noqa: E402
     normalise,
     train_val_split,
 )
-from study.model import NOISY_VARIANTS, NORM_VARIANTS, build_model  # noqa: E402
+from study.model import build_model  # noqa: E402
 from study.stats import EpochStats  # noqa: E402
 from study.step import grads_to_none  # noqa: E402
 from study.train import DeviceData, build_optimizer, run_trial, trial_seeds  # noqa: E402
+from study.variants import NOISY_NORMS, NORMS  # noqa: E402
 
 GOAL_B_OVER_A = 0.90
 GOAL_B_OVER_C = 1.5
@@ -438,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--norm", default="batch", choices=sorted(NORM_VARIANTS),
+    ap.add_argument("--norm", default="batch", choices=sorted(NORMS),
                     help="the norm variant of every loop measured (a, b and c alike)")
     ap.add_argument("--noise", type=float, default=1.0, help="noise magnitude of noisy variants")
     ap.add_argument("--max-window-s", type=float, default=8.0, help="stop a step window after this "
@@ -451,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     threads = [int(t) for t in args.threads.split(",")]
     breakdown = {int(t) for t in args.breakdown_threads.split(",") if t.strip()}
-    noise = args.noise if args.norm in NOISY_VARIANTS else 0.0
+    noise = args.noise if args.norm in NOISY_NORMS else 0.0
     cfg = TrialConfig(norm=args.norm, noise=noise, batch_size=args.batch, epochs=1, grad_every=1)
     data = synthetic_with_train_size(args.steps * args.batch, cfg)
     n_train = n_train_images(len(data.train_y), cfg)

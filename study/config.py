@@ -7,7 +7,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from study.model import NOISY_VARIANTS, NORM_VARIANTS
+from study.results import NOISE_SCOPES, NOISY_NORMS, NORMS, trial_id
 
 
 class ConfigError(ValueError):
@@ -42,14 +42,14 @@ class TrialConfig:
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"{name}={getattr(self, name)!r}: {why}")
 
-        if self.norm not in NORM_VARIANTS:
-            raise bad("norm", f"unknown norm; known: {', '.join(NORM_VARIANTS)}")
+        if self.norm not in NORMS:
+            raise bad("norm", f"unknown norm; known: {', '.join(NORMS)}")
         if not (math.isfinite(self.noise) and self.noise >= 0):
             raise bad("noise", "must be a finite number >= 0")
-        if self.noise and self.norm not in NOISY_VARIANTS:
-            raise bad("noise", f"only {', '.join(sorted(NOISY_VARIANTS))} takes a noise magnitude")
-        if self.noise_scope not in ("channel", "layer"):
-            raise bad("noise_scope", "must be 'channel' or 'layer'")
+        if self.noise and self.norm not in NOISY_NORMS:
+            raise bad("noise", f"only {', '.join(sorted(NOISY_NORMS))} takes a noise magnitude")
+        if self.noise_scope not in NOISE_SCOPES:
+            raise bad("noise_scope", f"must be one of {', '.join(NOISE_SCOPES)}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise bad("lr", "must be a finite number > 0")
         if not (0 <= self.momentum < 1):
@@ -74,8 +74,7 @@ class TrialConfig:
     @property
     def trial_id(self) -> str:
         """A readable, unique key of the grid point: the results file name and Tune's trial name."""
-        noise = f"-noise{self.noise:g}" if self.norm in NOISY_VARIANTS else ""
-        return f"{self.norm}{noise}-lr{self.lr:g}-seed{self.seed}"
+        return trial_id(self.norm, self.noise, self.lr, self.seed)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

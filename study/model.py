@@ -123,14 +123,13 @@ class NoisyBatchNorm2d(BatchNorm2dWithStats):
         return f"{super().extra_repr()}, noise={self.noise}, scope={self.scope}"
 
 
-#: norm variant name -> factory(num_channels, noise, noise_scope) -> module (or None for no norm).
-NORM_VARIANTS: dict[str, Callable[[int, float, str], nn.Module | None]] = {
+#: norm variant name (``study.variants``) -> factory(num_channels, noise, noise_scope) -> module
+#: (or None for no norm).
+NORM_LAYERS: dict[str, Callable[[int, float, str], nn.Module | None]] = {
     "none": lambda c, noise, scope: None,
     "batch": lambda c, noise, scope: BatchNorm2dWithStats(c),
     "noisy_batch": lambda c, noise, scope: NoisyBatchNorm2d(c, noise, scope),
 }
-#: Variants whose output depends on the noise magnitude (the sweep only varies noise for these).
-NOISY_VARIANTS = frozenset({"noisy_batch"})
 
 
 class SeedCNN(nn.Module):
@@ -146,12 +145,12 @@ class SeedCNN(nn.Module):
 
     def __init__(self, norm: str = "batch", noise: float = 0.0, noise_scope: str = "channel"):
         super().__init__()
-        if norm not in NORM_VARIANTS:
-            raise ValueError(f"unknown norm {norm!r}; known: {', '.join(NORM_VARIANTS)}")
+        if norm not in NORM_LAYERS:
+            raise ValueError(f"unknown norm {norm!r}; known: {', '.join(NORM_LAYERS)}")
         widths = (3, 16, 32, 64)
         for i, name in enumerate(self.conv_layers):
             setattr(self, name, nn.Conv2d(widths[i], widths[i + 1], 3, padding=1))
-            setattr(self, f"norm{i + 1}", NORM_VARIANTS[norm](widths[i + 1], noise, noise_scope))
+            setattr(self, f"norm{i + 1}", NORM_LAYERS[norm](widths[i + 1], noise, noise_scope))
         self.dropout = nn.Dropout(0.25)
         self.fc1 = nn.Linear(64 * 4 * 4, 500)
         self.fc2 = nn.Linear(500, N_CLASSES)

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from study.cli import Parser, python_interrupts, quiet_until_main
+from common.cli import EXIT_USAGE, Parser, UsageError, python_interrupts, quiet_until_main
 
 if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line, not a traceback
     quiet_until_main("study.noise_eval")
@@ -33,9 +33,9 @@ import torch  # noqa: E402
 from study import results  # noqa: E402
 from study.config import TrialConfig  # noqa: E402
 from study.data import DataError, load_dataset  # noqa: E402
-from study.model import NOISY_VARIANTS, NoisyBatchNorm2d, SeedCNN, build_model, expected_scale  # noqa: E402
-from study.sweep import EXIT_USAGE, UsageError  # noqa: E402
+from study.model import NoisyBatchNorm2d, SeedCNN, build_model, expected_scale  # noqa: E402
 from study.train import STATE_FILE, evaluate, pick_device  # noqa: E402
+from study.variants import NOISY_NORMS  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("remote storage: copy the experiment folder here and pass its parent as --storage")
     storage = Path(args.storage) if args.storage else out / "tune"
     planned = record.get("trials")  # an older study.json lacks them: no check then
-    if planned is not None and not any(t.get("norm") in NOISY_VARIANTS for t in planned):
+    if planned is not None and not any(t.get("norm") in NOISY_NORMS for t in planned):
         raise UsageError(f"the study in {out} has no noisy-BN trials (its variants: "
                          f"{', '.join(sorted({t.get('norm', '?') for t in planned}))})")
     checkpoints = last_checkpoints(storage / name)
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     for trial, path in checkpoints.items():
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
-            noisy = state["config"]["norm"] in NOISY_VARIANTS
+            noisy = state["config"]["norm"] in NOISY_NORMS
         except Exception as e:  # noqa: BLE001 -- a damaged checkpoint: say so, go on with the rest
             print(f"study.noise_eval: skipping {path}: unreadable ({type(e).__name__}: {e})",
                   file=sys.stderr)

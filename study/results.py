@@ -32,6 +32,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+# The variant registry reaches the analysis through this module, the one door between the wings.
+from study.variants import NOISE_SCOPES, NOISY_NORMS, NORMS, VARIANTS, Variant  # noqa: F401
+
 SCHEMA_VERSION = 1
 VERSION_KEY = b"bnstudy.schema_version"
 TABLE_KEY = b"bnstudy.table"
@@ -137,6 +140,13 @@ TABLES: dict[str, pa.Schema] = {
         ]
     ),
 }
+
+
+def trial_id(norm: str, noise: float, lr: float, seed: int) -> str:
+    """A trial's readable, unique key in the grid: its results files' name and Tune's trial
+    name, e.g. ``noisy_batch-noise1-lr0.01-seed0`` (noise only for variants that take it)."""
+    noise_part = f"-noise{float(noise):g}" if norm in NOISY_NORMS else ""
+    return f"{norm}{noise_part}-lr{float(lr):g}-seed{int(seed)}"
 
 
 class SchemaVersionError(ValueError):

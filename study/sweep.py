@@ -28,18 +28,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from study.cli import Parser, python_interrupts, quiet_until_main
+from common.cli import EXIT_USAGE, Parser, UsageError, python_interrupts, quiet_until_main
 
 if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line, not a traceback
     quiet_until_main("study.sweep")
 
 from study.config import ConfigError, TrialConfig  # noqa: E402
 from study.data import split_sizes  # noqa: E402
-from study.model import NOISY_VARIANTS, NORM_VARIANTS  # noqa: E402
 from study.probes import DEFAULT_ETA_MULTIPLES  # noqa: E402
 from study.results import DamagedFileError, trial_finished, trial_gap  # noqa: E402
+from study.variants import NOISY_NORMS, NORMS  # noqa: E402
 
-EXIT_USAGE = 2
 #: Rough per-trial training speed (images/s) used by --dry-run's time estimate, batch 16: CPU,
 #: run_trial with 1 thread on a 2-core VM (bench/throughput.py, 1,822); GPU, one of 8 trials
 #: with CUDA graphs sharing an H200 without MPS (bench/gpu_check.sh: 32,797 / 8; under MPS
@@ -72,10 +71,6 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-class UsageError(Exception):
-    """A user's mistake: printed as one line, exit code 2."""
-
-
 #: The preset's lists that make the grid, and the trial fields that place a trial in it.
 GRID_KEYS = ("norms", "noises", "lrs", "seeds")
 TRIAL_GRID_KEYS = ("norm", "noise", "lr", "seed")
@@ -86,7 +81,7 @@ def build_grid(p: Preset, grad_every: int = 1, probe_every: int = 0,
     """norm × noise × lr × seed, with noise varied only for the variants it affects."""
     grid = []
     for norm in p.norms:
-        for noise in (p.noises if norm in NOISY_VARIANTS else (0.0,)):
+        for noise in (p.noises if norm in NOISY_NORMS else (0.0,)):
             for lr in p.lrs:
                 for seed in p.seeds:
                     grid.append(TrialConfig(
@@ -158,7 +153,7 @@ def make_parser() -> argparse.ArgumentParser:
                    "5e-2 × seeds 0-4, 10 epochs, cifar10; seed: the seed notebook's 3 runs × 3 "
                    "seeds; smoke: 6 short trials on a few thousand images (auto dataset)")
     g.add_argument("--norms", type=_list(str, "--norms"), default=None,
-                   help=f"norm variants, from {', '.join(NORM_VARIANTS)} (default: the preset's)")
+                   help=f"norm variants, from {', '.join(NORMS)} (default: the preset's)")
     g.add_argument("--noises", type=_list(float, "--noises"), default=None,
                    help="noise magnitudes (noisy variants only; 1 = Santurkar et al.; default: the "
                    "preset's)")
@@ -233,8 +228,8 @@ def preset_from_args(args: argparse.Namespace) -> Preset:
                  if getattr(args, k) is not None}
     p = replace(base, **overrides)
     for n in p.norms:
-        if n not in NORM_VARIANTS:
-            raise UsageError(f"--norms: unknown norm {n!r}; known: {', '.join(NORM_VARIANTS)}")
+        if n not in NORMS:
+            raise UsageError(f"--norms: unknown norm {n!r}; known: {', '.join(NORMS)}")
     for v in p.noises:
         if not (math.isfinite(v) and v >= 0):
             raise UsageError(f"--noises: noise magnitudes must be >= 0, got {v:g}")
@@ -331,7 +326,7 @@ def dry_run_text(name: str, p: Preset, grid: list[TrialConfig], resources: dict)
     hours = images / NOMINAL_IMAGES_PER_S[kind] / 3600
     lines = [f"study {name!r}: {len(grid)} trials on dataset {p.dataset}"]
     for c in grid:
-        noise = f" noise={c.noise:g} ({c.noise_scope})" if c.norm in NOISY_VARIANTS else ""
+        noise = f" noise={c.noise:g} ({c.noise_scope})" if c.norm in NOISY_NORMS else ""
         lines.append(f"  {c.trial_id:<34} norm={c.norm}{noise} lr={c.lr:g} seed={c.seed}")
     lines += [
         f"resources per trial: {resources}",
@@ -422,9 +417,9 @@ def init_ray(address: str):
 
 def run(args: argparse.Namespace) -> int:
     p = preset_from_args(args)
-    if args.noises is not None and not set(p.norms) & NOISY_VARIANTS:
+    if args.noises is not None and not set(p.norms) & NOISY_NORMS:
         print(f"note: --noises has no effect: none of --norms ({', '.join(p.norms)}) is noisy "
-              f"({', '.join(sorted(NOISY_VARIANTS))})", file=sys.stderr)
+              f"({', '.join(sorted(NOISY_NORMS))})", file=sys.stderr)
     if args.probe_etas and not args.probe_every:
         print("note: --probe-etas has no effect without --probe-every", file=sys.stderr)
     if args.cuda_graph and not args.gpus:
@@ -578,7 +573,7 @@ def grid_flags(preset: dict) -> str:
     def text(v) -> str:
         return f"{v:g}" if isinstance(v, float) else str(v)
     keys = ("norms", "noises", "lrs", "seeds")
-    if not set(preset.get("norms", ())) & NOISY_VARIANTS:
+    if not set(preset.get("norms", ())) & NOISY_NORMS:
         keys = ("norms", "lrs", "seeds")
     return " ".join(f"--{k} {','.join(text(v) for v in preset[k])}" for k in keys if preset.get(k))
 

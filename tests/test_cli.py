@@ -1,4 +1,4 @@
-"""What the command lines share (study.cli): Ctrl-C while a command is still importing its
+"""What the command lines share (common.cli): Ctrl-C while a command is still importing its
 libraries gives one line and exit status 130."""
 
 from __future__ import annotations

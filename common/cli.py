@@ -1,18 +1,7 @@
-"""What the command lines (study.sweep, study.noise_eval, analysis.figures) share: errors in
-one line, and Ctrl-C in one line from the start.
+"""What the command lines (study.sweep, study.noise_eval, analysis.figures) share: one-line
+errors, Ctrl-C in one line from the start, and short lists in messages.
 
-``Parser`` is argparse with one-line errors (``NAME: error: ...``, exit status 2, no usage
-dump) that takes a value starting like a negative number (``--lrs -1e-3,1e-2``, ``--lr -inf``)
-as the flag's value, as Python 3.13's argparse does for numbers (3.11 takes only ``-1`` and
-``-.5``, and the rest for unknown flags), so it gets the command's own refusal.
-
-Ctrl-C while a command is still importing (torch, Ray, matplotlib, pyarrow: seconds on a small
-machine) gives one line and exit status 130, as a Ctrl-C later does, not a traceback from
-deep inside an import: the command's module, run as a program, calls ``quiet_until_main``
-before its heavy imports; its ``main`` calls ``python_interrupts()`` first, which gives Ctrl-C
-back to Python's KeyboardInterrupt (that ``main`` catches itself).
-
-Imports no third-party library, so the analysis, which never imports torch, can use it too.
+Belongs to neither wing (training, analysis) and imports only the standard library.
 """
 
 from __future__ import annotations
@@ -21,11 +10,28 @@ import argparse
 import re
 import signal
 import sys
+from collections.abc import Sequence
+
+#: Exit status of a refused command line or input (argparse's).
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A user's mistake: the command prints the message in one line and exits with EXIT_USAGE."""
+
+
+def first_few(items: Sequence[object], limit: int = 3, sep: str = ", ") -> str:
+    """``a, b, c, and 4 more``: the first ``limit`` items, and how many were left out."""
+    items = [str(i) for i in items]
+    more = f"{sep}and {len(items) - limit} more" if len(items) > limit else ""
+    return sep.join(items[:limit]) + more
 
 
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors under the command's ``name``; negative numbers are values."""
 
+    # Python 3.11 takes only ``-1`` and ``-.5`` as values and the rest for unknown flags; 3.13
+    # takes any number, so ``--lrs -1e-3`` gets the command's own refusal, not argparse's.
     def __init__(self, *args, name: str, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.name = name
