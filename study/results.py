@@ -1,6 +1,6 @@
 """The Parquet results schema and writer: the one contract between training and analysis.
 
-Layout of a results folder (DESIGN §5)::
+Layout of a results folder (docs/design.md, "Results layout")::
 
     RESULTS/study.json                 the study's grid and settings (written by the sweep)
     RESULTS/<table>/<trial_id>.parquet one file per trial per table
@@ -40,7 +40,7 @@ VERSION_KEY = b"bnstudy.schema_version"
 TABLE_KEY = b"bnstudy.table"
 TMP_SUFFIX = ".tmp"
 
-#: Layers whose weight-gradient norm is recorded every step (the CNN of DESIGN §1).
+#: Layers whose weight-gradient norm is recorded every step (the CNN of docs/design.md, "The experiment").
 GRAD_LAYERS: tuple[str, ...] = ("conv1", "conv2", "conv3", "fc1", "fc2")
 #: Conv layers whose activations are recorded, and the two sites per layer.
 ACT_LAYERS: tuple[str, ...] = ("conv1", "conv2", "conv3")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,20 @@ VOLATILE = {"wall_s", "images_per_s", "host", "device", "error"}
 #: A tiny study: 2 variants × 2 seeds, 3 epochs of 160 images (about 20 s of Ray on 2 cores).
 TINY = ["--norms", "none,batch", "--seeds", "0,1", "--lrs", "0.02", "--epochs", "3",
         "--dataset", "synthetic", "--subset", "200", "--max-failures", "2"]
+
+
+# Nothing the suite does may depend on the shell that started it: a cluster named in the
+# environment or the Ray token mode of another session is not the one a test starts.
+for _name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_NAMESPACE"):
+    os.environ.pop(_name, None)
+os.environ["MPLBACKEND"] = "Agg"
+
+
+def as_from_a_terminal() -> None:
+    """``preexec_fn`` for a child that a test sends Ctrl-C: the default SIGINT a terminal
+    gives, even where the suite itself was started with it ignored (``make test &`` in a
+    script, ``nohup``), which every child would inherit otherwise."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(autouse=True)

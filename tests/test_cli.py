@@ -11,13 +11,15 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, as_from_a_terminal
 
 
-def interrupt_while_importing(module: str, library: str, **popen) -> subprocess.Popen:
-    """Start ``python -m module --help``; send Ctrl-C's signal once ``library`` is loading."""
+def interrupt_while_importing(module: str, library: str, preexec_fn=as_from_a_terminal
+                              ) -> subprocess.Popen:
+    """Start ``python -m module --help`` (as from a terminal unless ``preexec_fn`` says
+    otherwise); send Ctrl-C's signal once ``library`` is loading."""
     proc = subprocess.Popen([sys.executable, "-m", module, "--help"], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=preexec_fn)
     # the heavy imports come after the module installs its handler: once the library is in the
     # process's memory map, the import is under way (it takes a second or more after that)
     deadline = time.monotonic() + 60
