@@ -49,7 +49,7 @@ def make_studies() -> None:
         "--storage", str(storage))
     run("-m", "analysis.figures", str(WORK / "smoke"))
     run("-m", "study.sweep", "--preset", "smoke", "--dataset", "synthetic", "--seeds", "0",
-        "--probe-every", "25", "--out", str(WORK / "probes"), "--storage", str(storage))
+        "--probe-every", "25", "--name", "probes", "--out", str(WORK / "probes"), "--storage", str(storage))
     run("-m", "analysis.figures", str(WORK / "probes"))
     run("-c", "from analysis.synthetic import write_synthetic_study as w; import sys; "
         f"w(sys.argv[1], variants={SYNTHETIC_VARIANTS!r}, lrs=(1e-3, 1e-2, 5e-2), seeds=range(5), "
