@@ -3,11 +3,11 @@
   sweep  ``python -m study.sweep --preset smoke --dataset synthetic --out TMP`` (a local Ray,
          2 trials at a time on 2 CPUs, 1 torch thread each, Parquet results, a checkpoint
          per epoch; Tune reuses a finished trial's worker process for the next trial)
-  fresh  the same sweep with Tune's actor reuse off (``reuse_actors=False``, the sweep's
-         setting until 2026-11-27): every trial starts a new worker process
+  fresh  the same sweep with Tune's actor reuse off (``reuse_actors=False``): every trial
+         starts a new worker process
   plain  ``python bench/ray_overhead.py --plain``: the same process start, the same dataset
          (``load_dataset("synthetic", subset=3000)``), the same TrialConfigs
-         (``build_grid(PRESETS["smoke"])``), run by ``run_trial(threads=1)`` in a pool of 2
+         (``build_grid(PRESETS["smoke"])``), run by ``run_trial`` with 1 thread in a pool of 2
          worker processes (spawn), so 2 trials at a time as in the sweep; nothing written
 
 All are timed as whole commands (interpreter start to exit), alternated ABBA over the
@@ -42,10 +42,10 @@ CONCURRENCY = 2
 
 def _one_trial(cfg_dict: dict, data) -> tuple[str, str, float]:
     from study.config import TrialConfig
-    from study.train import run_trial
+    from study.train import RunOptions, run_trial
 
     cfg = TrialConfig.from_dict(cfg_dict)
-    out = run_trial(cfg, data, device="cpu", threads=1)
+    out = run_trial(cfg, data, options=RunOptions(device="cpu", threads=1))
     return cfg.trial_id, out["status"], out["wall_s"]
 
 
@@ -71,7 +71,7 @@ def plain(concurrency: int) -> int:
 
     sys.path.insert(0, str(ROOT))
     from study.data import load_dataset
-    from study.sweep import PRESETS, build_grid
+    from study.grid import PRESETS, build_grid
 
     p = PRESETS[PRESET]
     grid = build_grid(p)

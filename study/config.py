@@ -1,4 +1,8 @@
-"""One trial's configuration: a frozen, validated dataclass (DESIGN §1)."""
+"""One trial's configuration: a frozen, validated dataclass (docs/design.md, "The experiment").
+
+``TrialConfig`` is the one validator of a trial's settings; the sweep's command line builds
+TrialConfigs and names its own flag for the setting a ``ConfigError`` names.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,21 @@ from study.results import NOISE_SCOPES, NOISY_NORMS, NORMS, trial_id
 
 
 class ConfigError(ValueError):
-    """A bad configuration value; the message is meant for the user as is."""
+    """A bad configuration value; the message is meant for the user as is.
+
+    ``setting`` is the TrialConfig field at fault (None: not one field) and ``rule`` what is
+    wrong with it, so that a command line can name its own flag instead of the field."""
+
+    def __init__(self, rule: str, setting: str | None = None) -> None:
+        super().__init__(f"{setting}: {rule}" if setting else rule)
+        self.rule, self.setting = rule, setting
+
+
+def _shown(value: object) -> str:
+    """A number as a flag would give it (``1e-05``, ``-1``), anything else as Python writes it."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:g}"
+    return repr(value)
 
 
 @dataclass(frozen=True)
@@ -39,34 +57,39 @@ class TrialConfig:
     probe_etas: tuple[float, ...] = field(default=())
 
     def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"{name}={getattr(self, name)!r}: {why}")
+        def bad(name: str, rule: str) -> ConfigError:
+            return ConfigError(rule, setting=name)
 
         if self.norm not in NORMS:
-            raise bad("norm", f"unknown norm; known: {', '.join(NORMS)}")
+            raise bad("norm", f"unknown norm {self.norm!r}; known: {', '.join(NORMS)}")
         if not (math.isfinite(self.noise) and self.noise >= 0):
-            raise bad("noise", "must be a finite number >= 0")
+            raise bad("noise", f"noise magnitudes must be >= 0, got {_shown(self.noise)}")
         if self.noise and self.norm not in NOISY_NORMS:
-            raise bad("noise", f"only {', '.join(sorted(NOISY_NORMS))} takes a noise magnitude")
+            raise bad("noise", f"only {', '.join(sorted(NOISY_NORMS))} takes a noise magnitude, got "
+                      f"{_shown(self.noise)} for {self.norm}")
         if self.noise_scope not in NOISE_SCOPES:
-            raise bad("noise_scope", f"must be one of {', '.join(NOISE_SCOPES)}")
+            raise bad("noise_scope", f"must be one of {', '.join(NOISE_SCOPES)}, got {self.noise_scope!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise bad("lr", "must be a finite number > 0")
+            raise bad("lr", f"learning rates must be > 0, got {_shown(self.lr)}")
         if not (0 <= self.momentum < 1):
-            raise bad("momentum", "must be in [0, 1)")
+            raise bad("momentum", f"must be in [0, 1), got {_shown(self.momentum)}")
         for name in ("batch_size", "epochs", "grad_every", "hist_bins", "hist_every", "eval_batch_size"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
-                raise bad(name, "must be an integer >= 1")
-        if not (isinstance(self.seed, int) and self.seed >= 0):
-            raise bad("seed", "must be an integer >= 0")
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise bad(name, f"must be an integer >= 1, got {_shown(value)}")
+        if not isinstance(self.seed, int):
+            raise bad("seed", f"seeds must be integers, got {_shown(self.seed)}")
+        if self.seed < 0:
+            raise bad("seed", "seeds must be >= 0")
         if not (0 < self.val_fraction < 1):
-            raise bad("val_fraction", "must be in (0, 1)")
+            raise bad("val_fraction", f"must be in (0, 1), got {_shown(self.val_fraction)}")
         if not self.hist_range > 0:
-            raise bad("hist_range", "must be > 0")
+            raise bad("hist_range", f"must be > 0, got {_shown(self.hist_range)}")
         if not (isinstance(self.probe_every, int) and self.probe_every >= 0):
-            raise bad("probe_every", "must be an integer >= 0 (0 = off)")
+            raise bad("probe_every", f"must be an integer >= 0 (0 = off), got {_shown(self.probe_every)}")
         if any(not (math.isfinite(e) and e > 0) for e in self.probe_etas):
-            raise bad("probe_etas", "step sizes must be > 0")
+            etas = ", ".join(_shown(e) for e in self.probe_etas)
+            raise bad("probe_etas", f"step sizes must be > 0, got {etas}")
         object.__setattr__(self, "noise", float(self.noise))
         object.__setattr__(self, "lr", float(self.lr))
         object.__setattr__(self, "probe_etas", tuple(float(e) for e in self.probe_etas))

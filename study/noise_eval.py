@@ -23,7 +23,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from common.cli import EXIT_USAGE, Parser, UsageError, python_interrupts, quiet_until_main
+from common.cli import EXIT_USAGE, Parser, UsageError, first_few, python_interrupts, quiet_until_main
 
 if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line, not a traceback
     quiet_until_main("study.noise_eval")
@@ -91,8 +91,7 @@ def run(args: argparse.Namespace) -> int:
         other = sorted(set(checkpoints) - ids)
         if other:
             print(f"study.noise_eval: leaving out {len(other)} checkpointed trial(s) in "
-                  f"{storage / name} that the study does not have ({', '.join(other[:3])}"
-                  f"{', ...' if len(other) > 3 else ''})", file=sys.stderr)
+                  f"{storage / name} that the study does not have ({first_few(other)})", file=sys.stderr)
         checkpoints = {t: path for t, path in checkpoints.items() if t in ids}
     states = {}
     for trial, path in checkpoints.items():

@@ -12,7 +12,7 @@ from study import noise_eval
 from study.config import TrialConfig
 from study.data import load_dataset
 from study.model import NoisyBatchNorm2d, build_model, expected_scale
-from study.train import STATE_FILE, run_trial
+from study.train import STATE_FILE, RunOptions, run_trial
 
 
 def test_expected_scale_is_the_mean_of_the_drawn_scales():
@@ -57,7 +57,7 @@ def make_study(tmp_path, norms=("noisy_batch", "batch")):
             torch.save(state, folder / STATE_FILE)
             recorded[trial] = record["epoch"]["test_acc"]
 
-        run_trial(cfg, data, on_epoch=save, device="cpu")
+        run_trial(cfg, data, on_epoch=save, options=RunOptions(device="cpu"))
     (out / "study.json").write_text(json.dumps(
         {"name": "study", "preset": {"dataset": "synthetic", "subset": 300}}))
     return out, recorded

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from study import results, sweep
+from study import cluster, grid, plan, results, sweep
 from tests.conftest import ROOT, TINY, assert_tables_equal, read_tables, run_sweep, sweep_env
 
 EXPECTED_STEP_COLS = ["trial_id", "step", "epoch", "loss", "grad_norm"] + [
@@ -138,7 +138,7 @@ def test_packed_gpu_trials_without_mps_get_a_note(tmp_path, monkeypatch, capsys)
     pipes.mkdir()
     monkeypatch.setenv("PATH", str(bin_dir))
     monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(pipes))
-    assert sweep.mps_control_socket() == pipes / "control"
+    assert cluster.mps_control_socket() == pipes / "control"
     assert sweep.main(["--gpus", "1", "--dry-run"]) == 0
     err = capsys.readouterr().err
     assert "NVIDIA MPS is not running on this machine, so the 8 trials" in err
@@ -158,21 +158,21 @@ def test_changed_settings_are_what_changes_a_trial():
     """Only what changes some trial's config or the data counts: unused noise values do not."""
     from dataclasses import replace
 
-    base = replace(sweep.PRESETS["smoke"], norms=("none", "batch"))
+    base = replace(grid.PRESETS["smoke"], norms=("none", "batch"))
 
     def record(p):
-        return json.loads(json.dumps(sweep.study_record("s", p, sweep.build_grid(p), "synthetic", {})))
+        return json.loads(json.dumps(plan.study_record("s", p, grid.build_grid(p), "synthetic", {})))
 
     old = record(base)
-    assert sweep.changed_settings(old, record(replace(base, noises=(3.0,)))) == []
-    assert sweep.changed_settings(old, record(replace(base, epochs=5))) == ["epochs: 2 -> 5"]
-    assert sweep.changed_settings(old, record(replace(base, subset=100))) == ["subset: 3000 -> 100"]
-    assert sweep.changed_settings({"name": "s"}, record(base)) == []  # an older study.json
+    assert plan.changed_settings(old, record(replace(base, noises=(3.0,)))) == []
+    assert plan.changed_settings(old, record(replace(base, epochs=5))) == ["epochs: 2 -> 5"]
+    assert plan.changed_settings(old, record(replace(base, subset=100))) == ["subset: 3000 -> 100"]
+    assert plan.changed_settings({"name": "s"}, record(base)) == []  # an older study.json
     # --extend: added trials are compared on all but their grid point
     more = replace(base, seeds=(*base.seeds, 7), lrs=(*base.lrs, 0.5), norms=(*base.norms, "noisy_batch"))
-    assert sweep.changed_settings(old, record(more)) == []
-    assert sweep.changed_settings(old, record(replace(more, batch_size=8))) == ["batch_size: 16 -> 8"]
-    assert sweep.changed_settings(old, record(replace(more, noise_scope="layer"))) == [
+    assert plan.changed_settings(old, record(more)) == []
+    assert plan.changed_settings(old, record(replace(more, batch_size=8))) == ["batch_size: 16 -> 8"]
+    assert plan.changed_settings(old, record(replace(more, noise_scope="layer"))) == [
         "noise_scope: channel -> layer"]
 
 
@@ -409,11 +409,11 @@ def test_a_second_sweep_in_the_same_folder_is_refused_while_the_first_runs(tiny_
     lock (held here as a running sweep holds it) refuses the second, and ends with its holder."""
     out = _copy_study(tiny_reference[0], tmp_path / "results")
     (out / "trials" / "none-lr0.02-seed1.parquet").unlink()
-    with sweep.out_lock(out):
+    with plan.out_lock(out):
         assert sweep.main([*TINY, "--out", str(out), "--resume"]) == 2
         assert "another sweep is running in" in capsys.readouterr().err
     assert not (out / "trials" / "none-lr0.02-seed1.parquet").exists()
-    with sweep.out_lock(out):  # released: it can be taken again
+    with plan.out_lock(out):  # released: it can be taken again
         pass
 
 
