@@ -17,6 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common.cli import first_few
 from study import results
 
 #: The tables a study may hold; ``probes`` is optional, the others may be empty while running.
@@ -101,7 +102,7 @@ def _only_planned(
         ids = sorted({p.stem for p in other})
         notices.append(
             f"{prefix}{len(other)} file(s) of {len(ids)} trial(s) not in study.json's trial_ids were "
-            f"left out: {', '.join(ids[:3])}{f', and {len(ids) - 3} more' if len(ids) > 3 else ''}"
+            f"left out: {first_few(ids)}"
         )
     if files["trials"] and not kept["trials"]:
         raise ResultsError(

@@ -20,6 +20,7 @@ from analysis.folder import ResultsError, read_folder, read_table, to_pandas
 from analysis.labels import variant_label, variant_sort_key
 from analysis.notices import note_incomplete, note_not_started
 from analysis.parts import check_distinct, check_parts
+from common.cli import first_few
 from study import results
 
 #: Trial columns copied onto every row of the per-trial tables.
@@ -170,7 +171,7 @@ def _attach(df: pd.DataFrame, trials: pd.DataFrame, table: str, notices: list[st
         missing = sorted(set(df["trial_id"][orphan].astype(str)))
         notices.append(
             f"{table}: {int(orphan.sum())} rows of {len(missing)} trial(s) without a trials row "
-            f"were ignored ({', '.join(missing[:5])}{', …' if len(missing) > 5 else ''})"
+            f"were ignored ({first_few(missing, 5)})"
         )
         df = df[~orphan]
         row_pos = row_pos[~orphan]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from common.cli import first_few
+
 
 def note_not_started(config: dict, trials: pd.DataFrame, notices: list[str], prefix: str = "") -> None:
     """Trials the sweep planned (study.json ``trial_ids``) that have no trials row yet."""
@@ -17,8 +19,7 @@ def note_not_started(config: dict, trials: pd.DataFrame, notices: list[str], pre
     if missing:
         notices.append(
             f"{prefix}{len(missing)} of the study's {len(planned)} planned trials have not started: "
-            + ", ".join(missing[:6])
-            + (f", and {len(missing) - 6} more" if len(missing) > 6 else "")
+            + first_few(missing, 6)
         )
 
 
@@ -34,7 +35,7 @@ def note_incomplete(trials: pd.DataFrame, epochs: pd.DataFrame, notices: list[st
             f"{tid} ({h}/{w} epochs{extra})"
             for tid, h, w in zip(trials["trial_id"][mask], have[mask], want[mask], strict=True)
         ]
-        return ", ".join(items[:6]) + (f", and {len(items) - 6} more" if len(items) > 6 else "")
+        return first_few(items, 6)
 
     status = trials["status"].to_numpy()
     running = status == "running"
@@ -58,8 +59,7 @@ def note_incomplete(trials: pd.DataFrame, epochs: pd.DataFrame, notices: list[st
         ]
         notices.append(
             f"{len(errors)} trial(s) failed with an error and are left out: "
-            + "; ".join(msgs[:5])
-            + (f"; and {len(msgs) - 5} more" if len(msgs) > 5 else "")
+            + first_few(msgs, 5, sep="; ")
         )
     diverged = int((status == "diverged").sum())
     if diverged:
