@@ -32,8 +32,9 @@ from analysis import (
     style,
     tables,
 )
-from analysis.synthetic import trial_id, write_synthetic_study
+from analysis.synthetic import write_synthetic_study
 from study import results
+from study.results import trial_id
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = (
@@ -554,7 +555,7 @@ def parts_by_seed(folder: Path, dest: Path, seed_sets: list[set[int]]) -> list[P
     for i, seeds in enumerate(seed_sets):
         part = dest / f"part{i}"
         ids = [f.stem for f in sorted((folder / "trials").glob("*.parquet"))
-               if int(f.stem.rsplit("_s", 1)[1]) in seeds]
+               if pq.read_table(f, columns=["seed"])["seed"][0].as_py() in seeds]
         for table in results.TABLES:
             (part / table).mkdir(parents=True)
             for tid in ids:

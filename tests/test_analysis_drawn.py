@@ -21,8 +21,9 @@ import pytest  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from analysis import layout, load, plots_activations, plots_training, report, series, style  # noqa: E402
-from analysis.synthetic import trial_id, write_synthetic_study  # noqa: E402
+from analysis.synthetic import write_synthetic_study  # noqa: E402
 from study import results  # noqa: E402
+from study.results import trial_id  # noqa: E402
 
 LR = 0.01  # not the study's smallest, so that drawing at the wrong lr shows
 LEVEL = 0.9  # not the default 0.95, so that an ignored --level shows
