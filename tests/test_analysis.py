@@ -719,7 +719,7 @@ def test_unknown_schema_version_is_refused(tmp_path):
 
 
 def test_a_foreign_parquet_file_is_refused_and_named(tmp_path):
-    """A Parquet file that is not ours (no trial_id column) once crashed with a KeyError."""
+    """A Parquet file that is not ours (no trial_id column) is refused in one line naming it."""
     folder = tmp_path / "foreign"
     write_synthetic_study(
         folder, variants=(("batch", 0.0),), lrs=(0.001,), seeds=(0,), epochs=1, steps_per_epoch=10
@@ -794,7 +794,8 @@ def test_study_json_is_optional_and_shown(study, tmp_path):
 
 @pytest.mark.parametrize("lo,hi", [(0.5, 2.0), (0.1, 50.0), (1e-4, 10.0), (1e-3, float("inf"))])
 def test_log_axes_draw_over_any_range(lo, hi):
-    """A variance axis spanning many decades (a diverging trial) once broke the demo's figures."""
+    """A log axis over any range, up to many decades (a diverging trial's variance) or an
+    infinite top, draws with plain positive tick labels."""
     import matplotlib
 
     matplotlib.use("Agg")
