@@ -13,7 +13,8 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import bands
-from analysis.load import Study, format_number
+from analysis.labels import format_number
+from analysis.load import Study
 
 FORMATS: tuple[str, ...] = ("png", "pdf")
 NO_NOTICES = "none: every figure was drawn from complete runs."

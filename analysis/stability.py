@@ -1,8 +1,9 @@
 """Gradient stability of each run, in numbers: how much the global gradient norm moves once
-training is under way (DESIGN §0: "gradient magnitudes stay stable with BN and noisy BN, and
-swing without BN"). Figure 3 shows the curves; these are the quantities to compare across
-variants, per run, over its recorded steps after the first ``skip_epochs`` epochs (the
-early climb or fall of the norm is its level settling, not its stability).
+training is under way (docs/design.md, "The experiment": "gradient magnitudes stay stable
+with BN and noisy BN, and swing without BN"). Figure 3 shows the curves; these are the
+quantities to compare across variants, per run, over its recorded steps after the first
+``skip_epochs`` epochs (the early climb or fall of the norm is its level settling, not its
+stability).
 """
 
 from __future__ import annotations

@@ -14,19 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
+from analysis.roles import BASELINE_NORM
 from study import results
 
-DEFAULT_VARIANTS: tuple[tuple[str, float], ...] = (
-    ("none", 0.0),
-    ("batch", 0.0),
-    ("noisy_batch", 0.5),
-    ("noisy_batch", 1.0),
+#: Every registered variant: those without noise at 0, those with it at 0.5 and 1.
+DEFAULT_VARIANTS: tuple[tuple[str, float], ...] = tuple(
+    (norm, noise)
+    for norm in results.NORMS
+    for noise in ((0.5, 1.0) if norm in results.NOISY_NORMS else (0.0,))
 )
-
-
-def trial_id(norm: str, noise: float, lr: float, seed: int) -> str:
-    """The trial id used by the synthetic study (stable, readable)."""
-    return f"{norm}_n{noise:g}_lr{lr:g}_s{seed}"
 
 
 def write_synthetic_study(
@@ -59,7 +55,7 @@ def write_synthetic_study(
     for v_index, (norm, noise) in enumerate(variants):
         for lr in lrs:
             for seed in seeds:
-                tid = trial_id(norm, noise, lr, seed)
+                tid = results.trial_id(norm, noise, lr, seed)
                 status, n_epochs = outcome.get(tid, ("done", epochs))
                 rows.append(
                     _write_trial(
@@ -119,7 +115,7 @@ def _write_trial(
     per_epoch: bool,
     dataset: str,
 ) -> dict:
-    has_bn = norm != "none"
+    has_bn = norm != BASELINE_NORM  # the made-up data of every other variant are normalised
     lr_effect = float(np.log10(lr / 1e-3))
     epoch_rows, layer_rows, step_cols, probe_rows = [], [], [], []
     for epoch in range(1, n_epochs + 1):
@@ -150,7 +146,7 @@ def _write_trial(
             drift = 0.15 * epoch * k
             conv_mean = drift * (1 if k % 2 else -1) + rng.normal(0, 0.05)
             conv_var = (1.0 + 0.4 * epoch * k) * np.exp(rng.normal(0, 0.05))
-            if norm == "none":
+            if not has_bn:
                 pre_mean, pre_var = conv_mean, conv_var
             else:
                 pre_mean = rng.normal(0, 0.02 + 0.25 * noise)
@@ -174,13 +170,13 @@ def _write_trial(
                     )
                 )
         steps = np.arange((epoch - 1) * steps_per_epoch, epoch * steps_per_epoch)
-        level = (3.0 if norm == "none" else 1.0) * (1 + 0.2 * noise) * (lr / 1e-3) ** 0.3
+        level = (1.0 if has_bn else 3.0) * (1 + 0.2 * noise) * (lr / 1e-3) ** 0.3
         cols: dict[str, np.ndarray] = {
             "step": steps,
             "epoch": np.full(len(steps), epoch),
             "loss": (2.0 - 0.1 * epoch + rng.normal(0, 0.1, len(steps))).astype(np.float32),
         }
-        swing = 1.0 + (0.5 * np.sin(steps / (3.0 * steps_per_epoch)) if norm == "none" else 0.0)
+        swing = 1.0 + (0.0 if has_bn else 0.5 * np.sin(steps / (3.0 * steps_per_epoch)))
         for name in results.GRAD_LAYERS:
             cols[f"grad_norm_{name}"] = (
                 level * swing * np.exp(rng.normal(0, 0.3, len(steps))) / 2
@@ -195,7 +191,7 @@ def _write_trial(
         if probe_every:
             for step in steps[steps % probe_every == 0]:
                 lmin = 1.5 - 0.001 * step + rng.normal(0, 0.02)
-                spread = (0.6 if norm == "none" else 0.2) * np.exp(rng.normal(0, 0.2))
+                spread = (0.2 if has_bn else 0.6) * np.exp(rng.normal(0, 0.2))
                 for layer in results.PROBE_LAYERS:
                     probe_rows.append(
                         dict(

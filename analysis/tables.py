@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 
 from analysis import bands
-from analysis.load import Study, format_number, percent_scale
+from analysis.labels import format_number, percent_scale
+from analysis.load import Study
 from analysis.report import Options, Report, Skip
 from analysis.stability import STABILITY_METRICS, gradient_stability
 from study import results

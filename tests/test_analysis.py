@@ -18,9 +18,23 @@ import pyarrow.parquet as pq
 import pytest
 from scipy import stats
 
-from analysis import figures, load, report, tables
-from analysis.synthetic import trial_id, write_synthetic_study
+from analysis import (
+    figures,
+    labels,
+    layout,
+    load,
+    panel,
+    plots_activations,
+    plots_probes,
+    plots_training,
+    report,
+    series,
+    style,
+    tables,
+)
+from analysis.synthetic import write_synthetic_study
 from study import results
+from study.results import trial_id
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = (
@@ -141,11 +155,11 @@ def test_files_of_trials_study_json_does_not_list_are_left_out(tmp_path):
 
 
 def test_variant_labels():
-    assert load.variant_label("none", 0.0) == "no BN"
-    assert load.variant_label("batch", 0.0) == "BN"
-    assert load.variant_label("noisy_batch", 1.0) == "noisy BN (noise 1)"
-    assert load.variant_label("noisy_batch", 0.5) == "noisy BN (noise 0.5)"
-    assert load.variant_label("group", 0.0) == "group"
+    assert labels.variant_label("none", 0.0) == "no BN"
+    assert labels.variant_label("batch", 0.0) == "BN"
+    assert labels.variant_label("noisy_batch", 1.0) == "noisy BN (noise 1)"
+    assert labels.variant_label("noisy_batch", 0.5) == "noisy BN (noise 0.5)"
+    assert labels.variant_label("group", 0.0) == "group"
 
 
 # --------------------------------------------------------------------------- figures
@@ -186,7 +200,7 @@ def test_accuracy_table_equals_hand_computation(study):
     table = pd.read_csv(study["folder"] / "figures" / "accuracy_table.csv")
     rows = pd.DataFrame(study["rows"])
     rows["variant"] = [
-        load.variant_label(n, z) for n, z in zip(rows["norm"], rows["noise"], strict=True)
+        labels.variant_label(n, z) for n, z in zip(rows["norm"], rows["noise"], strict=True)
     ]
     assert len(table) == 8
     for r in table.itertuples():
@@ -219,7 +233,7 @@ def test_gradient_stability_table_equals_hand_computation(study):
     table = pd.read_csv(study["folder"] / "figures" / "gradient_stability.csv")
     steps = pd.concat(pd.read_parquet(f) for f in sorted((study["folder"] / "steps").glob("*.parquet")))
     rows = pd.DataFrame(study["rows"])
-    rows["variant"] = [load.variant_label(n, z) for n, z in zip(rows["norm"], rows["noise"], strict=True)]
+    rows["variant"] = [labels.variant_label(n, z) for n, z in zip(rows["norm"], rows["noise"], strict=True)]
     per_run = {}
     runs_csv = pd.read_csv(study["folder"] / "figures" / "gradient_stability_runs.csv").set_index("trial_id")
     for tid, run in steps[steps["epoch"] >= 2].groupby("trial_id"):
@@ -294,7 +308,7 @@ def test_noise_levels_go_from_light_to_dark():
         variant=["BN", "n4", "n0.5", "n2", "n1", "no BN"],
         norm=["batch", "noisy_batch", "noisy_batch", "noisy_batch", "noisy_batch", "none"],
         noise=[0.0, 4.0, 0.5, 2.0, 1.0, 0.0]))
-    styles = figures.variant_styles(trials)
+    styles = style.variant_styles(trials)
 
     def luminance(color) -> float:
         lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in mcolors.to_rgb(color)]
@@ -302,10 +316,10 @@ def test_noise_levels_go_from_light_to_dark():
 
     lum = [luminance(styles[v].color) for v in ("n0.5", "n1", "n2", "n4")]
     assert all(a > b for a, b in zip(lum, lum[1:], strict=False)), lum
-    assert mcolors.to_hex(styles["BN"].color) == figures.NORM_COLORS["batch"].lower()
-    assert mcolors.to_hex(styles["no BN"].color) == figures.NORM_COLORS["none"].lower()
-    one = figures.variant_styles(trials[trials["variant"].isin(["BN", "n1"])])
-    assert mcolors.to_hex(one["n1"].color) == figures.NORM_COLORS["noisy_batch"].lower()
+    assert mcolors.to_hex(styles["BN"].color) == results.VARIANTS["batch"].color.lower()
+    assert mcolors.to_hex(styles["no BN"].color) == results.VARIANTS["none"].color.lower()
+    one = style.variant_styles(trials[trials["variant"].isin(["BN", "n1"])])
+    assert mcolors.to_hex(one["n1"].color) == results.VARIANTS["noisy_batch"].color.lower()
 
 
 def test_one_epoch_gets_an_error_bar_and_one_whole_tick(tmp_path):
@@ -316,13 +330,13 @@ def test_one_epoch_gets_an_error_bar_and_one_whole_tick(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = figures.variant_styles(pd.DataFrame(
+    styles = style.variant_styles(pd.DataFrame(
         dict(variant=["BN", "no BN"], norm=["batch", "none"], noise=[0.0, 0.0])))
     est = pd.DataFrame(dict(variant=["BN", "no BN"], epoch=[1, 1], mean=[0.5, 0.2],
                             lo=[0.4, 0.2], hi=[0.7, 0.2], n=[3, 1]))
     fig, ax = plt.subplots()
-    figures._draw(ax, est, styles, "epoch", markers=True)
-    figures._integer_ticks(ax)
+    panel.draw_bands(ax, est, styles, "epoch", markers=True)
+    panel.integer_ticks(ax)
     bars = [c for c in ax.containers if isinstance(c, matplotlib.container.ErrorbarContainer)]
     assert len(bars) == 1  # BN's; no BN has n = 1, so no interval
     (segment,) = bars[0].lines[2][0].get_segments()
@@ -341,7 +355,8 @@ def test_histogram_caption_says_which_batches_were_counted(study):
 
     def words(*every):
         configs = [json.dumps({"hist_every": k}) if k else json.dumps({}) for k in every]
-        return figures._histogram_batches(SimpleNamespace(trials=pd.DataFrame({"config_json": configs})))
+        trials = pd.DataFrame({"config_json": configs})
+        return plots_activations._histogram_batches(SimpleNamespace(trials=trials))
 
     assert words(50, 50) == "every 50th training batch (hist_every)"
     assert words(1) == "every training batch"
@@ -365,10 +380,10 @@ def test_a_missing_epochs_table_is_named_in_the_skip_notice(study, tmp_path):
 def test_diverged_marks_sit_below_every_accuracy_drawn(study, tmp_path, monkeypatch):
     """A diverged run's cross goes in a strip under the data, never among the points."""
     drawn = {}
-    monkeypatch.setattr(figures, "_finish", lambda fig, name, *a, **k: drawn.setdefault(name, fig))
+    monkeypatch.setattr(layout.Sheet, "save", lambda sheet, name, *a, **k: drawn.setdefault(name, sheet.fig))
     loaded = load.load_study(study["folder"])
     opts = report.Options(results=study["folder"], out=tmp_path, lr=loaded.lrs[0])
-    figures.fig_lr_sensitivity(loaded, opts, figures.variant_styles(loaded.trials), report.Report())
+    plots_training.fig_lr_sensitivity(loaded, opts, style.variant_styles(loaded.trials), report.Report())
     def screen_y(artist, xy):  # height on the figure, whatever coordinates the artist uses
         return artist.get_transform().transform(np.asarray(xy, dtype=float))[:, 1]
 
@@ -400,13 +415,13 @@ def test_probe_figures_draw_each_layer_and_step_mean_over_seeds(study, tmp_path,
     layer's values; the landscape lines are the per-step means of a per-model value (stored on
     every layer's row), not their sum. Reference: the loaded probes table, grouped in pandas."""
     drawn = {}
-    monkeypatch.setattr(figures, "_finish", lambda fig, name, *a, **k: drawn.setdefault(name, fig))
+    monkeypatch.setattr(layout.Sheet, "save", lambda sheet, name, *a, **k: drawn.setdefault(name, sheet.fig))
     loaded = load.load_study(study["folder"])
     lr = min(loaded.lrs)
     opts = report.Options(results=study["folder"], out=tmp_path, lr=lr)
-    styles = figures.variant_styles(loaded.trials)
-    figures.fig_probes_ics(loaded, opts, styles, report.Report())
-    figures.fig_probes_landscape(loaded, opts, styles, report.Report())
+    styles = style.variant_styles(loaded.trials)
+    plots_probes.fig_probes_ics(loaded, opts, styles, report.Report())
+    plots_probes.fig_probes_landscape(loaded, opts, styles, report.Report())
     probes = loaded.probes[np.isclose(loaded.probes["lr"], lr)
                            & loaded.probes["status"].isin(["done", "running"])]
 
@@ -467,7 +482,7 @@ def test_moving_average_matches_pandas_rolling():
     frame.loc[3, "v"] = np.nan
     start = frame.groupby("g").cumcount().to_numpy()
     group_start = np.arange(len(frame)) - start
-    got = figures.moving_average(frame["v"].to_numpy(), group_start, np.full(len(frame), 4))
+    got = series.moving_average(frame["v"].to_numpy(), group_start, np.full(len(frame), 4))
     ref = frame.groupby("g")["v"].transform(lambda s: s.rolling(4, min_periods=1).mean())
     np.testing.assert_allclose(got, ref.to_numpy(), rtol=1e-12)
 
@@ -482,7 +497,7 @@ def test_step_smoothing_spans_the_same_steps_whatever_grad_every():
         "status": "done", "step": np.r_[np.arange(64), np.arange(0, 64, 4)],
         "grad_norm": rng.normal(size=80)})
     every = pd.Series({"every1": 1, "every4": 4})
-    got = figures.smoothed_step_curves(steps, ["grad_norm"], 8, every, max_points=1000)
+    got = series.smoothed_step_curves(steps, ["grad_norm"], 8, every, max_points=1000)
     for tid, rows in (("every1", 8), ("every4", 2)):
         mine = steps[steps["trial_id"] == tid]
         ref = mine["grad_norm"].rolling(rows, min_periods=1).mean().to_numpy()
@@ -495,11 +510,11 @@ def test_running_trials_are_drawn_and_the_default_lr_is_the_smallest(study):
     """A running trial's epochs so far are in the curves (they end early); with no --lr the
     single-lr figures use the study's smallest learning rate."""
     loaded = load.load_study(study["folder"])
-    ok = figures._ok(loaded.epochs)
+    ok = series.drawable(loaded.epochs)
     assert RUNNING in set(ok["trial_id"].astype(str))
     assert DIVERGED not in set(ok["trial_id"].astype(str))
     index = (study["folder"] / "figures" / "index.md").read_text()
-    assert f"Learning rate {load.format_number(min(loaded.lrs))} (the smallest in the study" in index
+    assert f"Learning rate {labels.format_number(min(loaded.lrs))} (the smallest in the study" in index
 
 
 def test_histogram_densities_integrate_to_one_on_mixed_bins():
@@ -510,7 +525,7 @@ def test_histogram_densities_integrate_to_one_on_mixed_bins():
             "hist": [[0, 5, 10, 5], [1, 2, 3, 4, 5, 6, 7, 8]],
         }
     )
-    edges, dens = figures.histogram_densities(layers)
+    edges, dens = series.histogram_densities(layers)
     assert edges[0] == -8 and edges[-1] == 8
     np.testing.assert_allclose((dens * np.diff(edges)).sum(axis=1), 1.0)
     # by hand: the second row's inner bins [-3, -2] ... [2, 3] fall into the common bins of
@@ -540,7 +555,7 @@ def parts_by_seed(folder: Path, dest: Path, seed_sets: list[set[int]]) -> list[P
     for i, seeds in enumerate(seed_sets):
         part = dest / f"part{i}"
         ids = [f.stem for f in sorted((folder / "trials").glob("*.parquet"))
-               if int(f.stem.rsplit("_s", 1)[1]) in seeds]
+               if pq.read_table(f, columns=["seed"])["seed"][0].as_py() in seeds]
         for table in results.TABLES:
             (part / table).mkdir(parents=True)
             for tid in ids:
@@ -704,7 +719,7 @@ def test_unknown_schema_version_is_refused(tmp_path):
 
 
 def test_a_foreign_parquet_file_is_refused_and_named(tmp_path):
-    """A Parquet file that is not ours (no trial_id column) once crashed with a KeyError."""
+    """A Parquet file that is not ours (no trial_id column) is refused in one line naming it."""
     folder = tmp_path / "foreign"
     write_synthetic_study(
         folder, variants=(("batch", 0.0),), lrs=(0.001,), seeds=(0,), epochs=1, steps_per_epoch=10
@@ -720,7 +735,8 @@ def test_ctrl_c_gives_one_line_exit_130_and_keeps_what_was_written(study, tmp_pa
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(figures, "fig_noisy_bn", interrupted)
+    monkeypatch.setattr(figures, "FIGURES", tuple(
+        (name, interrupted if name == "fig2_noisy_bn" else draw) for name, draw in figures.FIGURES))
     out = tmp_path / "figs"
     try:
         code, _, err = run_main([str(study["folder"]), "--out", str(out)])
@@ -778,17 +794,18 @@ def test_study_json_is_optional_and_shown(study, tmp_path):
 
 @pytest.mark.parametrize("lo,hi", [(0.5, 2.0), (0.1, 50.0), (1e-4, 10.0), (1e-3, float("inf"))])
 def test_log_axes_draw_over_any_range(lo, hi):
-    """A variance axis spanning many decades (a diverging trial) once broke the demo's figures."""
+    """A log axis over any range, up to many decades (a diverging trial's variance) or an
+    infinite top, draws with plain positive tick labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from analysis.figures import _plain_log
+    from analysis.panel import plain_log
 
     fig, ax = plt.subplots()
     ax.plot([0, 1], [lo, hi if np.isfinite(hi) else 1e6])
-    _plain_log(ax, lo, hi)
+    plain_log(ax, lo, hi)
     fig.canvas.draw()
     labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
     assert labels and all(float(x) > 0 for x in labels)

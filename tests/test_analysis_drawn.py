@@ -20,9 +20,10 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from analysis import figures, load, report  # noqa: E402
-from analysis.synthetic import trial_id, write_synthetic_study  # noqa: E402
+from analysis import layout, load, plots_activations, plots_training, report, series, style  # noqa: E402
+from analysis.synthetic import write_synthetic_study  # noqa: E402
 from study import results  # noqa: E402
+from study.results import trial_id  # noqa: E402
 
 LR = 0.01  # not the study's smallest, so that drawing at the wrong lr shows
 LEVEL = 0.9  # not the default 0.95, so that an ignored --level shows
@@ -49,12 +50,12 @@ def drawn(tmp_path_factory):
     opts = report.Options(
         results=folder, out=folder, lr=LR, lr_is_default=False, level=LEVEL, smooth=SMOOTH
     )
-    styles = figures.variant_styles(study.trials)
+    styles = style.variant_styles(study.trials)
     figs: dict = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(figures, "_finish", lambda fig, name, *a, **k: figs.setdefault(name, fig))
-        for draw in (figures.fig_activations, figures.fig_noisy_bn, figures.fig_gradients,
-                     figures.fig_histograms):
+        mp.setattr(layout.Sheet, "save", lambda sheet, name, *a, **k: figs.setdefault(name, sheet.fig))
+        for draw in (plots_activations.fig_activations, plots_activations.fig_noisy_bn,
+                     plots_training.fig_gradients, plots_activations.fig_histograms):
             draw(study, opts, styles, report.Report())
     yield study, figs
     for fig in figs.values():
@@ -216,7 +217,7 @@ def smoothed_bins(steps: pd.DataFrame, column: str) -> pd.DataFrame:
     step = steps["step"].to_numpy()
     lo, hi = step.min(), step.max()
     unique = np.unique(step)
-    nbins = min(figures.MAX_POINTS, len(unique))
+    nbins = min(series.MAX_POINTS, len(unique))
 
     def bin_of(s: np.ndarray) -> np.ndarray:
         return np.minimum((s - lo) * nbins // (hi - lo + 1), nbins - 1)
@@ -245,7 +246,7 @@ def test_fig3_panels_are_smoothed_binned_gradient_norms_with_t_band_over_seeds(d
         assert ax.get_title() == f"Gradient ℓ2 norm: {name}"
         assert ax.get_yscale() == "log"
         binned = smoothed_bins(steps, column)
-        assert binned["bin"].nunique() == figures.MAX_POINTS < steps["step"].nunique()
+        assert binned["bin"].nunique() == series.MAX_POINTS < steps["step"].nunique()
         assert_panel(ax, log_floor(t_bands(binned, "x", "value")))
 
 

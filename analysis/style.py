@@ -1,0 +1,83 @@
+"""How each variant is drawn, the same in every figure: colour, line style, marker and label.
+
+Colours and markers come from the variant registry (``study.results.VARIANTS``); a norm the
+registry does not know gets one of ``EXTRA_COLORS`` and ``EXTRA_MARKER``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import matplotlib.colors as mcolors
+import numpy as np
+import pandas as pd
+from matplotlib.lines import Line2D
+
+from study import results
+
+#: Okabe–Ito colours (colour-blind safe) for norms the registry does not know, in name order.
+EXTRA_COLORS = ("#E69F00", "#56B4E9", "#CC79A7", "#F0E442", "#000000")
+#: The marker of a norm the registry does not know.
+EXTRA_MARKER = "D"
+#: Line styles per noise magnitude among the noisy variants (smallest noise first).
+NOISE_LINESTYLES = ("--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1)), (0, (8, 2)), "-")
+
+
+@dataclass(frozen=True)
+class VariantStyle:
+    """How one variant is drawn, identical in every figure."""
+
+    color: str | tuple[float, float, float]
+    linestyle: str | tuple
+    marker: str
+    label: str
+
+
+def shade(color: str, t: float) -> tuple[float, float, float]:
+    """``color`` lightened towards white (t < 0) or darkened towards black (t > 0) by |t|."""
+    rgb = np.array(mcolors.to_rgb(color))
+    target = np.ones(3) if t < 0 else np.zeros(3)
+    return tuple(float(c) for c in rgb + abs(t) * (target - rgb))
+
+
+def variant_styles(trials: pd.DataFrame) -> dict[str, VariantStyle]:
+    """One colour per norm and one line style per noise magnitude, fixed for the whole study;
+    a norm with several noise magnitudes also goes from light to dark as the noise grows, so
+    that a dose-response reads at a glance."""
+    pairs = trials[["variant", "norm", "noise"]].drop_duplicates("variant")
+    other_norms = sorted(set(pairs["norm"]) - set(results.VARIANTS))
+    styles = {}
+    for variant, norm, noise in pairs.itertuples(index=False):
+        known = results.VARIANTS.get(norm)
+        if known is not None:
+            color = known.color
+        else:
+            color = EXTRA_COLORS[other_norms.index(norm) % len(EXTRA_COLORS)]
+        noises = sorted(pairs.loc[pairs["norm"] == norm, "noise"].unique())
+        if len(noises) > 1:
+            color = shade(color, -0.45 + 0.9 * noises.index(noise) / (len(noises) - 1))
+        # A variant that takes noise: dashed family by noise; others: solid, then dashed.
+        takes_noise = known is not None and known.takes_noise
+        rank = noises.index(noise) + (0 if takes_noise else -1)
+        linestyle = "-" if rank < 0 else NOISE_LINESTYLES[min(rank, len(NOISE_LINESTYLES) - 1)]
+        marker = known.marker if known is not None else EXTRA_MARKER
+        styles[str(variant)] = VariantStyle(color, linestyle, marker, str(variant))
+    return styles
+
+
+def legend_handles(styles: dict[str, VariantStyle], variants: Sequence[str], markers: bool) -> list:
+    """One legend entry per variant, drawn as its curves are."""
+    return [
+        Line2D(
+            [],
+            [],
+            color=styles[v].color,
+            ls=styles[v].linestyle,
+            lw=1.8,
+            marker=styles[v].marker if markers else None,
+            ms=5,
+            label=styles[v].label,
+        )
+        for v in variants
+    ]
