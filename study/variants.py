@@ -21,7 +21,8 @@ class Variant:
     takes_noise: bool  # whether its output depends on ``noise`` (the grid varies noise only for these)
 
 
-#: The registry, in the order tables and legends list the variants.
+#: The registry, in the order tables and legends list the variants. The first entry is the
+#: baseline without normalisation that the analysis compares the others against (analysis/roles.py).
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
