@@ -253,8 +253,8 @@ def part_streams(args) -> dict:
 
     import throughput as tp
 
+    from study.augment import augment_thetas
     from study.config import TrialConfig
-    from study.data import augment_thetas
     from study.model import build_model
     from study.stats import EpochStats
     from study.step import GraphedTrainStep, TrainStep

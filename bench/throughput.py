@@ -54,15 +54,9 @@ sys.path.insert(0, str(ROOT))
 from _common import loadavg  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 import study.train as train_mod  # noqa: E402
+from study.augment import augment_thetas, augment_with, normalise  # noqa: E402
 from study.config import TrialConfig  # noqa: E402
-from study.data import (  # noqa: E402
-    DataArrays,
-    augment_thetas,
-    augment_with,
-    load_dataset,
-    normalise,
-    train_val_split,
-)
+from study.data import DataArrays, load_dataset, train_val_split  # noqa: E402
 from study.model import build_model  # noqa: E402
 from study.stats import EpochStats  # noqa: E402
 from study.step import grads_to_none  # noqa: E402

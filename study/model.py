@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from study.data import N_CLASSES
+from study.image_format import N_CLASSES
 
 
 def noise_constants(noise: float) -> tuple[float, float, float, float]:

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from study.augment import augment_thetas, normalise
 from study.config import TrialConfig
-from study.data import DataArrays, augment_thetas, normalise, train_val_split
+from study.data import DataArrays, train_val_split
 from study.model import SeedCNN, build_model
 from study.probes import StepProber
 from study.stats import EpochStats

@@ -170,7 +170,7 @@ def test_evaluate_is_the_eval_mode_model_and_changes_nothing():
 
     import torch.nn.functional as F
 
-    from study.data import normalise
+    from study.augment import normalise
 
     torch.manual_seed(0)
     model = build_model("noisy_batch", noise=1.0)
