@@ -51,7 +51,7 @@ from torch.func import functional_call
 
 from study.model import SeedCNN
 from study.results import PROBE_LAYERS
-from study.step import syncs_allowed
+from study.sync_debug import syncs_allowed
 
 #: The paper's step-size grid, as multiples of the learning rate: 8 log-spaced points in [0.5, 4]
 #: (the sweep's default for --probe-etas).

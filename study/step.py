@@ -16,10 +16,8 @@ numbers the eager step would have drawn next.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,28 +25,21 @@ import torch.nn.functional as F
 from study.augment import augment_with
 from study.model import SeedCNN
 from study.stats import EpochStats
-
-if TYPE_CHECKING:  # study.probes imports this module
-    from study.probes import StepProber
+from study.sync_debug import syncs_allowed
 
 #: Where ``GraphedTrainStep`` takes CUDAGraph, graph, Stream, stream and current_stream from.
 #: tests/cuda_graph_emulation.py puts a CPU emulation of their semantics here.
 graph_api = torch.cuda
 
 
-@contextlib.contextmanager
-def syncs_allowed() -> Iterator[None]:
-    """CUDA's sync-debug mode off for a while: for work that waits for the device by design
-    (probes every N steps, capturing a graph once), inside a step loop that must not."""
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
-        yield
-        return
-    mode = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode(0)
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(mode)
+class Prober(Protocol):
+    """What a step asks of its probes (``study.probes.StepProber``): a look before the forward
+    pass and one after the backward pass, before the optimiser step."""
+
+    def before_forward(self, step: int) -> None: ...
+
+    def after_backward(self, model: SeedCNN, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                       y: torch.Tensor, loss: torch.Tensor, epoch: int) -> None: ...
 
 
 def grads_to_none(device: torch.device) -> bool:
@@ -78,12 +69,12 @@ class TrainStep:
         self.stats.reset()
 
     def __call__(self, idx: torch.Tensor, theta: torch.Tensor, step: int, hist: bool, grad: bool,
-                 prober: StepProber | None = None, epoch: int = 0) -> None:
+                 prober: Prober | None = None, epoch: int = 0) -> None:
         numels = self.device_work(idx, theta, hist, grad, prober, step, epoch)
         self.book(numels, step, grad, len(idx))
 
     def device_work(self, idx: torch.Tensor, theta: torch.Tensor, hist: bool, grad: bool,
-                    prober: StepProber | None = None, step: int = 0, epoch: int = 0) -> list[int]:
+                    prober: Prober | None = None, step: int = 0, epoch: int = 0) -> list[int]:
         """Train on the images at ``idx``, each flipped and rotated by its ``theta``
         (``study.augment.augment_thetas``); returns the taps' element counts for ``book``."""
         # index_select, not x[idx]: the same gather without advanced indexing's ~25 µs on a CPU
