@@ -58,6 +58,7 @@ from study.augment import augment_thetas, augment_with, normalise  # noqa: E402
 from study.config import TrialConfig  # noqa: E402
 from study.data import DataArrays, load_dataset, train_val_split  # noqa: E402
 from study.model import build_model  # noqa: E402
+from study.results import ACT_LAYERS  # noqa: E402
 from study.stats import EpochStats  # noqa: E402
 from study.step import grads_to_none  # noqa: E402
 from study.train import DeviceData, build_optimizer, run_trial, trial_seeds  # noqa: E402
@@ -352,9 +353,8 @@ class SeedLoop:
         self.vars: dict[str, list[float]] = {}
         self.losses: list[float] = []
         if hooks:
-            for k, name in enumerate(self.model.conv_layers, 1):
-                norm = getattr(self.model, f"norm{k}")
-                site = norm if norm is not None else getattr(self.model, name)
+            for name, block in zip(ACT_LAYERS, self.model.blocks, strict=True):
+                site = block.norm if block.norm is not None else block.conv  # the ReLU's input
                 site.register_forward_hook(self._hook(name))
         self.model.train()
 

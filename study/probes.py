@@ -228,12 +228,10 @@ def probe_module(
 
 def cnn_blocks(model: SeedCNN) -> list[Block]:
     """The CNN's blocks in forward order: conv_j (+ norm_j's affine when it has one), fc1, fc2."""
-    names = dict(model.named_parameters())
-    blocks = []
-    for i, layer in enumerate(PROBE_LAYERS):
-        prefixes = (f"{layer}.",) + ((f"norm{i + 1}.",) if layer in model.conv_layers else ())
-        blocks.append(Block(layer, f"{layer}.weight", tuple(n for n in names if n.startswith(prefixes))))
-    return blocks
+    names = {p: n for n, p in model.named_parameters()}
+    stages, weights = model.stages(), model.weight_layers()
+    return [Block(layer, names[weights[layer].weight], tuple(names[p] for p in stages[layer].parameters()))
+            for layer in PROBE_LAYERS]
 
 
 def probe_step(

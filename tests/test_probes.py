@@ -184,10 +184,11 @@ def test_cnn_blocks_hold_each_conv_with_its_own_norm(norm):
     blocks = cnn_blocks(SeedCNN(norm, 1.0 if norm == "noisy_batch" else 0.0))
     assert [b.layer for b in blocks] == list(PROBE_LAYERS)
     for i, b in enumerate(blocks):
-        want = {f"{b.layer}.weight", f"{b.layer}.bias"}
+        module = f"blocks.{i}.conv" if b.layer.startswith("conv") else b.layer  # conv_i: block i-1
+        want = {f"{module}.weight", f"{module}.bias"}
         if norm != "none" and b.layer.startswith("conv"):
-            want |= {f"norm{i + 1}.weight", f"norm{i + 1}.bias"}
-        assert set(b.params) == want and b.weight == f"{b.layer}.weight"
+            want |= {f"blocks.{i}.norm.weight", f"blocks.{i}.norm.bias"}
+        assert set(b.params) == want and b.weight == f"{module}.weight"
 
 
 # ------------------------------------------------------------ the CNN: replay, nothing changed

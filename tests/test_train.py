@@ -224,8 +224,11 @@ def test_each_layers_gradient_norm_is_its_weights(monkeypatch):
     records, _, _ = collect(TrialConfig(norm="batch", epochs=1, lr=0.01, batch_size=32), tiny_data())
     steps = records[0]["steps"]
     assert len(seen) == len(steps["step"]) > 0
+    weight_of = {"conv1": "blocks.0.conv.weight", "conv2": "blocks.1.conv.weight",
+                 "conv3": "blocks.2.conv.weight", "fc1": "fc1.weight", "fc2": "fc2.weight"}
+    assert set(weight_of) == set(GRAD_LAYERS)
     for layer in GRAD_LAYERS:
-        np.testing.assert_allclose(steps[f"grad_norm_{layer}"], [s[f"{layer}.weight"] for s in seen],
+        np.testing.assert_allclose(steps[f"grad_norm_{layer}"], [s[weight_of[layer]] for s in seen],
                                    rtol=1e-5)
     np.testing.assert_allclose(steps["grad_norm"], [math.sqrt(sum(v**2 for v in s.values())) for s in seen],
                                rtol=1e-5)
