@@ -42,6 +42,12 @@ class Prober(Protocol):
                        y: torch.Tensor, loss: torch.Tensor, epoch: int) -> None: ...
 
 
+def graphs_run_on(device: torch.device) -> bool:
+    """Whether ``GraphedTrainStep`` can run on ``device``: a CUDA one, or any where
+    ``graph_api`` is an emulation (tests)."""
+    return device.type == "cuda" or graph_api is not torch.cuda
+
+
 def grads_to_none(device: torch.device) -> bool:
     """Whether a step on ``device`` clears its gradients by dropping them (``zero_grad(set_to_none
     =True)``), so that the backward pass hands over fresh tensors: on a CPU that saves the fill
@@ -111,7 +117,7 @@ class GraphedTrainStep:
     def __init__(self, step: TrainStep, batch_size: int, generators: list[torch.Generator],
                  warmup: int = 3) -> None:
         dev = step.train_x.device
-        if dev.type != "cuda" and graph_api is torch.cuda:
+        if not graphs_run_on(dev):
             raise ValueError(f"CUDA graphs need a CUDA device; this trial runs on {dev}")
         self.step, self.generators, self.warmup = step, list(generators), warmup
         step.grads_to_none = False  # the graphs hold the gradients' addresses

@@ -344,12 +344,12 @@ def test_real_cifar10_jpegs(cifar10_jpeg_dir: Path, tmp_path: Path, monkeypatch)
 def test_real_cifar10_images_are_learnable_with_bn(cifar10_jpeg_dir: Path, tmp_path: Path) -> None:
     """One short epoch on 2,400 real images: the BN network clearly beats chance (10%)."""
     from study.config import TrialConfig
-    from study.train import run_trial
+    from study.train import RunOptions, run_trial
 
     data = load_dataset(f"imagefolder:{cifar10_jpeg_dir}", data_dir=tmp_path, subset=3000,
                         log=lambda s: None)
     cfg = TrialConfig(norm="batch", lr=0.02, epochs=1, batch_size=16)
-    summary = run_trial(cfg, data, device="cpu", threads=1)
+    summary = run_trial(cfg, data, options=RunOptions(device="cpu", threads=1))
     assert summary["status"] == "done"
     assert summary["final"]["test_acc"] > 0.2, summary["final"]
 

@@ -28,7 +28,7 @@ from study.probes import (
     save_rng,
 )
 from study.results import PROBE_LAYERS
-from study.train import run_trial
+from study.train import RunOptions, run_trial
 from tests.conftest import tiny_data
 
 F64 = torch.float64
@@ -302,7 +302,8 @@ def test_probe_rows_fit_the_probes_table():
 
 def run(cfg: TrialConfig, data: DataArrays):
     records, states = [], []
-    summary = run_trial(cfg, data, lambda r, s: (records.append(r), states.append(s)), device="cpu")
+    summary = run_trial(cfg, data, lambda r, s: (records.append(r), states.append(s)),
+                        options=RunOptions(device="cpu"))
     return records, states, summary
 
 
@@ -360,7 +361,7 @@ def test_probes_do_not_change_training_on_cuda():
     data = tiny_data()
     cfg = TrialConfig(norm="noisy_batch", noise=1.0, epochs=2, lr=0.01, grad_every=2)
     with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
-        runs = [run_trial(c, data, lambda r, s: None, device="cuda")["history"]
+        runs = [run_trial(c, data, lambda r, s: None, options=RunOptions(device="cuda"))["history"]
                 for c in (cfg, cfg, TrialConfig(**dict(cfg.to_dict(), probe_every=3)))]
     strip = [[{k: v for k, v in h.items() if k not in TIMING} for h in r] for r in runs]
     if strip[0] != strip[1]:
