@@ -380,8 +380,8 @@ class SeedLoop:
 
 def interleaved(steppers: dict[str, Callable[[], int]], rounds: int, chunk: int) -> dict[str, np.ndarray]:
     """Seconds per step of each stepper, measured in alternation: every round times ``chunk``
-    steps of each in turn (the order rotating), so that a machine whose speed drifts (this
-    VM's does, by ±10% over a minute) slows them all alike. Returns (rounds,) arrays."""
+    steps of each in turn (the order rotating), so that a machine whose speed drifts (a shared
+    one's does) slows them all alike. Returns (rounds,) arrays."""
     names = list(steppers)
     for step in steppers.values():
         for _ in range(chunk):

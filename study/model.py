@@ -1,4 +1,5 @@
-"""The seed's CNN (DESIGN §1) with a registry of norm variants, noisy BatchNorm included."""
+"""The seed's CNN (docs/design.md, "The experiment") with a registry of norm variants, noisy
+BatchNorm included."""
 
 from __future__ import annotations
 
@@ -90,9 +91,9 @@ class NoisyBatchNorm2d(BatchNorm2dWithStats):
         The per-element draws fill (N, C, H, W) order whatever ``a``'s layout, so a seed gives
         the same noise in either; a channels-last ``a`` (a CPU trial) then gets them as
         channels-last copies: ``s * a + m`` on mixed layouts, and the NCHW tensor it returns
-        to the next layers, cost a noisy CPU step more than the copies (the copies give 1.31x
-        the steps/s: bench/noise_layout.py). The arithmetic is in place, on the drawn
-        buffers; it gives the same values as out of place.
+        to the next layers, cost a noisy CPU step more than the copies (bench/noise_layout.py).
+        The arithmetic is in place, on the drawn buffers; it gives the same values as out of
+        place.
         """
         n_mu, n_sigma, r_mu, r_sigma = noise_constants(self.noise)
         g, dev, dt = self.generator, a.device, a.dtype

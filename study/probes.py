@@ -35,7 +35,7 @@ Every pass replays the step's forward exactly, and nothing that training uses is
 
 The machinery is generic (``probe_module``: any ``nn.Module``, a loss of its output and an
 ordered list of blocks) so that it can be checked on small models with known answers;
-``probe_step`` is the CNN of DESIGN §1 as one instance of it.
+``probe_step`` is the CNN of docs/design.md, "The experiment", as one instance of it.
 """
 
 from __future__ import annotations

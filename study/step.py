@@ -51,8 +51,8 @@ def graphs_run_on(device: torch.device) -> bool:
 def grads_to_none(device: torch.device) -> bool:
     """Whether a step on ``device`` clears its gradients by dropping them (``zero_grad(set_to_none
     =True)``), so that the backward pass hands over fresh tensors: on a CPU that saves the fill
-    and the add per parameter of zeroing in place, ~0.3 ms of a ~7 ms batch-16 step. On a GPU
-    they are zeroed in place, as a captured CUDA graph needs (it holds their addresses)."""
+    and the add per parameter of zeroing in place. On a GPU they are zeroed in place, as a
+    captured CUDA graph needs (it holds their addresses)."""
     return device.type == "cpu"
 
 
@@ -83,7 +83,7 @@ class TrainStep:
                     prober: Prober | None = None, step: int = 0, epoch: int = 0) -> list[int]:
         """Train on the images at ``idx``, each flipped and rotated by its ``theta``
         (``study.augment.augment_thetas``); returns the taps' element counts for ``book``."""
-        # index_select, not x[idx]: the same gather without advanced indexing's ~25 µs on a CPU
+        # index_select, not x[idx]: the same gather without advanced indexing's overhead on a CPU
         x = augment_with(self.train_x.index_select(0, idx), theta)
         y = self.train_y.index_select(0, idx)
         taps = self.stats.tap_reducer(hist)  # reduces each layer's activations as they are made

@@ -1,4 +1,5 @@
-"""On a CUDA GPU, a trial's step loop never waits for the device (DESIGN §2).
+"""On a CUDA GPU, a trial's step loop never waits for the device (docs/design.md, "What is
+recorded").
 
 ``torch.cuda.set_sync_debug_mode("error")`` turns every host synchronisation (``.item()``,
 ``float(t)``, a device-to-host copy, ``nonzero``, ``bincount`` sizing its output...) into a

@@ -1,4 +1,5 @@
-"""The CNN and its norm variants against DESIGN §1 and the noise's definition."""
+"""The CNN and its norm variants against docs/design.md, "The experiment", and the noise's
+definition."""
 
 import pytest
 import torch
