@@ -203,11 +203,12 @@ class GraphedBareStep(BareStep):
 
 
 def run_trial_window(data: DataArrays, cfg: TrialConfig, device: torch.device,
-                     threads: int | None, cuda_graph: bool | None = None,
+                     threads: int | None, cuda_graph: bool = False,
                      channels_last: bool | None = None) -> Window:
     """The real ``run_trial`` (``cfg.epochs`` epochs); its last epoch's step loop, timed through
-    ``RunOptions.step_loop_context``. With CUDA graphs give 2 epochs: the first pays for the
-    captures. ``cuda_graph``, ``channels_last``: RunOptions' (None: its defaults)."""
+    ``RunOptions.step_loop_context``. Eager unless ``cuda_graph`` (the benches' eager variants
+    must not take RunOptions' default, graphs); with CUDA graphs give 2 epochs: the first pays
+    for the captures. ``channels_last``: RunOptions.cpu_channels_last (None: its default)."""
     loops: list[tuple[float, float, float, float]] = []
 
     @contextlib.contextmanager
@@ -219,9 +220,9 @@ def run_trial_window(data: DataArrays, cfg: TrialConfig, device: torch.device,
         loops.append((time.perf_counter() - t0, time.process_time() - c0, w0, time.time()))
 
     records: list[dict] = []
-    chosen = dict(cuda_graph=cuda_graph, cpu_channels_last=channels_last)
-    options = RunOptions(device=str(device), threads=threads, step_loop_context=timed_loop,
-                         **{k: v for k, v in chosen.items() if v is not None})
+    layout = {} if channels_last is None else dict(cpu_channels_last=channels_last)
+    options = RunOptions(device=str(device), threads=threads, cuda_graph=cuda_graph,
+                         step_loop_context=timed_loop, **layout)
     run_trial(cfg, data, on_epoch=lambda rec, state: records.append(rec), options=options)
     row = records[-1]["epoch"]
     reported = float(row["images_per_s"])
