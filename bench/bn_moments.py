@@ -8,7 +8,7 @@ reductions a step. This times run_trial's step (the replica in ``throughput.py``
 statistic on, the trial's layout) both ways, for plain and noisy BN, interleaved in turns of
 5 steps, and prints the ratios of their speeds with 95% bootstrap intervals.
 
-    python bench/bn_moments.py              # about 25 s on the 2-core VM (CPU only)
+    python bench/bn_moments.py              # CPU only
 """
 
 from __future__ import annotations

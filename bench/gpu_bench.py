@@ -62,9 +62,12 @@ def _setup(device_name: str):
     # a failed capture falls back to eager training: here that must not pass for a graph number
     warnings.filterwarnings("error", message="CUDA graph capture failed", category=RuntimeWarning)
 
+    from study.train import disable_tf32
+
     dev = torch.device(device_name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("CUDA is not available")
+    disable_tf32()  # every part's steps in full fp32, as a trial's (run_trial does the same)
     return torch, dev
 
 
@@ -253,8 +256,8 @@ def part_streams(args) -> dict:
 
     import throughput as tp
 
+    from study.augment import augment_thetas
     from study.config import TrialConfig
-    from study.data import augment_thetas
     from study.model import build_model
     from study.stats import EpochStats
     from study.step import GraphedTrainStep, TrainStep
@@ -437,7 +440,7 @@ def trial_child(folder: str, device: str, epochs: int, seed: int) -> int:
 
     from study.config import TrialConfig
     from study.data import DataArrays
-    from study.train import run_trial
+    from study.train import RunOptions, run_trial
 
     arrays = {n: np.load(Path(folder) / f"{n}.npy", mmap_mode="r")
               for n in ("train_x", "train_y", "test_x", "test_y")}
@@ -452,8 +455,8 @@ def trial_child(folder: str, device: str, epochs: int, seed: int) -> int:
             first.append(time.time() - record["epoch"]["wall_s"])  # when epoch 1 began
 
     dev = torch.device(device)
-    summary = run_trial(cfg, data, on_epoch=on_epoch, device=device, threads=1,
-                        cuda_graph=dev.type == "cuda")
+    summary = run_trial(cfg, data, on_epoch=on_epoch,
+                        options=RunOptions(device=device, threads=1, cuda_graph=dev.type == "cuda"))
     if summary["status"] != "done":
         raise SystemExit(f"trial ended {summary['status']}")
     print(json.dumps(dict(epoch1_start=first[0], train_s=sum(r["wall_s"] for r in rows))))
@@ -597,7 +600,7 @@ def table(folder: Path) -> str:
         skipped = all(o == "skipped" for o in graphs.values())
         verdict = ("not checked here (no CUDA)" if skipped else "True stands" if ok else
                    "FAILED on this GPU: set it to False and find out why")
-        lines.append(f"{'   so study.train.CUDA_GRAPH_DEFAULT':<{w}}{verdict}")
+        lines.append(f"{'   so study.train.RunOptions.cuda_graph':<{w}}{verdict}")
     return "\n".join(lines)
 
 

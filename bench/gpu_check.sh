@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# One prepared GPU check (issue 7), for a lent GPU machine: run from the repository root,
+# One prepared GPU check, for a lent GPU machine: run from the repository root,
 #
-#     bash bench/gpu_check.sh                  # the default parts: about 6.5 minutes, each bounded
+#     bash bench/gpu_check.sh                  # the default parts, each bounded in time
 #     bash bench/gpu_check.sh study tests      # only these parts (and env); names as below
 #
 # Parts: tests seed eager ceiling concurrency concurrency_graph streams mps study_mps (the
-# default), and study (whole trials K at a time without MPS, 3.3 minutes: by name only).
+# default), and study (whole trials K at a time without MPS: by name only).
 #
 # It needs no install and no network: the machine's python3 already has torch, torchvision,
 # numpy, pillow, pyarrow and pytest, which is all that study.train and the bench import (Ray
@@ -58,7 +58,7 @@ torchvision.__version__, '| pillow', PIL.__version__, '| numpy', numpy.__version
     "$PY" -c "import study.train" && echo "study.train imports"
 } 2>&1 | tee -a "$LOG"
 
-# ---- the parts, each bounded: the default parts' limits add up to 600 s (they took 390 s on an H200)
+# ---- the parts, each bounded: the default parts' limits add up to 600 s (a device call's limit)
 part() {  # part NAME SECONDS
     local name=$1 limit=$2 start rc
     want "$name" || [ "$name" = env ] || return 0

@@ -9,7 +9,7 @@ ways, interleaved (turns of 5 steps), and prints the ratios of their speeds:
 
   noisy BN as it is  ·  noisy BN with the noise left in NCHW  ·  plain BN (what the noise costs)
 
-    python bench/noise_layout.py               # about 20 s on the 2-core VM
+    python bench/noise_layout.py
     python bench/noise_layout.py --noise 2 --scope layer
 """
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from study.config import TrialConfig  # noqa: E402
 from study.data import load_dataset  # noqa: E402
-from study.train import run_trial  # noqa: E402
+from study.train import RunOptions, run_trial  # noqa: E402
 
 GOAL = 1.15
 
@@ -32,8 +32,8 @@ def timed(cfg: TrialConfig, data, device: str | None, threads: int | None) -> tu
     """(trial wall s, training-loop s, trial CPU s of this process, probe rows) of one trial."""
     rows = []
     t0, c0 = time.perf_counter(), time.process_time()
-    summary = run_trial(cfg, data, lambda r, s: rows.extend(r.get("probes", [])), device=device,
-                        threads=threads)
+    summary = run_trial(cfg, data, lambda r, s: rows.extend(r.get("probes", [])),
+                        options=RunOptions(device=device, threads=threads))
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     train = sum(h["steps"] * cfg.batch_size / h["images_per_s"] for h in summary["history"])
     return wall, train, cpu, len(rows)

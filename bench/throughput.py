@@ -6,11 +6,11 @@ alike; every ratio is the median over repetitions of the ratio within one repeti
 
   a  bare step: ``build_model("batch")`` (``--norm``: another variant) + SGD on pre-made,
      normalised float batches; no augmentation, no statistics, no taps; in run_trial's
-     memory layout (channels-last on a CPU, ``study.train.CPU_CHANNELS_LAST``), and beside it
+     memory layout (channels-last on a CPU, ``RunOptions.cpu_channels_last``), and beside it
      in the NCHW layout (a_nchw, as is b_nchw for run_trial), which says what the layout gains
   b  ``study.train.run_trial`` itself (norm batch or ``--norm``, every statistic on: activation moments,
      a histogram every ``hist_every``-th step, per-step gradient norms), on synthetic data;
-     its step loop is timed through the ``STEP_LOOP_CONTEXT`` hook (synchronised on a GPU),
+     its step loop is timed through ``RunOptions.step_loop_context`` (synchronised on a GPU),
      and its own reported ``images_per_s`` is shown beside it
   c  the seed's loop: a torchvision-CIFAR10-like dataset of PIL images + DataLoader(shuffle)
      + RandomHorizontalFlip, RandomRotation(10), ToTensor, Normalize(0.5, 0.5), with
@@ -53,20 +53,21 @@ sys.path.insert(0, str(ROOT))
 
 from _common import loadavg  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-import study.train as train_mod  # noqa: E402
+from study.augment import augment_thetas, augment_with, normalise  # noqa: E402
 from study.config import TrialConfig  # noqa: E402
-from study.data import (  # noqa: E402
-    DataArrays,
-    augment_thetas,
-    augment_with,
-    load_dataset,
-    normalise,
-    train_val_split,
-)
+from study.data import DataArrays, load_dataset, train_val_split  # noqa: E402
 from study.model import build_model  # noqa: E402
+from study.results import ACT_LAYERS  # noqa: E402
 from study.stats import EpochStats  # noqa: E402
 from study.step import grads_to_none  # noqa: E402
-from study.train import DeviceData, build_optimizer, run_trial, trial_seeds  # noqa: E402
+from study.train import (  # noqa: E402
+    DIVERGENCE_CHECK_EVERY,
+    DeviceData,
+    RunOptions,
+    build_optimizer,
+    run_trial,
+    trial_seeds,
+)
 from study.variants import NOISY_NORMS, NORMS  # noqa: E402
 
 GOAL_B_OVER_A = 0.90
@@ -85,7 +86,7 @@ def trial_layout(model: torch.nn.Module, device: torch.device,
                  channels_last: bool | None = None) -> torch.nn.Module:
     """The model in run_trial's memory layout on ``device`` (or the one asked for)."""
     if channels_last is None:
-        channels_last = device.type == "cpu" and train_mod.CPU_CHANNELS_LAST
+        channels_last = device.type == "cpu" and RunOptions().cpu_channels_last
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
@@ -202,11 +203,12 @@ class GraphedBareStep(BareStep):
 
 
 def run_trial_window(data: DataArrays, cfg: TrialConfig, device: torch.device,
-                     threads: int | None, cuda_graph: bool | None = None,
+                     threads: int | None, cuda_graph: bool = False,
                      channels_last: bool | None = None) -> Window:
     """The real ``run_trial`` (``cfg.epochs`` epochs); its last epoch's step loop, timed through
-    STEP_LOOP_CONTEXT. With CUDA graphs give 2 epochs: the first pays for the captures.
-    ``channels_last`` overrides ``study.train.CPU_CHANNELS_LAST`` for this run."""
+    ``RunOptions.step_loop_context``. Eager unless ``cuda_graph`` (the benches' eager variants
+    must not take RunOptions' default, graphs); with CUDA graphs give 2 epochs: the first pays
+    for the captures. ``channels_last``: RunOptions.cpu_channels_last (None: its default)."""
     loops: list[tuple[float, float, float, float]] = []
 
     @contextlib.contextmanager
@@ -218,28 +220,12 @@ def run_trial_window(data: DataArrays, cfg: TrialConfig, device: torch.device,
         loops.append((time.perf_counter() - t0, time.process_time() - c0, w0, time.time()))
 
     records: list[dict] = []
-    hooked = hasattr(train_mod, "STEP_LOOP_CONTEXT")
-    old = getattr(train_mod, "STEP_LOOP_CONTEXT", None)
-    old_layout = getattr(train_mod, "CPU_CHANNELS_LAST", None)
-    if hooked:
-        train_mod.STEP_LOOP_CONTEXT = timed_loop
-    if channels_last is not None:
-        train_mod.CPU_CHANNELS_LAST = channels_last
-    try:
-        c0, t0 = time.process_time(), time.perf_counter()
-        kw = {} if cuda_graph is None else dict(cuda_graph=cuda_graph)
-        run_trial(cfg, data, on_epoch=lambda rec, state: records.append(rec), device=str(device),
-                  threads=threads, **kw)
-        wall_all, cpu_all = time.perf_counter() - t0, time.process_time() - c0
-    finally:
-        if hooked:
-            train_mod.STEP_LOOP_CONTEXT = old
-        if channels_last is not None:
-            train_mod.CPU_CHANNELS_LAST = old_layout
+    layout = {} if channels_last is None else dict(cpu_channels_last=channels_last)
+    options = RunOptions(device=str(device), threads=threads, cuda_graph=cuda_graph,
+                         step_loop_context=timed_loop, **layout)
+    run_trial(cfg, data, on_epoch=lambda rec, state: records.append(rec), options=options)
     row = records[-1]["epoch"]
     reported = float(row["images_per_s"])
-    if not loops:  # no hook: fall back to run_trial's own number
-        return Window(reported, cpu_all / wall_all, dict(reported=reported))
     wall, cpu, w0, w1 = loops[-1]
     n = n_train_images(len(data.train_y), cfg)
     return Window(n / wall, cpu / wall, dict(reported=reported, status=records[-1]["status"],
@@ -303,7 +289,7 @@ class ReplicaStep:
                                            **book)
             self.stats.count(numels, self.i, grad, len(y))
         self.opt.step()
-        if "book" in parts and self.dev.type == "cpu" and (i + 1) % train_mod.DIVERGENCE_CHECK_EVERY == 0:
+        if "book" in parts and self.dev.type == "cpu" and (i + 1) % DIVERGENCE_CHECK_EVERY == 0:
             self.stats.losses_finite()
         self.i += 1
         return len(y)
@@ -358,9 +344,8 @@ class SeedLoop:
         self.vars: dict[str, list[float]] = {}
         self.losses: list[float] = []
         if hooks:
-            for k, name in enumerate(self.model.conv_layers, 1):
-                norm = getattr(self.model, f"norm{k}")
-                site = norm if norm is not None else getattr(self.model, name)
+            for name, block in zip(ACT_LAYERS, self.model.blocks, strict=True):
+                site = block.norm if block.norm is not None else block.conv  # the ReLU's input
                 site.register_forward_hook(self._hook(name))
         self.model.train()
 
@@ -396,8 +381,8 @@ class SeedLoop:
 
 def interleaved(steppers: dict[str, Callable[[], int]], rounds: int, chunk: int) -> dict[str, np.ndarray]:
     """Seconds per step of each stepper, measured in alternation: every round times ``chunk``
-    steps of each in turn (the order rotating), so that a machine whose speed drifts (this
-    VM's does, by ±10% over a minute) slows them all alike. Returns (rounds,) arrays."""
+    steps of each in turn (the order rotating), so that a machine whose speed drifts (a shared
+    one's does) slows them all alike. Returns (rounds,) arrays."""
     names = list(steppers)
     for step in steppers.values():
         for _ in range(chunk):

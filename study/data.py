@@ -1,20 +1,16 @@
-"""Datasets as uint8 arrays, and the batched on-device training augmentation.
+"""Datasets as uint8 arrays: the official train and test splits, the validation split.
 
-Three sources (DESIGN §4): torchvision's CIFAR-10, any ``train/<class>/*`` +
+Three sources (docs/design.md, "Running"): torchvision's CIFAR-10, any ``train/<class>/*`` +
 ``test/<class>/*`` image tree (decoded once, then cached as ``.npz``), and a procedurally
-generated CIFAR-shaped dataset for offline use and tests. All of them come back as the
-same :class:`DataArrays`, which is what the driver puts in Ray's object store once.
-
-The augmentation reproduces RandomHorizontalFlip + RandomRotation(10) + ToTensor +
-Normalize(0.5, 0.5) on whole batches with one ``grid_sample``, on the training device, so
-that augmenting costs no per-image Python work and no host synchronisation.
+generated CIFAR-shaped dataset for offline use and tests (``study.synthetic_images``). All of
+them come back as the same :class:`DataArrays`, which is what the driver puts in Ray's object
+store once. The training augmentation is ``study.augment``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import multiprocessing
 import os
 import socket
@@ -26,20 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-IMAGE_SIZE = 32
-#: Classes the CNN can tell apart (its last layer's outputs, study.model): CIFAR-10's.
-N_CLASSES = 10
-#: Maximum rotation of the training augmentation, in degrees (RandomRotation(10)).
-MAX_ANGLE = 10.0
+from study.image_format import IMAGE_SIZE, N_CLASSES
+from study.synthetic_images import SYNTHETIC_CLASSES, synthetic_split
+
 #: Sizes of the synthetic dataset when no subset is asked for (CIFAR-10's).
 SYNTHETIC_SIZES = (50_000, 10_000)
-SYNTHETIC_CLASSES = (
-    "disc", "square", "ring", "cross", "triangle", "stripes", "checker", "star", "ellipse",
-    "crescent",
-)  # fmt: skip
 #: File extensions read from an image folder (torchvision's ImageFolder's).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
@@ -48,7 +36,6 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 #: Seconds a stalled CIFAR-10 download may wait on the network before it counts as failed.
 DOWNLOAD_TIMEOUT_S = 60.0
 _CACHE_VERSION = 1
-_SYNTH_CHUNK = 128
 _DECODE_CHUNK = 1000
 _PROGRESS_EVERY = 10_000
 
@@ -188,239 +175,19 @@ def _check_seed(seed: int) -> None:
         raise DataError(f"seed must be a whole number >= 0, not {seed!r}")
 
 
-# ---------------------------------------------------------------------------- augmentation
-
-
-def normalise(x: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels (or floats in 0..255) to float32 ``(x/255 - 0.5)/0.5``: ToTensor +
-    Normalize((0.5,)*3, (0.5,)*3), to the bit (see ``_to_unit_range``)."""
-    return _to_unit_range(x.to(torch.float32, copy=True))  # never the caller's tensor, in place
-
-
-def _to_unit_range(x: torch.Tensor) -> torch.Tensor:
-    """float32 pixel values 0..255 to ``(x/255 - 0.5)/0.5``, in place, as ``x/127.5 - 1``: the
-    same float32 number for every value, in two operations instead of three. (Doubling is
-    exact in binary floating point and commutes with rounding, so fl(x/127.5) = 2·fl(x/255)
-    and fl(2·fl(x/255) - 1) = 2·fl(fl(x/255) - 0.5), which is torchvision's result.)"""
-    return x.div_(127.5).sub_(1.0)
-
-
-def draw_augment_params(
-    batch: int, generator: torch.Generator, device: torch.device | str | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image: a rotation angle ~ U(-10, 10) degrees and a horizontal flip with p = 0.5,
-    drawn on ``device`` (the generator's by default) from ``generator`` only."""
-    dev = generator.device if device is None else device
-    u = torch.rand((2, batch), generator=generator, device=dev)
-    return u[0].mul(2 * MAX_ANGLE).sub(MAX_ANGLE), u[1] < 0.5
-
-
-_BASE_GRIDS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
-
-
-def _base_grid(h: int, w: int, device: torch.device) -> torch.Tensor:
-    """``F.affine_grid``'s base grid for an (h, w) output (align_corners=False) as (h·w, 3) rows
-    of (x, y, 1), made once per shape and device: making it is most of affine_grid's time on a
-    CPU at batch 16."""
-    key = (h, w, torch.device(device))
-    if key not in _BASE_GRIDS:
-        eye = torch.eye(2, 3, device=device).unsqueeze(0)  # x·1 + y·0 + 0: the grid itself, exactly
-        xy = F.affine_grid(eye, [1, 1, h, w], align_corners=False).view(h * w, 2)
-        _BASE_GRIDS[key] = torch.cat((xy, torch.ones(h * w, 1, device=device)), 1)
-    return _BASE_GRIDS[key]
-
-
-def flip_rotation_thetas(angles_deg: torch.Tensor, flips: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(n, 2, 3) affine matrices (affine_grid's theta) that flip (where ``flips``), then rotate
-    by ``angles_deg`` (degrees, counter-clockwise) an (h, w) image about its centre. Both on
-    one device."""
-    rad = torch.deg2rad(angles_deg.to(torch.float32))
-    cos, sin = rad.cos(), rad.sin()
-    sign = torch.where(flips.to(torch.bool), -1.0, 1.0)
-    zero = torch.zeros_like(cos)
-    # Output pixel p samples the input at S·R·p (normalised coordinates): R rotates back by the
-    # angle, with the aspect ratio undone for non-square images, and S = diag(-1, 1) mirrors x.
-    return torch.stack(
-        (sign * cos, sign * sin * (-h / w), zero, sin * (w / h), cos, zero), -1
-    ).view(-1, 2, 3)
-
-
-def warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Each image of ``x`` through its ``theta`` (see flip_rotation_thetas) with nearest
-    interpolation and black outside, as float32 with the input's pixel values."""
-    b, _, h, w = x.shape
-    # affine_grid's own product (base grid × thetaᵀ, one bmm) without rebuilding its base grid
-    grid = _base_grid(h, w, x.device).expand(b, h * w, 3).bmm(theta.transpose(1, 2)).view(b, h, w, 2)
-    return F.grid_sample(
-        x.to(torch.float32), grid, mode="nearest", padding_mode="zeros", align_corners=False
-    )
-
-
-def rotate_flip(x: torch.Tensor, angles_deg: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-    """Flip (where ``flips``), then rotate each image by its angle (degrees, counter-clockwise)
-    about its centre with nearest interpolation and black corners, keeping its size: what
-    torchvision's hflip then rotate(NEAREST, fill=0) do to one image, for a whole batch in
-    one grid_sample. Returns float32 with the input's pixel values (0..255 for uint8)."""
-    h, w = x.shape[-2:]
-    return warp(x, flip_rotation_thetas(angles_deg.to(x.device), flips.to(x.device), h, w))
-
-
-def augment_thetas(n: int, generator: torch.Generator, h: int, w: int) -> torch.Tensor:
-    """Draw n images' flips and rotations from ``generator`` (on its device), as thetas for
-    ``augment_with``: a trial draws a whole epoch's at once, which leaves each step ~20 fewer
-    small operations (on a CPU ~0.25 ms of a ~8 ms batch-16 step)."""
-    return flip_rotation_thetas(*draw_augment_params(n, generator), h, w)
-
-
-def augment_with(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """A uint8 (B, 3, H, W) batch flipped and rotated by its thetas, then ToTensor +
-    Normalize(0.5, 0.5) with the same operations as torchvision (so the values match)."""
-    return _to_unit_range(warp(x, theta))
-
-
-def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """RandomHorizontalFlip + RandomRotation(10) + ToTensor + Normalize(0.5, 0.5) for a uint8
-    (B, 3, H, W) batch on x's device, with draws from ``generator`` (on the same device)."""
-    return augment_with(x, augment_thetas(x.shape[0], generator, *x.shape[-2:]))
-
-
 # ---------------------------------------------------------------------------- synthetic
 
 
 def make_synthetic(n_train: int, n_test: int, seed: int = 0) -> DataArrays:
-    """A learnable, not trivial, CIFAR-shaped 10-class dataset, generated from ``seed``.
-
-    Each class is a shape (see SYNTHETIC_CLASSES) drawn at a random position, size and
-    orientation over a random gradient background with clutter (a faint grating and small
-    distractor blobs) and pixel noise. Classes come in pairs that share a typical hue
-    (c and c + 5), and a quarter of the shapes get a random hue, so colour alone gets a
-    linear model to about a third and a network has to see shapes to go further. Images are
-    generated in fixed chunks from (seed, split, chunk), so a smaller set is a prefix of a
-    larger one and train and test never share a random stream.
-    """
+    """The synthetic dataset (``study.synthetic_images``): ``n_train`` and ``n_test`` images
+    generated from ``seed``; a smaller set is a prefix of a larger one."""
     for what, n in (("n_train", n_train), ("n_test", n_test)):
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
             raise DataError(f"{what} must be a whole number >= 0, not {n!r}")
     _check_seed(seed)
-    train_x, train_y = _synthetic_split(int(n_train), seed, 0)
-    test_x, test_y = _synthetic_split(int(n_test), seed, 1)
+    train_x, train_y = synthetic_split(int(n_train), seed, 0)
+    test_x, test_y = synthetic_split(int(n_test), seed, 1)
     return DataArrays("synthetic", SYNTHETIC_CLASSES, train_x, train_y, test_x, test_y)
-
-
-def _synthetic_split(n: int, seed: int, split: int) -> tuple[np.ndarray, np.ndarray]:
-    x = np.empty((n, 3, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
-    y = np.empty(n, np.int64)
-    for k, start in enumerate(range(0, n, _SYNTH_CHUNK)):
-        stop = min(start + _SYNTH_CHUNK, n)
-        rng = np.random.default_rng([seed, split, k])
-        x[start:stop], y[start:stop] = _synthetic_chunk(rng, _SYNTH_CHUNK, stop - start)
-    return x, y
-
-
-def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """(n,) hue, saturation, value in [0, 1] -> (n, 3) RGB in [0, 1]."""
-    h6 = (h % 1.0) * 6.0
-    i = np.floor(h6).astype(np.int64) % 6
-    f = h6 - np.floor(h6)
-    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
-    table = np.stack([(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)])
-    return table[i, :, np.arange(len(h))].astype(np.float32)
-
-
-def _shape_distance(c: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Approximate signed distance (negative inside, in units of the shape's radius) of
-    class c's shape at rotated, centred, size-normalised coordinates (u, v)."""
-    r = np.hypot(u, v)
-    if c == 0:  # disc
-        return r - 1.0
-    if c == 1:  # square
-        return np.maximum(np.abs(u), np.abs(v)) - 0.8
-    if c == 2:  # ring
-        return np.abs(r - 0.72) - 0.28
-    if c == 3:  # cross
-        au, av = np.abs(u), np.abs(v)
-        return np.minimum(np.maximum(au - 0.3, av - 1.0), np.maximum(av - 0.3, au - 1.0))
-    if c == 4:  # triangle (circumradius 1)
-        k = math.sqrt(3) / 2
-        return np.maximum(np.maximum(-v, k * u + 0.5 * v), -k * u + 0.5 * v) - 0.5
-    if c == 5:  # striped disc
-        return np.maximum(r - 1.0, -np.sin(u * 2.5 * math.pi) / (2.5 * math.pi))
-    if c == 6:  # checkered square
-        sq = np.maximum(np.abs(u), np.abs(v)) - 0.85
-        return np.maximum(sq, -np.sin(u * 2.2 * math.pi) * np.sin(v * 2.2 * math.pi) / 7.0)
-    if c == 7:  # five-pointed star
-        return r - (0.62 + 0.33 * np.cos(5.0 * np.arctan2(v, u)))
-    if c == 8:  # ellipse
-        return 0.45 * (np.hypot(u, v / 0.45) - 1.0)
-    return np.maximum(r - 1.0, 0.75 - np.hypot(u - 0.5, v))  # crescent
-
-
-def _synthetic_chunk(rng: np.random.Generator, size: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Draw ``size`` images (always, so the stream does not depend on n), return the first n."""
-    f32 = np.float32
-    y = np.sort(rng.integers(0, 10, size))  # by class, for the shapes; shuffled at the end
-    g = np.arange(IMAGE_SIZE, dtype=f32) + 0.5 - IMAGE_SIZE / 2
-    gx, gy = g[None, None, :], g[None, :, None]
-
-    def col(a: np.ndarray) -> np.ndarray:
-        return a.astype(f32)[:, None, None]
-
-    def rgb(s: tuple[float, float], v: tuple[float, float], h: np.ndarray | None = None):
-        hue = rng.random(size) if h is None else h
-        return _hsv_to_rgb(hue, rng.uniform(*s, size), rng.uniform(*v, size))[:, :, None, None]
-
-    # Background: a gradient between two muted random colours, plus a faint grating.
-    c0, c1 = rgb((0, 0.6), (0.1, 0.9)), rgb((0, 0.6), (0.1, 0.9))
-    a, fr, ph = rng.uniform(0, 2 * np.pi, (3, size)), rng.uniform(0.2, 1.2, size), rng.random(size)
-    t = (gx * col(np.cos(a[0])) + gy * col(np.sin(a[0]))) / IMAGE_SIZE + 0.5
-    np.clip(t, 0, 1, out=t)
-    wave = np.sin((gx * col(np.cos(a[1])) + gy * col(np.sin(a[1]))) * col(fr) + col(ph * 2 * np.pi))
-    wave *= col(rng.uniform(0, 0.12, size))
-    img = (c1 - c0) * t[:, None]
-    img += c0
-    img += wave[:, None]
-
-    # Clutter: two small hard-edged blobs of random colour, behind the main shape.
-    for _ in range(2):
-        cx, cy = rng.uniform(-IMAGE_SIZE / 2, IMAGE_SIZE / 2, (2, size))
-        r2 = rng.uniform(1.5, 4.0, size) ** 2
-        inside = (gx - col(cx)) ** 2 + (gy - col(cy)) ** 2 < col(r2)
-        np.copyto(img, rgb((0.2, 1), (0.2, 1)), where=inside[:, None])
-
-    # The class's shape: random centre, radius and orientation; mostly its pair's hue.
-    cx, cy = rng.uniform(-7, 7, (2, size))
-    rad = rng.uniform(6.0, 11.0, size)
-    a = rng.uniform(0, 2 * np.pi, size)
-    dx, dy = (gx - col(cx)) / col(rad), (gy - col(cy)) / col(rad)
-    cos, sin = col(np.cos(a)), col(np.sin(a))
-    u, v = dx * cos + dy * sin, dy * cos - dx * sin
-    dist = np.empty((size, IMAGE_SIZE, IMAGE_SIZE), f32)
-    bounds = np.searchsorted(y, np.arange(11))
-    for c in range(10):
-        k = slice(bounds[c], bounds[c + 1])
-        dist[k] = _shape_distance(c, u[k], v[k])
-    alpha = dist
-    alpha *= -col(rad)
-    alpha += 0.5
-    np.clip(alpha, 0, 1, out=alpha)
-    hue = np.where(rng.random(size) < 0.75, (y % 5) / 5.0 + 0.03, rng.random(size))
-    fg = rgb((0.45, 1), (0.45, 1), hue + rng.normal(0, 0.05, size))
-    shade = gx * col(rng.normal(0, 0.016, size)) + gy * col(rng.normal(0, 0.016, size)) + 1
-    layer = fg * shade[:, None]
-    layer -= img
-    layer *= alpha[:, None]
-    img += layer
-
-    # Pixel noise of a random strength, then quantise; then shuffle the classes' order.
-    noise = np.frombuffer(rng.bytes(img.size), np.uint8).reshape(img.shape).astype(f32)
-    noise -= 127.5
-    noise *= rng.uniform(0.03, 0.2, size).astype(f32)[:, None, None, None]
-    img *= 255
-    img += noise
-    img += 0.5
-    np.clip(img, 0, 255, out=img)
-    order = rng.permutation(size)[:n]
-    return img[order].astype(np.uint8), y[order].astype(np.int64)
 
 
 # ---------------------------------------------------------------------------- CIFAR-10
@@ -511,8 +278,8 @@ def _decode_files(paths: Sequence[str]) -> tuple[np.ndarray, int, str | None, st
 
 
 def _workers(n_files: int) -> int:
-    """Decoding processes: one on small machines (a pool gains little over ~10 s of serial
-    decoding there), up to 8 where there are cores to spare and enough files."""
+    """Decoding processes: one on small machines (a pool gains little over decoding serially
+    there), up to 8 where there are cores to spare and enough files."""
     if sys.platform != "linux":  # the pool forks, which only Linux does safely
         return 1
     cpus = len(os.sched_getaffinity(0))

@@ -1,7 +1,9 @@
-"""The seed's CNN (DESIGN §1) with a registry of norm variants, noisy BatchNorm included."""
+"""The seed's CNN (docs/design.md, "The experiment") with a registry of norm variants, noisy
+BatchNorm included."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -9,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from study.data import N_CLASSES
+from study.image_format import N_CLASSES
+from study.results import GRAD_LAYERS
 
 
 def noise_constants(noise: float) -> tuple[float, float, float, float]:
@@ -88,9 +91,9 @@ class NoisyBatchNorm2d(BatchNorm2dWithStats):
         The per-element draws fill (N, C, H, W) order whatever ``a``'s layout, so a seed gives
         the same noise in either; a channels-last ``a`` (a CPU trial) then gets them as
         channels-last copies: ``s * a + m`` on mixed layouts, and the NCHW tensor it returns
-        to the next layers, cost a noisy CPU step more than the copies (the copies give 1.31x
-        the steps/s: bench/noise_layout.py). The arithmetic is in place, on the drawn
-        buffers; it gives the same values as out of place.
+        to the next layers, cost a noisy CPU step more than the copies (bench/noise_layout.py).
+        The arithmetic is in place, on the drawn buffers; it gives the same values as out of
+        place.
         """
         n_mu, n_sigma, r_mu, r_sigma = noise_constants(self.noise)
         g, dev, dt = self.generator, a.device, a.dtype
@@ -132,6 +135,32 @@ NORM_LAYERS: dict[str, Callable[[int, float, str], nn.Module | None]] = {
 }
 
 
+class ConvBlock(nn.Module):
+    """conv 3×3 → [norm] → ReLU → maxpool 2: one conv stage of ``SeedCNN``.
+
+    Its conv is registered before its norm, so ``parameters()`` lists them in that order, the
+    order of the seed's network (the sum over parameters of gradient norms and the optimiser
+    take them in that order).
+    """
+
+    def __init__(self, c_in: int, c_out: int, norm: nn.Module | None) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm = norm  # None: no norm layer (the `none` variant)
+
+    def forward(self, x: torch.Tensor, taps: list | None = None) -> torch.Tensor:
+        c = self.conv(x)  # (B, C_out, H, W)
+        if self.norm is None:
+            p, bn = c, None
+        elif taps is not None and isinstance(self.norm, BatchNorm2dWithStats):
+            p, bn = self.norm.forward_with_stats(c)
+        else:
+            p, bn = self.norm(c), None
+        if taps is not None:
+            taps.append((c, p) if bn is None else (c, p, bn))
+        return F.max_pool2d(F.relu(p), 2)  # (B, C_out, H/2, W/2)
+
+
 class SeedCNN(nn.Module):
     """conv(3→16→32→64, 3×3) → [norm] → ReLU → maxpool ×3 → dropout → fc 1024→500 → fc 500→10.
 
@@ -139,45 +168,36 @@ class SeedCNN(nn.Module):
     ``taps`` when a list is given, which is how statistics are recorded without hooks; a block
     whose BN layer computed batch statistics appends them third (``BatchStats``). A forward
     with taps calls the norm layers' ``forward_with_stats`` directly, past their hooks.
-    """
 
-    conv_layers = ("conv1", "conv2", "conv3")
+    ``blocks[i]`` is the conv layer the results call ``ACT_LAYERS[i]`` (``study.results``).
+    Checkpoints written before the blocks existed (``conv1.*``, ``norm1.*``, ...) still load.
+    """
 
     def __init__(self, norm: str = "batch", noise: float = 0.0, noise_scope: str = "channel"):
         super().__init__()
         if norm not in NORM_LAYERS:
             raise ValueError(f"unknown norm {norm!r}; known: {', '.join(NORM_LAYERS)}")
         widths = (3, 16, 32, 64)
-        for i, name in enumerate(self.conv_layers):
-            setattr(self, name, nn.Conv2d(widths[i], widths[i + 1], 3, padding=1))
-            setattr(self, f"norm{i + 1}", NORM_LAYERS[norm](widths[i + 1], noise, noise_scope))
+        self.blocks = nn.ModuleList(
+            ConvBlock(c_in, c_out, NORM_LAYERS[norm](c_out, noise, noise_scope))
+            for c_in, c_out in zip(widths[:-1], widths[1:], strict=True)
+        )
         self.dropout = nn.Dropout(0.25)
         self.fc1 = nn.Linear(64 * 4 * 4, 500)
         self.fc2 = nn.Linear(500, N_CLASSES)
 
     def forward(self, x: torch.Tensor, taps: list | None = None) -> torch.Tensor:
-        for i, name in enumerate(self.conv_layers):
-            c = getattr(self, name)(x)
-            norm = getattr(self, f"norm{i + 1}")
-            if norm is None:
-                p, bn = c, None
-            elif taps is not None and isinstance(norm, BatchNorm2dWithStats):
-                p, bn = norm.forward_with_stats(c)
-            else:
-                p, bn = norm(c), None
-            if taps is not None:
-                taps.append((c, p) if bn is None else (c, p, bn))
-            x = F.max_pool2d(F.relu(p), 2)
-        x = self.dropout(torch.flatten(x, 1))
-        x = self.dropout(F.relu(self.fc1(x)))
-        return self.fc2(x)
+        for block in self.blocks:  # (B, 3, 32, 32) → (B, 16, 16, 16) → (B, 32, 8, 8) → (B, 64, 4, 4)
+            x = block(x, taps)
+        x = self.dropout(torch.flatten(x, 1))  # (B, 1024)
+        x = self.dropout(F.relu(self.fc1(x)))  # (B, 500)
+        return self.fc2(x)  # (B, 10)
 
     def bn_channels(self) -> list[int]:
         """Per conv block, the channels of a norm layer that hands over its batch statistics
         (``BatchNorm2dWithStats``, noisy BN included), else 0: the widths ``EpochStats`` keeps
         them in."""
-        norms = (getattr(self, f"norm{i + 1}") for i in range(len(self.conv_layers)))
-        return [n.num_features if isinstance(n, BatchNorm2dWithStats) else 0 for n in norms]
+        return [b.norm.num_features if isinstance(b.norm, BatchNorm2dWithStats) else 0 for b in self.blocks]
 
     def noisy_layers(self) -> list[NoisyBatchNorm2d]:
         return [m for m in self.modules() if isinstance(m, NoisyBatchNorm2d)]
@@ -186,9 +206,29 @@ class SeedCNN(nn.Module):
         for m in self.noisy_layers():
             m.generator = generator
 
+    def stages(self) -> dict[str, nn.Module]:
+        """Each stage of the network by its layer's name (GRAD_LAYERS, in forward order): a conv
+        block (its conv and norm layer) or a fully connected layer."""
+        return dict(zip(GRAD_LAYERS, [*self.blocks, self.fc1, self.fc2], strict=True))
+
     def weight_layers(self) -> dict[str, nn.Module]:
-        """The layers whose weight-gradient norm is recorded, by name."""
-        return {n: getattr(self, n) for n in ("conv1", "conv2", "conv3", "fc1", "fc2")}
+        """The layers whose weight-gradient norm is recorded, by name (GRAD_LAYERS)."""
+        return {name: stage.conv if isinstance(stage, ConvBlock) else stage
+                for name, stage in self.stages().items()}
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        # A state dict of the layout before ConvBlock (the state.pt of older studies, which
+        # resume and study.noise_eval read) names block i's layers conv{i+1} and norm{i+1}.
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            old = _OLD_KEY.fullmatch(key[len(prefix) :])
+            if old is not None:
+                kind, number, rest = old.groups()
+                state_dict[f"{prefix}blocks.{int(number) - 1}.{kind}.{rest}"] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+#: A key of the layout before ConvBlock: (conv|norm)(block's number from 1).(parameter or buffer).
+_OLD_KEY = re.compile(r"(conv|norm)([1-9])\.(.+)")
 
 
 def build_model(norm: str, noise: float = 0.0, noise_scope: str = "channel") -> SeedCNN:

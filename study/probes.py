@@ -35,7 +35,7 @@ Every pass replays the step's forward exactly, and nothing that training uses is
 
 The machinery is generic (``probe_module``: any ``nn.Module``, a loss of its output and an
 ordered list of blocks) so that it can be checked on small models with known answers;
-``probe_step`` is the CNN of DESIGN §1 as one instance of it.
+``probe_step`` is the CNN of docs/design.md, "The experiment", as one instance of it.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from torch.func import functional_call
 
 from study.model import SeedCNN
 from study.results import PROBE_LAYERS
-from study.step import syncs_allowed
+from study.sync_debug import syncs_allowed
 
 #: The paper's step-size grid, as multiples of the learning rate: 8 log-spaced points in [0.5, 4]
 #: (the sweep's default for --probe-etas).
@@ -228,12 +228,10 @@ def probe_module(
 
 def cnn_blocks(model: SeedCNN) -> list[Block]:
     """The CNN's blocks in forward order: conv_j (+ norm_j's affine when it has one), fc1, fc2."""
-    names = dict(model.named_parameters())
-    blocks = []
-    for i, layer in enumerate(PROBE_LAYERS):
-        prefixes = (f"{layer}.",) + ((f"norm{i + 1}.",) if layer in model.conv_layers else ())
-        blocks.append(Block(layer, f"{layer}.weight", tuple(n for n in names if n.startswith(prefixes))))
-    return blocks
+    names = {p: n for n, p in model.named_parameters()}
+    stages, weights = model.stages(), model.weight_layers()
+    return [Block(layer, names[weights[layer].weight], tuple(names[p] for p in stages[layer].parameters()))
+            for layer in PROBE_LAYERS]
 
 
 def probe_step(

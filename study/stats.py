@@ -1,22 +1,21 @@
-"""One epoch's statistics, accumulated on the training device (DESIGN §2).
+"""One epoch's statistics, accumulated on the training device (docs/design.md, "What is
+recorded").
 
 Nothing here waits for the device during an epoch. Each step writes one row of a
 preallocated device buffer: the (sum, sum of squares) of every tap (the conv output and the
 ReLU input of each conv layer), the batch's loss and number of correct predictions, and on a
-gradient step the l2 norm of every parameter's gradient. One stack and one write a step:
-inside a CPU training loop each small operation costs 10-15 µs, and writing the three kinds
-of statistic separately took seven more of them (~0.2 ms of a ~8 ms step). Every
-``hist_every``-th step also counts each tap into its histogram. ``finish()`` moves it all to
-the host once, at the end of the epoch, and derives the rows of the layers and steps tables
-and the epoch's training loss and accuracy, in float64.
+gradient step the l2 norm of every parameter's gradient, in one stack and one write (each
+small operation costs a CPU training loop dearly). Every ``hist_every``-th step also counts
+each tap into its histogram. ``finish()`` moves it all to the host once, at the end of the
+epoch, and derives the rows of the layers and steps tables and the epoch's training loss and
+accuracy, in float64.
 
 A layer whose BatchNorm computed batch statistics (``study.model.BatchStats``) costs no
 pass at all: its conv output's moments follow from BN's per-channel mean and variance, and
 plain BN's output's from its weight and bias (its normalised output has, per channel, mean 0
 and mean square var/(var + eps)). The step's row then holds BN's four per-channel vectors,
-and ``finish()`` derives the moments from them in float64. On a CPU that saves the 12
-reductions of a BN step (1.033x the BN step's speed, bench/bn_moments.py); on a GPU as many
-kernels.
+and ``finish()`` derives the moments from them in float64 (bench/bn_moments.py measures what
+that saves).
 
 Recording a step is two halves so that a CUDA graph can replay the first: ``accumulate`` is
 device work only (it writes the row a device-side cursor points at, then advances it) and
@@ -118,7 +117,7 @@ class EpochStats:
         """Bin of each element: floor((x - lo) * bins / (hi - lo)), clamped to the edge bins.
 
         NaN (a diverging trial) lands in bin 0 through the second clamp. In place after the
-        first operation and as int32: ~4x faster on a CPU than out of place in int64.
+        first operation and as int32: on a CPU much faster than out of place in int64.
         """
         idx = x.reshape(-1).sub(self.lo).mul_(self.scale).clamp_(0, self.bins - 1).to(torch.int32)
         return idx.clamp_(0, self.bins - 1)
@@ -280,10 +279,10 @@ class TapReducer(list):
     """The taps list of one batch, reduced as it fills: the sum and the sum of squares of each
     tensor (float32, one pass each: a pairwise sum and a BLAS dot), and its histogram on a
     histogram step. Reducing a layer's (conv output, ReLU input) while the forward pass has
-    just written them finds them in cache: on a CPU the moments then cost ~15% less than
-    after the backward pass (0.58 against 0.67 ms a step, interleaved). A tap that brings its
-    BN layer's batch statistics (``study.model.BatchStats``) is not reduced: the statistics go
-    into the row, and ``EpochStats.finish`` derives the moments they cover."""
+    just written them finds them in cache: on a CPU the moments then cost less than after the
+    backward pass. A tap that brings its BN layer's batch statistics (``study.model.BatchStats``)
+    is not reduced: the statistics go into the row, and ``EpochStats.finish`` derives the
+    moments they cover."""
 
     def __init__(self, stats: EpochStats, hist: bool) -> None:
         super().__init__()

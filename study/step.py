@@ -16,46 +16,43 @@ numbers the eager step would have drawn next.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from study.data import augment_with
+from study.augment import augment_with
 from study.model import SeedCNN
 from study.stats import EpochStats
-
-if TYPE_CHECKING:  # study.probes imports this module
-    from study.probes import StepProber
+from study.sync_debug import syncs_allowed
 
 #: Where ``GraphedTrainStep`` takes CUDAGraph, graph, Stream, stream and current_stream from.
 #: tests/cuda_graph_emulation.py puts a CPU emulation of their semantics here.
 graph_api = torch.cuda
 
 
-@contextlib.contextmanager
-def syncs_allowed() -> Iterator[None]:
-    """CUDA's sync-debug mode off for a while: for work that waits for the device by design
-    (probes every N steps, capturing a graph once), inside a step loop that must not."""
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
-        yield
-        return
-    mode = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode(0)
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(mode)
+class Prober(Protocol):
+    """What a step asks of its probes (``study.probes.StepProber``): a look before the forward
+    pass and one after the backward pass, before the optimiser step."""
+
+    def before_forward(self, step: int) -> None: ...
+
+    def after_backward(self, model: SeedCNN, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                       y: torch.Tensor, loss: torch.Tensor, epoch: int) -> None: ...
+
+
+def graphs_run_on(device: torch.device) -> bool:
+    """Whether ``GraphedTrainStep`` can run on ``device``: a CUDA one, or any where
+    ``graph_api`` is an emulation (tests)."""
+    return device.type == "cuda" or graph_api is not torch.cuda
 
 
 def grads_to_none(device: torch.device) -> bool:
     """Whether a step on ``device`` clears its gradients by dropping them (``zero_grad(set_to_none
     =True)``), so that the backward pass hands over fresh tensors: on a CPU that saves the fill
-    and the add per parameter of zeroing in place, ~0.3 ms of a ~7 ms batch-16 step. On a GPU
-    they are zeroed in place, as a captured CUDA graph needs (it holds their addresses)."""
+    and the add per parameter of zeroing in place. On a GPU they are zeroed in place, as a
+    captured CUDA graph needs (it holds their addresses)."""
     return device.type == "cpu"
 
 
@@ -78,15 +75,15 @@ class TrainStep:
         self.stats.reset()
 
     def __call__(self, idx: torch.Tensor, theta: torch.Tensor, step: int, hist: bool, grad: bool,
-                 prober: StepProber | None = None, epoch: int = 0) -> None:
+                 prober: Prober | None = None, epoch: int = 0) -> None:
         numels = self.device_work(idx, theta, hist, grad, prober, step, epoch)
         self.book(numels, step, grad, len(idx))
 
     def device_work(self, idx: torch.Tensor, theta: torch.Tensor, hist: bool, grad: bool,
-                    prober: StepProber | None = None, step: int = 0, epoch: int = 0) -> list[int]:
+                    prober: Prober | None = None, step: int = 0, epoch: int = 0) -> list[int]:
         """Train on the images at ``idx``, each flipped and rotated by its ``theta``
-        (``study.data.augment_thetas``); returns the taps' element counts for ``book``."""
-        # index_select, not x[idx]: the same gather without advanced indexing's ~25 µs on a CPU
+        (``study.augment.augment_thetas``); returns the taps' element counts for ``book``."""
+        # index_select, not x[idx]: the same gather without advanced indexing's overhead on a CPU
         x = augment_with(self.train_x.index_select(0, idx), theta)
         y = self.train_y.index_select(0, idx)
         taps = self.stats.tap_reducer(hist)  # reduces each layer's activations as they are made
@@ -120,7 +117,7 @@ class GraphedTrainStep:
     def __init__(self, step: TrainStep, batch_size: int, generators: list[torch.Generator],
                  warmup: int = 3) -> None:
         dev = step.train_x.device
-        if dev.type != "cuda" and graph_api is torch.cuda:
+        if not graphs_run_on(dev):
             raise ValueError(f"CUDA graphs need a CUDA device; this trial runs on {dev}")
         self.step, self.generators, self.warmup = step, list(generators), warmup
         step.grads_to_none = False  # the graphs hold the gradients' addresses

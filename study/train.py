@@ -14,31 +14,20 @@ import socket
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from study.augment import augment_thetas, normalise
 from study.config import TrialConfig
-from study.data import DataArrays, augment_thetas, normalise, train_val_split
+from study.data import DataArrays, train_val_split
 from study.model import SeedCNN, build_model
 from study.probes import StepProber
 from study.stats import EpochStats
-from study.step import GraphedTrainStep, TrainStep
-
-torch.backends.cudnn.allow_tf32 = False
-torch.backends.cuda.matmul.allow_tf32 = False
-
-#: Whether a trial on a GPU replays its steps from CUDA graphs when ``run_trial`` is not told.
-#: On: tests/test_gpu.py (graphed statistics = eager ones to fp32 tolerance, no host sync in the
-#: step loop, resume) passed on an H200, where a batch-16 trial ran 8.0x as fast as eager
-#: (bench/gpu_check.sh, 2026-11-27).
-CUDA_GRAPH_DEFAULT = True
-
-#: Memory layout of the model's weights on a CPU: channels-last convolutions made the bare
-#: batch-16 step ~1.3x as fast on this project's 2-core VM (bench/throughput.py, a / a_nchw).
-CPU_CHANNELS_LAST = True
+from study.step import GraphedTrainStep, TrainStep, graphs_run_on
 
 #: How often (in steps) a CPU trial looks at the loss for divergence. A look would wait for a
 #: GPU, so there the loop looks only at the end of the epoch (a lost epoch is cheap there).
@@ -48,9 +37,35 @@ DIVERGENCE_CHECK_EVERY = 100
 STATE_FILE = "state.pt"
 
 EpochCallback = Callable[[dict, dict], None]
-#: Entered around each epoch's step loop; tests swap in torch.cuda's sync-debug mode to prove the
-#: steps never wait for the device.
-STEP_LOOP_CONTEXT: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a trial runs, as opposed to what it computes (its ``TrialConfig``).
+
+    ``device``: where it trains (None or "auto": a GPU if there is one). ``threads``: torch's
+    process-wide thread count (None: left as it is). ``cuda_graph``: replay the full batches'
+    steps from CUDA graphs, with the eager step's numbers; it applies on a CUDA device only
+    (tests/test_gpu.py and bench/gpu_check.sh check it there). ``cpu_channels_last``: the
+    model's memory layout on a CPU, where channels-last convolutions are faster (speed only:
+    tests/test_train.py). ``step_loop_context``: entered around each epoch's step loop; tests
+    put torch.cuda's sync-debug mode there to prove the steps never wait for the device, and
+    the benches a timer.
+    """
+
+    device: str | None = None
+    threads: int | None = None
+    cuda_graph: bool = True
+    cpu_channels_last: bool = True
+    step_loop_context: Callable[[], AbstractContextManager] = contextlib.nullcontext
+
+
+def disable_tf32() -> None:
+    """Keep float32 convolutions and matmuls in full float32 on GPUs that could use TF32 for them
+    (cuDNN does by default), so that a trial's numbers do not depend on the card it ran on.
+    Process-wide: called where a trial or an evaluation of one starts."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 @dataclass
@@ -85,9 +100,8 @@ def pick_device(device: str | None = None) -> torch.device:
 
 def build_optimizer(model: SeedCNN, cfg: TrialConfig, device: torch.device) -> torch.optim.SGD:
     """The trial's SGD with momentum. On a CPU it is PyTorch's fused kernel (one pass over each
-    parameter for momentum and update): ~0.36 ms a batch-16 step against the per-parameter
-    loop's ~0.6 ms. On a GPU it is PyTorch's default (foreach), the path the CUDA-graph
-    step was written and tested against."""
+    parameter for momentum and update, faster than the per-parameter loop). On a GPU it is
+    PyTorch's default (foreach), the path the CUDA-graph step was written and tested against."""
     fused = {"fused": True} if device.type == "cpu" else {}
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, **fused)
 
@@ -137,9 +151,7 @@ def run_trial(
     data: DataArrays,
     on_epoch: EpochCallback | None = None,
     resume_from: dict | None = None,
-    device: str | None = None,
-    threads: int | None = None,
-    cuda_graph: bool | None = None,
+    options: RunOptions | None = None,
 ) -> dict:
     """Train one trial; call ``on_epoch(record, state)`` after every epoch.
 
@@ -148,14 +160,15 @@ def run_trial(
     ``state`` is a ``torch.save``-able dict that ``resume_from`` continues from,
     giving the same numbers as a run that never stopped; it holds the live model's and
     optimiser's tensors, so save it during the call (later epochs change them).
-    ``cuda_graph`` replays the full batches' steps from CUDA graphs (GPU only; None:
-    ``CUDA_GRAPH_DEFAULT`` on a GPU), with the eager step's numbers. Returns a summary dict.
+    ``options``: where and how it runs (``RunOptions``; None: the defaults). Returns a
+    summary dict.
     """
-    dev = pick_device(device)
-    if cuda_graph is None:
-        cuda_graph = CUDA_GRAPH_DEFAULT and dev.type == "cuda"
-    if threads:
-        torch.set_num_threads(threads)
+    options = RunOptions() if options is None else options
+    dev = pick_device(options.device)
+    cuda_graph = options.cuda_graph and graphs_run_on(dev)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    disable_tf32()
     seed_torch, seed_data, seed_noise = trial_seeds(cfg.seed)
     torch.manual_seed(seed_torch)
     gens = {
@@ -165,7 +178,7 @@ def run_trial(
 
     d = DeviceData.from_arrays(data, cfg, dev)
     model = build_model(cfg.norm, cfg.noise, cfg.noise_scope).to(dev)
-    if dev.type == "cpu" and CPU_CHANNELS_LAST:
+    if dev.type == "cpu" and options.cpu_channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.set_noise_generator(gens["noise"])
     opt = build_optimizer(model, cfg, dev)
@@ -197,7 +210,7 @@ def run_trial(
         order = torch.randperm(n_train, generator=gens["data"], device=dev)
         thetas = augment_thetas(n_train, gens["data"], *d.train_x.shape[-2:])  # each slot's flip, rotation
         batches = list(zip(order.split(bs), thetas.split(bs), strict=True))  # views, made at once
-        with STEP_LOOP_CONTEXT():
+        with options.step_loop_context():
             for i in range(steps_per_epoch):
                 idx, theta = batches[i]
                 step = (epoch - 1) * steps_per_epoch + i

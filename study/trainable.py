@@ -10,6 +10,7 @@ Tune's own loggers see it. So results arrive wherever the trial ran.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import pickle
@@ -25,7 +26,7 @@ from ray import tune
 from study import results
 from study.config import TrialConfig
 from study.data import DataArrays
-from study.train import STATE_FILE, run_trial
+from study.train import STATE_FILE, RunOptions, run_trial
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,8 @@ def load_checkpoint_state(checkpoint: tune.Checkpoint) -> dict | None:
 def train_trial(space: dict, data: dict, cpus_per_trial: int = 1, cuda_graph: bool | None = None) -> None:
     """Tune function trainable: ``space["trial"]`` is a TrialConfig dict; ``data`` the arrays.
 
-    ``cuda_graph``: replay the steps from CUDA graphs where the trial runs on a GPU (None: the
-    default of ``study.train``); a trial on a CPU trains eagerly whatever it says."""
+    ``cuda_graph``: replay the steps from CUDA graphs where the trial runs on a GPU (None:
+    ``RunOptions``' default); a trial on a CPU trains eagerly whatever it says."""
     # Ray logs "Checkpoint successfully created at ..." for every epoch of every trial (750
     # lines in a full study), burying the progress table; the checkpoints' place is in the docs
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
@@ -72,8 +73,10 @@ def train_trial(space: dict, data: dict, cpus_per_trial: int = 1, cuda_graph: bo
             torch.save(state, Path(d) / STATE_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
-    run_trial(cfg, arrays, on_epoch, resume_from=resume, device=device, threads=cpus_per_trial,
-              cuda_graph=cuda_graph and device == "cuda")
+    options = RunOptions(device=device, threads=cpus_per_trial)
+    if cuda_graph is not None:
+        options = dataclasses.replace(options, cuda_graph=cuda_graph)
+    run_trial(cfg, arrays, on_epoch, resume_from=resume, options=options)
 
 
 class ParquetWriterCallback(tune.Callback):

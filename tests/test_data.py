@@ -1,5 +1,6 @@
-"""study.data against independent references: torchvision's transforms (tensor and PIL),
-PIL-decoded files, plain numpy, and small models trained on the synthetic set."""
+"""study.data against independent references: torchvision's CIFAR-10 and ImageFolder, PIL-decoded
+files, plain numpy, and a trial trained on real images. (The augmentation's tests are in
+test_augment.py, the synthetic images' in test_synthetic_images.py.)"""
 
 from __future__ import annotations
 
@@ -7,37 +8,24 @@ import os
 import shutil
 import tarfile
 import tempfile
-import time
 import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 import torchvision
-import torchvision.transforms.functional as TF
 from PIL import Image
-from torch import nn
-from torchvision import transforms
-from torchvision.transforms import InterpolationMode
 
 from study import data as data_mod
 from study.data import (
     DataArrays,
     DataError,
-    augment,
-    augment_with,
-    draw_augment_params,
     imagefolder_sizes,
     load_dataset,
     make_synthetic,
-    normalise,
     resolve_dataset_spec,
-    rotate_flip,
     train_val_split,
-    warp,
 )
 
 CIFAR10_JPEG = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10_jpeg.tar.gz"
@@ -52,7 +40,7 @@ def cifar10_jpeg_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
     once per session from ../shared/data and removed after it; skips where it is absent.
 
     It goes to RAM (/dev/shm) where there is room: on a disk mounted with ``discard``,
-    writing and then deleting 60,000 small files took minutes, on tmpfs seconds."""
+    writing and then deleting 60,000 small files is slow, on tmpfs it is not."""
     if not CIFAR10_JPEG.is_file():
         pytest.skip(f"real CIFAR-10 images not available: {CIFAR10_JPEG} is absent")
     shm = Path("/dev/shm")
@@ -66,219 +54,6 @@ def cifar10_jpeg_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
         yield dest / "cifar10_jpeg"
     finally:
         shutil.rmtree(dest, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------- synthetic
-
-
-def test_synthetic_shapes_dtypes_and_classes() -> None:
-    d = make_synthetic(600, 200, seed=3)
-    assert d.name == "synthetic" and len(d.classes) == 10 and len(set(d.classes)) == 10
-    for x, y, n in ((d.train_x, d.train_y, 600), (d.test_x, d.test_y, 200)):
-        assert x.shape == (n, 3, 32, 32) and x.dtype == np.uint8 and x.flags.c_contiguous
-        assert y.shape == (n,) and y.dtype == np.int64
-        assert y.min() >= 0 and y.max() <= 9
-    assert set(np.unique(d.train_y)) == set(range(10))
-    counts = np.bincount(d.train_y, minlength=10)
-    assert counts.min() > 30  # roughly balanced, 60 expected per class
-    assert d.train_x.std() > 30 and d.train_x.min() < 20 and d.train_x.max() > 235
-
-
-def test_synthetic_deterministic_seeded_and_prefix_stable() -> None:
-    a, b, c = make_synthetic(300, 100, seed=7), make_synthetic(300, 100, seed=7), None
-    for f in ("train_x", "train_y", "test_x", "test_y"):
-        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
-    c = make_synthetic(300, 100, seed=8)
-    assert not np.array_equal(a.train_x, c.train_x) and not np.array_equal(a.test_x, c.test_x)
-    big = make_synthetic(1000, 250, seed=7)
-    np.testing.assert_array_equal(big.train_x[:300], a.train_x)
-    np.testing.assert_array_equal(big.test_y[:100], a.test_y)
-    # Train and test come from different streams: no image appears in both.
-    train = {x.tobytes() for x in big.train_x}
-    assert not any(x.tobytes() in train for x in big.test_x)
-
-
-def test_synthetic_is_fast() -> None:
-    t = time.perf_counter()
-    make_synthetic(6000, 0, seed=0)
-    assert time.perf_counter() - t < 5.0  # ~0.3 s here; 60,000 images take a few seconds
-
-
-def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, opt) -> nn.Module:
-    for _ in range(epochs):
-        model.train()
-        for idx in torch.randperm(len(x)).split(32):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
-
-
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return (model(x).argmax(1) == y).float().mean().item()
-
-
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a small, busy machine torch's spinning threads can make a
-    tiny model 10x slower, and one thread is as fast for it anyway."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_synthetic_learnable_by_a_cnn_not_by_a_linear_model(one_thread) -> None:
-    d = make_synthetic(3000, 1000, seed=0)
-    x, y = normalise(torch.from_numpy(d.train_x)), torch.from_numpy(d.train_y)
-    tx, ty = normalise(torch.from_numpy(d.test_x)), torch.from_numpy(d.test_y)
-    torch.manual_seed(0)
-    cnn = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
-    )  # fmt: skip
-    _fit(cnn, x, y, 3, torch.optim.SGD(cnn.parameters(), lr=0.05, momentum=0.9))
-    linear = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
-    _fit(linear, x, y, 10, torch.optim.Adam(linear.parameters(), lr=1e-3))
-    cnn_acc, lin_acc = _accuracy(cnn, tx, ty), _accuracy(linear, tx, ty)
-    assert cnn_acc > 0.35, (cnn_acc, lin_acc)  # chance is 0.10
-    assert cnn_acc > lin_acc + 0.05, (cnn_acc, lin_acc)
-
-
-# ---------------------------------------------------------------------------- normalise
-
-
-def test_normalise_constants_and_torchvision() -> None:
-    for v, want in ((255, 1.0), (0, -1.0), (128, (128 / 255 - 0.5) / 0.5)):
-        out = normalise(torch.full((2, 3, 4, 4), v, dtype=torch.uint8))
-        assert out.dtype == torch.float32
-        torch.testing.assert_close(out, torch.full_like(out, want), rtol=0, atol=1e-6)
-    rng = np.random.default_rng(0)
-    hwc = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    ref = transforms.Compose(
-        [transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)]
-    )(Image.fromarray(hwc))
-    out = normalise(torch.from_numpy(hwc).permute(2, 0, 1)[None])[0]
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
-
-
-# ---------------------------------------------------------------------------- augmentation
-
-
-def _images(n: int = 6) -> torch.Tensor:
-    return torch.from_numpy(make_synthetic(n, 0, seed=11).train_x)
-
-
-@pytest.mark.parametrize("flip", [False, True])
-def test_rotate_flip_matches_torchvision_tensor_rotate(flip: bool) -> None:
-    x = _images()
-    for angle in (-10.0, -7.3, -2.5, 0.0, 0.4, 3.0, 6.25, 9.99, 10.0):
-        out = rotate_flip(x, torch.full((len(x),), angle), torch.full((len(x),), flip))
-        assert out.dtype == torch.float32 and out.shape == x.shape
-        ref = TF.rotate(TF.hflip(x) if flip else x, angle, InterpolationMode.NEAREST, fill=0)
-        same = (out.to(torch.uint8) == ref).all(1).float().mean().item()
-        assert same >= 0.99, (angle, same)
-
-
-def test_rotate_flip_matches_torchvision_pil_pipeline() -> None:
-    x = _images(4)
-    angles = torch.tensor([-9.5, -4.0, 2.2, 8.8])
-    flips = torch.tensor([True, False, True, False])
-    out = normalise(rotate_flip(x, angles, flips))
-    to_tensor = transforms.Compose(
-        [transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)]
-    )
-    for i in range(len(x)):
-        im = Image.fromarray(x[i].permute(1, 2, 0).numpy())
-        im = TF.hflip(im) if flips[i] else im
-        ref = to_tensor(TF.rotate(im, float(angles[i]), InterpolationMode.NEAREST, fill=0))
-        same = (out[i] - ref).abs().max(0).values.le(1e-6).float().mean().item()
-        assert same >= 0.99, (i, same)
-
-
-def test_rotate_flip_per_image_and_non_square() -> None:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (3, 3, 24, 40), dtype=torch.uint8, generator=g)
-    angles, flips = torch.tensor([-8.0, 0.0, 5.0]), torch.tensor([False, True, True])
-    out = rotate_flip(x, angles, flips).to(torch.uint8)
-    for i in range(3):
-        src = TF.hflip(x[i]) if flips[i] else x[i]
-        ref = TF.rotate(src, float(angles[i]), InterpolationMode.NEAREST, fill=0)
-        assert (out[i] == ref).all(0).float().mean().item() >= 0.99
-    torch.testing.assert_close(out[1], TF.hflip(x[1]), rtol=0, atol=0)
-
-
-def test_rotated_corners_are_black_before_normalisation() -> None:
-    white = torch.full((4, 3, 32, 32), 255, dtype=torch.uint8)
-    out = normalise(rotate_flip(white, torch.tensor([-10.0, -5.0, 5.0, 10.0]), torch.zeros(4)))
-    for r, c in ((0, 0), (0, 31), (31, 0), (31, 31)):
-        assert (out[:, :, r, c] == -1.0).all()
-    assert (out[:, :, 8:24, 8:24] == 1.0).all()
-
-
-def test_draw_augment_params_ranges_and_determinism() -> None:
-    angles, flips = draw_augment_params(20_000, torch.Generator().manual_seed(1))
-    assert angles.shape == flips.shape == (20_000,) and flips.dtype == torch.bool
-    assert angles.min() >= -10 and angles.max() <= 10
-    assert angles.min() < -9.9 and angles.max() > 9.9 and abs(angles.mean().item()) < 0.2
-    assert 0.48 < flips.float().mean().item() < 0.52
-    again = draw_augment_params(20_000, torch.Generator().manual_seed(1))
-    assert torch.equal(angles, again[0]) and torch.equal(flips, again[1])
-
-
-def test_augment_varies_per_image_and_flips_both_ways() -> None:
-    img = torch.zeros(3, 32, 32, dtype=torch.uint8)
-    img[:, 4:28, 2:12] = 255  # a bright bar on the left: asymmetric under a horizontal flip
-    x = img.expand(64, 3, 32, 32).contiguous()
-    before = torch.get_rng_state()
-    out = augment(x, torch.Generator().manual_seed(5))
-    assert torch.equal(before, torch.get_rng_state())  # only the given generator is used
-    assert out.dtype == torch.float32 and out.shape == x.shape
-    assert out.min() >= -1 and out.max() <= 1
-    assert len({o.numpy().tobytes() for o in out}) > 32
-    left, right = out[:, :, :, :16].mean((1, 2, 3)), out[:, :, :, 16:].mean((1, 2, 3))
-    flipped = right > left
-    assert 10 < flipped.sum().item() < 54
-    # The same draws replayed through the deterministic parts give the same batch.
-    angles, flips = draw_augment_params(64, torch.Generator().manual_seed(5))
-    assert torch.equal(flips, flipped)
-    torch.testing.assert_close(out, normalise(rotate_flip(x, angles, flips)), rtol=0, atol=0)
-    torch.testing.assert_close(out, augment(x, torch.Generator().manual_seed(5)), rtol=0, atol=0)
-
-
-def test_warp_samples_where_affine_grid_says() -> None:
-    """warp reuses a cached base grid; its sampling must be affine_grid's, bit for bit, for
-    square and non-square images and for the base grid's second and later uses."""
-    g = torch.Generator().manual_seed(3)
-    for shape in ((16, 3, 32, 32), (5, 2, 20, 36), (16, 3, 32, 32)):
-        x = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
-        theta = torch.randn(shape[0], 2, 3, generator=g) * 0.7
-        grid = F.affine_grid(theta, [shape[0], 1, *shape[-2:]], align_corners=False)
-        ref = F.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
-        assert torch.equal(warp(x, theta), ref)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_augment_on_gpu_matches_cpu_without_host_sync() -> None:
-    x = _images(64)
-    xg, g = x.cuda(), torch.Generator("cuda").manual_seed(3)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        out = augment(xg, g)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert out.device == xg.device and out.dtype == torch.float32
-    angles, flips = draw_augment_params(64, torch.Generator("cuda").manual_seed(3))
-    # the geometry is identical on both devices; the normalisation may differ by an ulp,
-    # since CUDA divides by a scalar through its reciprocal
-    assert torch.equal(rotate_flip(xg, angles, flips).cpu(), rotate_flip(x, angles.cpu(), flips.cpu()))
-    ref = normalise(rotate_flip(x, angles.cpu(), flips.cpu()))
-    torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- splits, subsets
@@ -569,28 +344,14 @@ def test_real_cifar10_jpegs(cifar10_jpeg_dir: Path, tmp_path: Path, monkeypatch)
 def test_real_cifar10_images_are_learnable_with_bn(cifar10_jpeg_dir: Path, tmp_path: Path) -> None:
     """One short epoch on 2,400 real images: the BN network clearly beats chance (10%)."""
     from study.config import TrialConfig
-    from study.train import run_trial
+    from study.train import RunOptions, run_trial
 
     data = load_dataset(f"imagefolder:{cifar10_jpeg_dir}", data_dir=tmp_path, subset=3000,
                         log=lambda s: None)
     cfg = TrialConfig(norm="batch", lr=0.02, epochs=1, batch_size=16)
-    summary = run_trial(cfg, data, device="cpu", threads=1)
+    summary = run_trial(cfg, data, options=RunOptions(device="cpu", threads=1))
     assert summary["status"] == "done"
     assert summary["final"]["test_acc"] > 0.2, summary["final"]
-
-
-def test_normalise_is_torchvisions_arithmetic_to_the_bit() -> None:
-    """x/127.5 - 1 against ToTensor + Normalize(0.5, 0.5)'s own operations, every pixel value."""
-    v = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
-    ref = v.to(torch.float32).div(255).sub(0.5).div(0.5)
-    assert torch.equal(normalise(v), ref)
-    hwc = v[0].permute(1, 2, 0).expand(16, 16, 3).contiguous().numpy()
-    tv = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
-    assert torch.equal(normalise(torch.from_numpy(hwc).permute(2, 0, 1)), tv(Image.fromarray(hwc)))
-    f = v.to(torch.float32)
-    assert torch.equal(normalise(f), ref) and torch.equal(f, v.to(torch.float32))  # input untouched
-    theta = torch.eye(2, 3).expand(1, 2, 3)  # the identity warp: augment_with is normalise
-    assert torch.equal(augment_with(v.expand(1, 3, 16, 16), theta), normalise(v.expand(1, 3, 16, 16)))
 
 
 def test_imagefolder_sizes_count_what_the_loader_reads(tree, tmp_path) -> None:

@@ -1,9 +1,10 @@
-"""On a CUDA GPU, a trial's step loop never waits for the device (DESIGN §2).
+"""On a CUDA GPU, a trial's step loop never waits for the device (docs/design.md, "What is
+recorded").
 
 ``torch.cuda.set_sync_debug_mode("error")`` turns every host synchronisation (``.item()``,
 ``float(t)``, a device-to-host copy, ``nonzero``, ``bincount`` sizing its output...) into a
-RuntimeError. It is switched on around each epoch's step loop through the
-``study.train.STEP_LOOP_CONTEXT`` hook and off again before the epoch's end, where moving the
+RuntimeError. It is switched on around each epoch's step loop through
+``study.train.RunOptions.step_loop_context`` and off again before the epoch's end, where moving the
 statistics to the host legitimately waits. Skipped where there is no CUDA device; it runs on
 the lent GPU machine as part of ``bash bench/gpu_check.sh``.
 """
@@ -50,17 +51,12 @@ def test_sync_debug_mode_turns_a_host_sync_into_an_error():
     [("none", 0.0, 0, False), ("batch", 0.0, 0, False), ("noisy_batch", 1.0, 0, False),
      ("noisy_batch", 1.0, 4, False), ("batch", 0.0, 0, True), ("noisy_batch", 1.0, 4, True)],
 )
-def test_step_loop_never_waits_for_the_device(monkeypatch, norm, noise, probe_every, cuda_graph):
-    import study.train as train
+def test_step_loop_never_waits_for_the_device(norm, noise, probe_every, cuda_graph):
     from study.config import TrialConfig
     from study.data import load_dataset
+    from study.train import RunOptions, run_trial
 
-    assert hasattr(train, "STEP_LOOP_CONTEXT"), (
-        "study.train needs STEP_LOOP_CONTEXT: a callable returning the context manager that "
-        "run_trial enters around each epoch's step loop"
-    )
     entered: list[int] = []
-    monkeypatch.setattr(train, "STEP_LOOP_CONTEXT", lambda: syncs_are_errors(entered))
     # 168 training images at batch 16: 11 steps, the last one short; histogram and gradient
     # norms every step, so every statistics path runs inside the checked loop
     cfg = TrialConfig(norm=norm, noise=noise, lr=0.01, batch_size=16, epochs=2, seed=3,
@@ -69,10 +65,10 @@ def test_step_loop_never_waits_for_the_device(monkeypatch, norm, noise, probe_ev
     data = load_dataset("synthetic", subset=210, log=lambda s: None)
     records: list[dict] = []
     with no_capture_failure():
-        out = train.run_trial(cfg, data, on_epoch=lambda rec, state: records.append(rec), device="cuda",
-                              cuda_graph=cuda_graph)
+        out = run_trial(cfg, data, on_epoch=lambda rec, state: records.append(rec), options=RunOptions(
+            device="cuda", cuda_graph=cuda_graph, step_loop_context=lambda: syncs_are_errors(entered)))
 
-    assert len(entered) == cfg.epochs, "run_trial did not enter STEP_LOOP_CONTEXT once per epoch"
+    assert len(entered) == cfg.epochs, "run_trial did not enter step_loop_context once per epoch"
     assert torch.cuda.get_sync_debug_mode() == 0
     assert out["status"] == "done" and out["device"].startswith("cuda")
     steps_per_epoch = math.ceil(168 / 16)
@@ -109,7 +105,7 @@ def test_cuda_graph_steps_give_the_eager_numbers(norm, noise):
     """
     from study.config import TrialConfig
     from study.data import load_dataset
-    from study.train import run_trial
+    from study.train import RunOptions, run_trial
 
     cfg = TrialConfig(norm=norm, noise=noise, lr=0.01, batch_size=16, epochs=2, seed=5,
                       hist_every=3, grad_every=2)
@@ -118,8 +114,8 @@ def test_cuda_graph_steps_give_the_eager_numbers(norm, noise):
     def run(cuda_graph: bool) -> list[dict]:
         records: list[dict] = []
         with torch.backends.cudnn.flags(enabled=True, deterministic=True, benchmark=False):
-            out = run_trial(cfg, data, lambda rec, state: records.append(rec), device="cuda",
-                            cuda_graph=cuda_graph)
+            out = run_trial(cfg, data, lambda rec, state: records.append(rec),
+                            options=RunOptions(device="cuda", cuda_graph=cuda_graph))
         assert out["status"] == "done"
         return records
 
@@ -151,7 +147,7 @@ def test_resume_on_the_gpu_gives_the_same_numbers(cuda_graph):
 
     from study.config import TrialConfig
     from study.data import load_dataset
-    from study.train import run_trial
+    from study.train import RunOptions, run_trial
 
     cfg = TrialConfig(norm="noisy_batch", noise=1.0, lr=0.01, epochs=2, seed=1)
     data = load_dataset("synthetic", subset=210, log=lambda s: None)
@@ -166,7 +162,8 @@ def test_resume_on_the_gpu_gives_the_same_numbers(cuda_graph):
                 raise StopIteration
 
         try:
-            run_trial(cfg, data, on_epoch, resume_from=resume, device="cuda", cuda_graph=cuda_graph)
+            run_trial(cfg, data, on_epoch, resume_from=resume,
+                      options=RunOptions(device="cuda", cuda_graph=cuda_graph))
         except StopIteration:
             pass
         return records, states

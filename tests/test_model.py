@@ -1,10 +1,12 @@
-"""The CNN and its norm variants against DESIGN §1 and the noise's definition."""
+"""The CNN and its norm variants against docs/design.md, "The experiment", and the noise's
+definition."""
 
 import pytest
 import torch
 from torch import nn
 
 from study.model import NoisyBatchNorm2d, build_model, noise_constants
+from study.results import GRAD_LAYERS
 
 
 def n_params(m: nn.Module) -> int:
@@ -24,18 +26,73 @@ def test_output_shape_and_parameter_counts():
 
 def test_layers_sit_where_the_design_says():
     m = build_model("batch")
-    convs = [(m.conv1, 3, 16), (m.conv2, 16, 32), (m.conv3, 32, 64)]
+    convs = [(m.blocks[0].conv, 3, 16), (m.blocks[1].conv, 16, 32), (m.blocks[2].conv, 32, 64)]
     for conv, cin, cout in convs:
         assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.padding) == (
             cin, cout, (3, 3), (1, 1))
-    assert [m.norm1.num_features, m.norm2.num_features, m.norm3.num_features] == [16, 32, 64]
+    assert [b.norm.num_features for b in m.blocks] == [16, 32, 64]
     assert (m.fc1.in_features, m.fc1.out_features, m.fc2.out_features) == (1024, 500, 10)
     assert m.dropout.p == 0.25
-    assert build_model("none").norm1 is None
-    assert isinstance(build_model("noisy_batch", 1.0).norm2, NoisyBatchNorm2d)
+    assert build_model("none").blocks[0].norm is None
+    assert isinstance(build_model("noisy_batch", 1.0).blocks[1].norm, NoisyBatchNorm2d)
     taps = []
     m(torch.randn(2, 3, 32, 32), taps)
     assert [t[0].shape[1:] for t in taps] == [(16, 32, 32), (32, 16, 16), (64, 8, 8)]
+
+
+def test_layers_are_named_as_the_results_name_them_and_ordered_as_the_seeds_network():
+    """GRAD_LAYERS name conv1..3 (the blocks' convs) and fc1, fc2; the parameters come conv
+    before norm, block after block, then fc1, fc2: the seed's order, which the gradient-norm
+    sums and the optimiser follow."""
+    m = build_model("batch")
+    weights = m.weight_layers()
+    assert list(weights) == list(GRAD_LAYERS) == ["conv1", "conv2", "conv3", "fc1", "fc2"]
+    assert [weights[n] for n in GRAD_LAYERS] == [m.blocks[0].conv, m.blocks[1].conv, m.blocks[2].conv,
+                                                 m.fc1, m.fc2]
+    assert list(m.stages().values()) == [*m.blocks, m.fc1, m.fc2]
+    order = [p for _, p in m.named_parameters()]
+    want = [t for b in m.blocks for t in (b.conv.weight, b.conv.bias, b.norm.weight, b.norm.bias)]
+    want += [m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias]
+    assert len(order) == len(want) and all(p is q for p, q in zip(order, want, strict=True))
+
+
+#: The state dict keys of the layout before ConvBlock (checkpoints of older studies), in order.
+OLD_KEYS = {
+    "none": ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "conv3.weight",
+             "conv3.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"],
+    "batch": [f"{layer}{i}.{name}" for i in (1, 2, 3)
+              for layer, names in (("conv", ("weight", "bias")),
+                                   ("norm", ("weight", "bias", "running_mean", "running_var",
+                                             "num_batches_tracked")))
+              for name in names] + ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"],
+}
+
+
+@pytest.mark.parametrize("norm", ["none", "batch", "noisy_batch"])
+def test_a_checkpoint_of_the_layout_before_the_blocks_loads(norm):
+    """A state dict keyed conv1.*, norm1.*, ... (as the state.pt of older studies) loads into the
+    same layers, and the model then computes what the saved one did."""
+    torch.manual_seed(0)
+    saved = build_model(norm, 1.0 if norm == "noisy_batch" else 0.0)
+    saved.set_noise_generator(torch.Generator().manual_seed(1))
+    with torch.no_grad():  # running statistics and a step count away from their defaults
+        saved(torch.randn(8, 3, 32, 32))
+    keys = OLD_KEYS["none" if norm == "none" else "batch"]
+    old = dict(zip(keys, (v.clone() for v in saved.state_dict().values()), strict=True))
+    loaded = build_model(norm, 1.0 if norm == "noisy_batch" else 0.0)
+    assert str(loaded.load_state_dict(old)) == "<All keys matched successfully>"
+    assert list(old) == keys  # the caller's dict is left as it was
+    for i, block in enumerate(loaded.blocks, 1):
+        assert torch.equal(block.conv.weight, old[f"conv{i}.weight"])
+        if norm != "none":
+            assert torch.equal(block.norm.running_var, old[f"norm{i}.running_var"])
+            assert torch.equal(block.norm.num_batches_tracked, old[f"norm{i}.num_batches_tracked"])
+    assert torch.equal(loaded.fc2.bias, old["fc2.bias"])
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(loaded.eval()(x), saved.eval()(x))
+    bad = dict(old, **{"norm4.weight": torch.ones(3)})
+    with pytest.raises(RuntimeError, match="norm4.weight|blocks.3"):
+        build_model(norm).load_state_dict(bad)
 
 
 def _forward_train(norm: str, noise: float, x: torch.Tensor) -> torch.Tensor:

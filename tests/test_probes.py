@@ -28,7 +28,7 @@ from study.probes import (
     save_rng,
 )
 from study.results import PROBE_LAYERS
-from study.train import run_trial
+from study.train import RunOptions, run_trial
 from tests.conftest import tiny_data
 
 F64 = torch.float64
@@ -184,10 +184,11 @@ def test_cnn_blocks_hold_each_conv_with_its_own_norm(norm):
     blocks = cnn_blocks(SeedCNN(norm, 1.0 if norm == "noisy_batch" else 0.0))
     assert [b.layer for b in blocks] == list(PROBE_LAYERS)
     for i, b in enumerate(blocks):
-        want = {f"{b.layer}.weight", f"{b.layer}.bias"}
+        module = f"blocks.{i}.conv" if b.layer.startswith("conv") else b.layer  # conv_i: block i-1
+        want = {f"{module}.weight", f"{module}.bias"}
         if norm != "none" and b.layer.startswith("conv"):
-            want |= {f"norm{i + 1}.weight", f"norm{i + 1}.bias"}
-        assert set(b.params) == want and b.weight == f"{b.layer}.weight"
+            want |= {f"blocks.{i}.norm.weight", f"blocks.{i}.norm.bias"}
+        assert set(b.params) == want and b.weight == f"{module}.weight"
 
 
 # ------------------------------------------------------------ the CNN: replay, nothing changed
@@ -301,7 +302,8 @@ def test_probe_rows_fit_the_probes_table():
 
 def run(cfg: TrialConfig, data: DataArrays):
     records, states = [], []
-    summary = run_trial(cfg, data, lambda r, s: (records.append(r), states.append(s)), device="cpu")
+    summary = run_trial(cfg, data, lambda r, s: (records.append(r), states.append(s)),
+                        options=RunOptions(device="cpu"))
     return records, states, summary
 
 
@@ -359,7 +361,7 @@ def test_probes_do_not_change_training_on_cuda():
     data = tiny_data()
     cfg = TrialConfig(norm="noisy_batch", noise=1.0, epochs=2, lr=0.01, grad_every=2)
     with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
-        runs = [run_trial(c, data, lambda r, s: None, device="cuda")["history"]
+        runs = [run_trial(c, data, lambda r, s: None, options=RunOptions(device="cuda"))["history"]
                 for c in (cfg, cfg, TrialConfig(**dict(cfg.to_dict(), probe_every=3)))]
     strip = [[{k: v for k, v in h.items() if k not in TIMING} for h in r] for r in runs]
     if strip[0] != strip[1]:

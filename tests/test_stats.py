@@ -214,11 +214,11 @@ def test_moments_from_bn_statistics_match_float64_reference(norm, layout, degene
     model.set_noise_generator(torch.Generator(device).manual_seed(1))
     with torch.no_grad():
         if degenerate:
-            model.conv1.weight[0] = 0  # channel 0: constant conv output
-            model.conv1.weight[1] *= 1e-3  # channel 1: variance ~1e-6, under eps = 1e-5
-        for k in (1, 2, 3):
-            getattr(model, f"norm{k}").weight.uniform_(0.5, 2)
-            getattr(model, f"norm{k}").bias.uniform_(-1, 1)
+            model.blocks[0].conv.weight[0] = 0  # channel 0: constant conv output
+            model.blocks[0].conv.weight[1] *= 1e-3  # channel 1: variance ~1e-6, under eps = 1e-5
+        for block in model.blocks:
+            block.norm.weight.uniform_(0.5, 2)
+            block.norm.bias.uniform_(-1, 1)
     acc = EpochStats(3, 1, (0,) * 5, 64, 8.0, torch.device(device), model.bn_channels())
     batches = []
     for n in (16, 16, 7):
@@ -226,13 +226,13 @@ def test_moments_from_bn_statistics_match_float64_reference(norm, layout, degene
         model(torch.randn(n, 3, 32, 32).to(device, memory_format=layout), taps)
         acc.count(acc.accumulate(taps), 0, False, n)
         ref = []
-        for k, (c, p, _bn) in enumerate(taps, 1):
+        for block, (c, p, _bn) in zip(model.blocks, taps, strict=True):
             c, p = c.detach().cpu().double(), p.detach().cpu().double()
             if norm == "batch":  # BN's output by its definition, in float64
-                norm_k = getattr(model, f"norm{k}")
+                layer = block.norm
                 mean, var = c.mean((0, 2, 3), keepdim=True), c.var((0, 2, 3), unbiased=False, keepdim=True)
-                w, b = (t.detach().cpu().double().view(1, -1, 1, 1) for t in (norm_k.weight, norm_k.bias))
-                defined = (c - mean) / torch.sqrt(var + norm_k.eps) * w + b
+                w, b = (t.detach().cpu().double().view(1, -1, 1, 1) for t in (layer.weight, layer.bias))
+                defined = (c - mean) / torch.sqrt(var + layer.eps) * w + b
                 if not degenerate:  # then it is the fp32 tensor's, to fp32 rounding
                     torch.testing.assert_close(defined, p, rtol=1e-5, atol=1e-5)
                 p = defined

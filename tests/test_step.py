@@ -52,7 +52,7 @@ def test_graphed_steps_give_the_eager_numbers_bit_for_bit(monkeypatch, emulated_
                       grad_every=2, probe_every=probe_every,
                       probe_etas=(0.5, 2.0) if probe_every else ())
     data = tiny_data()
-    eager, _, summary = collect(cfg, data)
+    eager, _, summary = collect(cfg, data, cuda_graph=False)  # the emulation would graph it too
     assert summary["status"] == "done"
     graphed, _, summary = _collect_graphed(cfg, data)
     assert summary["status"] == "done"
@@ -97,10 +97,22 @@ def test_the_emulation_catches_host_work_inside_a_capture(emulated_graphs):
 
 
 def test_graphs_on_a_cpu_without_the_emulation_are_one_clear_error():
-    from study.train import run_trial
+    """A graphed step refuses a CPU; a trial asked for CUDA graphs on a CPU trains eagerly
+    (the option applies on a CUDA device only), with the numbers of a trial not asked."""
+    from study.model import build_model
+    from study.stats import EpochStats
+    from study.train import build_optimizer
 
+    model = build_model("batch")
+    x, y = torch.zeros(32, 3, 32, 32, dtype=torch.uint8), torch.zeros(32, dtype=torch.int64)
+    stats = EpochStats.for_model(model, 2, 8, 8.0, torch.device("cpu"))
+    step = step_mod.TrainStep(model, build_optimizer(model, TrialConfig(), torch.device("cpu")), x, y, stats)
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
-        run_trial(TrialConfig(epochs=1), tiny_data(), device="cpu", cuda_graph=True)
+        step_mod.GraphedTrainStep(step, 16, [])
+    cfg, data = TrialConfig(epochs=1), tiny_data()
+    asked, _, _ = collect(cfg, data, cuda_graph=True)
+    not_asked, _, _ = collect(cfg, data, cuda_graph=False)
+    assert [comparable(r) for r in asked] == [comparable(r) for r in not_asked]
 
 
 @pytest.mark.parametrize("norm,noise", [("batch", 0.0), ("noisy_batch", 1.0)])

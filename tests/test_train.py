@@ -10,11 +10,12 @@ import torch
 
 from study.config import ConfigError, TrialConfig
 from study.model import build_model
-from study.train import evaluate, run_trial
+from study.train import RunOptions, evaluate, run_trial
 from tests.conftest import tiny_data
 
 
-def collect(cfg, data, resume_from=None, stop_after=None, **run_kw):
+def collect(cfg, data, resume_from=None, stop_after=None, **options):
+    """Run a trial on the CPU (``options``: more RunOptions); its records, states and summary."""
     records, states = [], []
 
     def on_epoch(record, state):
@@ -24,7 +25,8 @@ def collect(cfg, data, resume_from=None, stop_after=None, **run_kw):
             raise StopIteration
 
     try:
-        summary = run_trial(cfg, data, on_epoch, resume_from=resume_from, device="cpu", **run_kw)
+        summary = run_trial(cfg, data, on_epoch, resume_from=resume_from,
+                            options=RunOptions(device="cpu", **options))
     except StopIteration:
         summary = None
     return records, states, summary
@@ -61,20 +63,17 @@ def test_resume_gives_the_same_numbers_as_an_uninterrupted_run(norm, noise):
     assert [comparable(r) for r in first + rest] == [comparable(r) for r in straight]
 
 
-def test_channels_last_on_the_cpu_gives_the_numbers_of_the_nchw_layout(monkeypatch):
+def test_channels_last_on_the_cpu_gives_the_numbers_of_the_nchw_layout():
     """The CPU's channels-last layout is a speed choice only: same statistics to fp32 rounding.
 
     At a tiny learning rate: training amplifies rounding through ReLU and max-pool decisions
     that flip (at lr 0.01, some seeds' losses part by 1e-3 within 16 steps, in either
     layout pair), which would test the trajectory's chaos, not the layout."""
-    import study.train as train
-
     cfg = TrialConfig(norm="noisy_batch", noise=1.0, epochs=1, lr=1e-6, hist_every=1)
     data = tiny_data()
     runs = {}
     for layout in (False, True):
-        monkeypatch.setattr(train, "CPU_CHANNELS_LAST", layout)
-        runs[layout], _, _ = collect(cfg, data)
+        runs[layout], _, _ = collect(cfg, data, cpu_channels_last=layout)
     (ref,), (cl,) = runs[False], runs[True]
     for key in ("train_loss", "train_acc", "val_loss", "test_loss", "test_acc"):
         assert cl["epoch"][key] == pytest.approx(ref["epoch"][key], rel=1e-4, abs=1e-6), key
@@ -170,7 +169,7 @@ def test_evaluate_is_the_eval_mode_model_and_changes_nothing():
 
     import torch.nn.functional as F
 
-    from study.data import normalise
+    from study.augment import normalise
 
     torch.manual_seed(0)
     model = build_model("noisy_batch", noise=1.0)
@@ -224,8 +223,11 @@ def test_each_layers_gradient_norm_is_its_weights(monkeypatch):
     records, _, _ = collect(TrialConfig(norm="batch", epochs=1, lr=0.01, batch_size=32), tiny_data())
     steps = records[0]["steps"]
     assert len(seen) == len(steps["step"]) > 0
+    weight_of = {"conv1": "blocks.0.conv.weight", "conv2": "blocks.1.conv.weight",
+                 "conv3": "blocks.2.conv.weight", "fc1": "fc1.weight", "fc2": "fc2.weight"}
+    assert set(weight_of) == set(GRAD_LAYERS)
     for layer in GRAD_LAYERS:
-        np.testing.assert_allclose(steps[f"grad_norm_{layer}"], [s[f"{layer}.weight"] for s in seen],
+        np.testing.assert_allclose(steps[f"grad_norm_{layer}"], [s[weight_of[layer]] for s in seen],
                                    rtol=1e-5)
     np.testing.assert_allclose(steps["grad_norm"], [math.sqrt(sum(v**2 for v in s.values())) for s in seen],
                                rtol=1e-5)

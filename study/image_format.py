@@ -1,0 +1,9 @@
+"""The images every dataset is converted to and the CNN takes (docs/design.md, "The experiment").
+
+Apart from the data loaders so that the model can size its layers without importing them.
+"""
+
+#: Height and width of every image: CIFAR-10's 32×32 RGB.
+IMAGE_SIZE = 32
+#: Classes the CNN can tell apart (its last layer's outputs, study.model): CIFAR-10's.
+N_CLASSES = 10
