@@ -34,7 +34,7 @@ from study import results  # noqa: E402
 from study.config import TrialConfig  # noqa: E402
 from study.data import DataError, load_dataset  # noqa: E402
 from study.model import NoisyBatchNorm2d, SeedCNN, build_model, expected_scale  # noqa: E402
-from study.train import STATE_FILE, evaluate, pick_device  # noqa: E402
+from study.train import STATE_FILE, disable_tf32, evaluate, pick_device  # noqa: E402
 from study.variants import NOISY_NORMS  # noqa: E402
 
 
@@ -62,6 +62,7 @@ def evaluate_both(state: dict, test_x: torch.Tensor,
                   test_y: torch.Tensor) -> tuple[TrialConfig, float, float]:
     """(config, test accuracy as is, test accuracy mean-scaled) of one checkpointed trial, on
     the test split (uint8 images and labels, on the device to evaluate on)."""
+    disable_tf32()  # full fp32, as in training
     cfg = TrialConfig(**state["config"])
     model = build_model(cfg.norm, cfg.noise, cfg.noise_scope).to(test_x.device)
     model.load_state_dict(state["model"])

@@ -80,7 +80,7 @@ def test_cli_reports_each_noisy_trial_as_trained_and_mean_scaled(tmp_path, capsy
     model.eval()
     data = load_dataset("synthetic", subset=300, log=lambda s: None)
     for k in (1, 2, 3):
-        getattr(model, f"norm{k}").register_forward_hook(lambda m, a, o: o * 1.5)
+        model.blocks[k - 1].norm.register_forward_hook(lambda m, a, o: o * 1.5)
     x = torch.from_numpy(data.test_x).float() / 127.5 - 1
     with torch.no_grad():
         acc = (model(x).argmax(1) == torch.from_numpy(data.test_y)).double().mean().item()
