@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.cli import Parser, python_interrupts, quiet_until_main
+from common.cli import Parser, python_interrupts, quiet_until_main, unwritable
 
 if __name__ == "__main__":  # Ctrl-C while matplotlib and pandas load: one line, not a traceback
     quiet_until_main("python -m analysis.figures")
@@ -216,13 +215,9 @@ def _main(argv: Sequence[str] | None, started: list[Path]) -> int:
         formats=args.formats,
     )
     started.append(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        sys.stderr.write(f"{PROG}: error: cannot write to {out}: {_one_line(exc.strerror or exc)}\n")
+    why = unwritable(out)
+    if why:
+        sys.stderr.write(f"{PROG}: error: cannot write to {out}: {why}\n")
         return 2
     try:
         run(study, opts)

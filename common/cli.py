@@ -7,10 +7,12 @@ Belongs to neither wing (training, analysis) and imports only the standard libra
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 #: Exit status of a refused command line or input (argparse's).
 EXIT_USAGE = 2
@@ -25,6 +27,19 @@ def first_few(items: Sequence[object], limit: int = 3, sep: str = ", ") -> str:
     items = [str(i) for i in items]
     more = f"{sep}and {len(items) - limit} more" if len(items) > limit else ""
     return sep.join(items[:limit]) + more
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why ``folder`` (created if missing) cannot take new files, or None if it can: a command
+    asks before its long work rather than fail at its end."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        return " ".join(str(e.strerror or e).split())
+    return None
 
 
 class Parser(argparse.ArgumentParser):

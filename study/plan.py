@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from common.cli import UsageError, first_few
+from common.cli import UsageError, first_few, unwritable
 from study.config import TrialConfig
 from study.grid import GRID_KEYS, TRIAL_GRID_KEYS, Preset
 from study.results import trial_gap
@@ -20,13 +20,9 @@ from study.variants import NOISY_NORMS
 
 def check_out_dir(out: Path) -> None:
     """Fail early if the results folder cannot be written."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"--out: cannot write to {out}: {e.strerror or e}") from None
+    why = unwritable(out)
+    if why:
+        raise UsageError(f"--out: cannot write to {out}: {why}")
 
 
 @contextlib.contextmanager
