@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import pickle
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,45 @@ from study.train import STATE_FILE, RunOptions, run_trial
 log = logging.getLogger(__name__)
 
 ROWS_KEY = "_rows"
+#: A result key whose value says why the trial cannot run at all; the sweep stops on it.
+FATAL_KEY = "_fatal"
+
+
+def nvidia_driver() -> str:
+    """The NVIDIA kernel driver's version on this node, or why there is none."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+    except OSError:
+        return "none found"
+    found = re.search(r"Kernel Module\s+(\S+)", text)
+    return found.group(1) if found else text.splitlines()[0]
+
+
+def no_gpu_reason(gpu_share: float) -> str | None:
+    """Why a trial given a share of a GPU cannot use one on this node, or None if it can:
+    such a trial must not train on the CPU for hours under a progress table that looks normal."""
+    if not gpu_share or torch.cuda.is_available():
+        return None
+    needs = (f"CUDA {torch.version.cuda}, so an NVIDIA driver that supports it" if torch.version.cuda
+             else "a CUDA build of torch (this one is CPU-only)")
+    return (f"was given {gpu_share:g} of a GPU on node {ray.util.get_node_ip_address()}, where torch "
+            f"{torch.__version__} finds no usable CUDA device (NVIDIA driver: {nvidia_driver()}; "
+            f"this torch needs {needs})")
+
+
+class StopOnFatal(tune.Stopper):
+    """Stops the whole study once a trial reports that it cannot run (``FATAL_KEY``): every
+    other trial would meet the same node and retrying would not help."""
+
+    def __init__(self) -> None:
+        self.fatal = False
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        self.fatal = self.fatal or bool(result.get(FATAL_KEY))
+        return bool(result.get(FATAL_KEY))
+
+    def stop_all(self) -> bool:
+        return self.fatal
 
 
 def load_checkpoint_state(checkpoint: tune.Checkpoint) -> dict | None:
@@ -56,7 +96,12 @@ def train_trial(space: dict, data: dict, cpus_per_trial: int = 1, cuda_graph: bo
     arrays = DataArrays(**data)
     gpu_share = tune.get_context().get_trial_resources().required_resources.get("GPU", 0)
     gpu_ids = [str(g) for g in ray.get_gpu_ids()]
-    device = "cuda" if gpu_share and torch.cuda.is_available() else "cpu"
+    reason = no_gpu_reason(gpu_share)
+    if reason:
+        tune.report({FATAL_KEY: f"{cfg.trial_id} {reason}", "status": "error", "gpus": gpu_share,
+                     "node_id": ray.get_runtime_context().get_node_id()})
+        return
+    device = "cuda" if gpu_share else "cpu"
 
     resume = None
     checkpoint = tune.get_checkpoint()
@@ -139,9 +184,11 @@ class ParquetWriterCallback(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         blob = result.pop(ROWS_KEY, None)
+        cfg = TrialConfig.from_dict(trial.config["trial"])
+        if result.get(FATAL_KEY) and not self._finished(cfg):
+            results.write_trial_row(self.out_dir, self._trial_row(cfg, "error", [], error=result[FATAL_KEY]))
         if blob is None:
             return
-        cfg = TrialConfig.from_dict(trial.config["trial"])
         if self._finished(cfg):
             return
         record = pickle.loads(blob)

@@ -79,7 +79,7 @@ def run_tune(ray, study: Study, how: TuneSettings) -> int:
     from ray import tune
 
     from study.data import DataError, load_dataset
-    from study.trainable import ParquetWriterCallback, data_to_numpy, train_trial
+    from study.trainable import FATAL_KEY, ParquetWriterCallback, data_to_numpy, train_trial
 
     check_cluster(ray, how.gpus, how.resources["CPU"], study.storage)
     t0 = time.time()
@@ -119,8 +119,13 @@ def run_tune(ray, study: Study, how: TuneSettings) -> int:
         tuner = new_tuner(study, how, trainable, writer)
     for logger in ("ray.tune.tune", "ray.tune.analysis.experiment_analysis"):
         logging.getLogger(logger).addFilter(TUNE_STOP_NOTES)  # the same object is added once
-    errors = tuner.fit().num_errors  # a first Ctrl-C makes Tune save its state and return
-    return outcome(study, errors, time.time() - t0)
+    grid = tuner.fit()  # a first Ctrl-C makes Tune save its state and return
+    fatal = [r.metrics[FATAL_KEY] for r in grid if r.metrics and r.metrics.get(FATAL_KEY)]
+    if fatal:
+        print(f"study.sweep: error: trial {fatal[0]}; the study stopped (resume it with --resume "
+              "once the node's driver is fixed)", file=sys.stderr)
+        return 1
+    return outcome(study, grid.num_errors, time.time() - t0)
 
 
 def restored_tuner(study: Study, trainable, writer):
@@ -157,6 +162,8 @@ def new_tuner(study: Study, how: TuneSettings, trainable, writer):
     """A new Tune experiment of the study's pending trials, one Tune trial per grid point."""
     from ray import tune
 
+    from study.trainable import StopOnFatal
+
     return tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search([c.to_dict() for c in study.pending])},
@@ -172,6 +179,7 @@ def new_tuner(study: Study, how: TuneSettings, trainable, writer):
             name=study.name,
             storage_path=study.storage,
             callbacks=[writer],
+            stop=StopOnFatal(),
             progress_reporter=tune.CLIReporter(
                 parameter_columns={"trial/norm": "norm", "trial/noise": "noise", "trial/lr": "lr",
                                    "trial/seed": "seed"},

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 from study import cluster, grid, plan, results, sweep
@@ -475,8 +476,12 @@ def test_cluster_yaml_passes_rays_validation():
     assert mps < next(i for i, c in enumerate(start) if "ray start" in c)
 
 
-def test_two_node_cluster_packs_trials_on_the_gpu_node(tmp_path):
-    """A head and a node with 2 fake GPUs; --gpus 2 --trials-per-gpu 2 → 0.5 GPU per trial.
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a node whose GPUs CUDA cannot see")
+def test_a_gpu_share_on_a_node_without_cuda_stops_the_study_in_one_line(tmp_path):
+    """A head and a node with 2 fake GPUs (no CUDA); --gpus 2 --trials-per-gpu 2 → 0.5 GPU per
+    trial, placed on the GPU node, where each trial finds no CUDA: it must not train on the CPU
+    (it did, silently, as 'done'); the sweep stops with one line naming the node and the driver,
+    exit 1, and writes no epoch of any trial.
 
     No --address, as on a `ray up` head node: the sweep finds the cluster running here."""
     import ray
@@ -493,18 +498,25 @@ def test_two_node_cluster_packs_trials_on_the_gpu_node(tmp_path):
              "--seeds", "0,1", "--lrs", "0.02", "--epochs", "1", "--dataset", "synthetic",
              "--subset", "120", "--gpus", "2", "--trials-per-gpu", "2", "--out", str(out)],
             cwd=ROOT, env=env, timeout=300, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
         assert f"joining the Ray cluster running on this machine at {cluster.address}" in proc.stdout
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("study.sweep: error:")]
+        assert len(errors) == 1, proc.stderr[-3000:]
+        assert "was given 0.5 of a GPU on node" in errors[0] and "finds no usable CUDA device" in errors[0]
+        # the sweep's own lines carry no traceback (Ray forwards those of the trials it stops,
+        # prefixed with their worker)
+        own = [line for line in proc.stderr.splitlines() if "pid=" not in line]
+        assert "NVIDIA driver:" in errors[0] and not any("Traceback" in line for line in own)
         trial_ids = {f.stem for f in (out / "trials").glob("*.parquet")}
-        assert len(trial_ids) == 4
+        assert trial_ids, "the trial that met the node is recorded"
         for tid in trial_ids:
             row = results.read_table_file(results.table_path(out, "trials", tid)).to_pylist()[0]
-            assert row["status"] == "done" and row["device"] == "cpu"
+            assert row["status"] == "error" and "no usable CUDA device" in row["error"]
+            assert row["epochs_done"] == 0
             lines = (out / "tune" / "full" / tid / "result.json").read_text().splitlines()
             reported = json.loads(lines[-1])
-            assert reported["node_id"] == gpu_node.node_id
-            assert reported["gpu_ids"] in ("0", "1") and reported["gpus"] == 0.5
-        assert len(read_tables(out)["epochs"]) == 4
+            assert reported["node_id"] == gpu_node.node_id and reported["gpus"] == 0.5
+        assert not list((out / "epochs").glob("*.parquet")), "no trial trained on the CPU"
     finally:
         if ray.is_initialized():
             ray.shutdown()
