@@ -29,6 +29,9 @@ TINY = ["--norms", "none,batch", "--seeds", "0,1", "--lrs", "0.02", "--epochs", 
 for _name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_NAMESPACE"):
     os.environ.pop(_name, None)
 os.environ["MPLBACKEND"] = "Agg"
+# Every Ray the tests start (and the sweeps they run) listens on 127.0.0.1 only: with this,
+# Ray takes the loopback address as the node's instead of the machine's network address.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
 def as_from_a_terminal() -> None:
