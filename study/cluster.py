@@ -4,9 +4,12 @@ cluster has them, Tune's storage, and NVIDIA MPS on this machine (docs/cluster.m
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from common.cli import UsageError
@@ -110,12 +113,111 @@ def check_local_gpus(gpus: int) -> None:
                          "GPUs (use --address to join a cluster)")
 
 
+#: What a user does to let this machine into a cluster that asks for Ray's token (keeping the
+#: cluster's token authentication on: it is what keeps others on the network from running code there).
+TOKEN_HOW = ("copy the cluster's token (~/.ray/auth_token on its head) to ~/.ray/auth_token here, "
+             "or point RAY_AUTH_TOKEN_PATH at a copy (or set RAY_AUTH_TOKEN)")
+
+
+def _token_source() -> str:
+    """Where Ray reads its authentication token from here, in Ray's own order."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return os.environ["RAY_AUTH_TOKEN_PATH"]
+    return str(Path.home() / ".ray" / "auth_token")
+
+
+@contextmanager
+def _stderr_held():
+    """Keep what Ray's C++ client writes to stderr while it is refused (a warning per try); the
+    sweep says what went wrong in its own line. Yields the file that holds it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield held
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _check_token(address: str) -> None:
+    """Join a cluster that asks for Ray's authentication token (``ray start --head`` turns token
+    auth on wherever ~/.ray/auth_token exists), or fail in one line saying what to do.
+
+    ``ray.init(address=...)`` turns token mode on only for a cluster it finds itself, so with an
+    explicit address and RAY_AUTH_MODE unset it is refused and retries for ~20 s before a
+    "Failed to connect". Here one GCS connection (well under a second) asks first; where the
+    cluster wants a token and one is readable here, token mode is turned on as Ray's own
+    ``_enable_token_auth`` does. Ray's private API: where it is missing, ray.init decides alone."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config, GcsClient
+        from ray.exceptions import AuthenticationError, RpcError
+    except ImportError:
+        return
+    where = f"--address: the Ray cluster at {address}"
+    mode = os.environ.get("RAY_AUTH_MODE")
+    token_mode = mode is not None and mode.lower() == "token"
+    loader = AuthenticationTokenLoader.instance()
+
+    def unreadable() -> str | None:
+        """Why no token is readable here (None where one is)."""
+        try:
+            return None if loader.has_token(ignore_auth_mode=True) else "none is readable here"
+        except AuthenticationError:  # Ray's loader refuses a RAY_AUTH_TOKEN_PATH it cannot read
+            return f"RAY_AUTH_TOKEN_PATH={os.environ.get('RAY_AUTH_TOKEN_PATH')} is missing or empty"
+
+    def lets_in() -> bool:
+        """True if the cluster lets this process in; False if it wants another token or one."""
+        with _stderr_held() as held:
+            try:
+                GcsClient(address=address)
+            except AuthenticationError:
+                return False
+            except RpcError as e:  # Ray's client logs the reason, its exception often not
+                held.seek(0)
+                logged = held.read().decode(errors="replace").strip().splitlines()
+                said = re.sub(r"^\[[^]]*\] \S+: ", "", logged[-1]) if logged else str(e)
+                raise UsageError(f"--address: {address} does not answer as a Ray cluster's head "
+                                 f"(the port of `ray start --head --port`, 6379 by default): "
+                                 f"{' '.join(said.split())}") from None
+        return True
+
+    try:
+        if token_mode and (why := unreadable()):  # Ray's client would abort this process
+            raise UsageError(f"--address: RAY_AUTH_MODE=token here, to join the Ray cluster at "
+                             f"{address}, but {why}: {TOKEN_HOW}")
+        if lets_in():
+            return
+        if not token_mode:
+            if mode is not None:
+                raise UsageError(f"{where} requires its authentication token and RAY_AUTH_MODE={mode} "
+                                 f"here: unset it and {TOKEN_HOW}")
+            if why := unreadable():
+                raise UsageError(f"{where} requires its authentication token and {why}: {TOKEN_HOW}")
+            os.environ["RAY_AUTH_MODE"] = "token"  # what Ray's _enable_token_auth() does
+            Config.initialize("")
+            loader.reset_cache()
+            if lets_in():
+                return
+    except UsageError:
+        raise
+    except Exception:  # Ray's private API changed: ray.init decides alone
+        return
+    raise UsageError(f"{where} refuses the authentication token found here (in {_token_source()}; "
+                     f"another cluster's?): {TOKEN_HOW}")
+
+
 def init_ray(address: str):
     """Join the Ray cluster at ``address`` (from ``resolve_address``) or start a local one."""
     import ray
 
     if address != "local":
         _check_address(address)
+        if address != "auto" and not address.startswith("ray://"):
+            _check_token(address)
         try:
             ray.init(address=address, logging_level="WARNING")
         except (ConnectionError, RuntimeError) as e:
