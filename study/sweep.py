@@ -91,6 +91,16 @@ def _positive_int(name: str, minimum: int = 1):
     return parse
 
 
+def _local_folder(text: str) -> str:
+    # Path("s3://b/x") is the local folder "s3:/b/x": refuse it rather than write there.
+    if "://" in text:
+        raise argparse.ArgumentTypeError(
+            f"--out: {text} is a URI; results are written to a local folder on the driver (a "
+            "results folder on S3 is not supported yet). --storage takes s3:// URIs for Tune's "
+            "checkpoints")
+    return text
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show defaults, except the preset-given ones (None), whose help says so."""
 
@@ -145,7 +155,8 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--probe-etas", type=_list(float, "--probe-etas"), default=(),
                    help="probe step sizes as multiples of lr (default: 8 log-spaced in [0.5, 4])")
     w = p.add_argument_group("where and how")
-    w.add_argument("--out", default="results", help="results folder (Parquet tables)")
+    w.add_argument("--out", type=_local_folder, default="results",
+                   help="results folder (Parquet tables), a local path")
     w.add_argument("--name", default=None, help="study name (default: the preset's)")
     w.add_argument("--gpus", type=_positive_int("--gpus", 0), default=0,
                    help="total GPUs the study may use; trials get 1/--trials-per-gpu GPU each")

@@ -67,3 +67,15 @@ def test_every_command_line_refuses_a_bad_flag_in_one_line(module, prog, argv, w
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(f"{prog}: error: ") and words in err and err.count("\n") == 1, err
+
+
+def test_a_uri_as_the_results_folder_is_refused_not_made_a_local_folder(tmp_path, capsys, monkeypatch):
+    """``--out s3://bucket/x`` was the local folder ``s3:/bucket/x``."""
+    from study.sweep import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", "s3://bucket/x", "--dry-run"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "--out: s3://bucket/x is a URI" in err
+    assert not (tmp_path / "s3:").exists()
