@@ -163,46 +163,99 @@ def write_accuracy_table(table: pd.DataFrame, study: Study, opts: Options, repor
     )
 
 
-def stability_table(study: Study, opts: Options) -> tuple[pd.DataFrame, int]:
-    """Variant × lr: each ``STABILITY_METRICS`` quantity of the done runs' global gradient
-    norm (mean and interval over runs), past the first epoch when the study has more than
-    one; returns the table and the number of epochs skipped."""
-    epochs = pd.to_numeric(study.trials["epochs"], errors="coerce").max()
-    skip = 1 if epochs >= 2 else 0
+def run_lengths(trials: pd.DataFrame) -> pd.Series:
+    """Each trial's length as planned, in epochs (0 where the trials table lacks it)."""
+    return pd.to_numeric(trials["epochs"], errors="coerce").fillna(0).astype(int)
+
+
+def length_label(length: int) -> str:
+    """A run length for a table cell: its epochs, ``–`` where unrecorded."""
+    return str(length) if length > 0 else "–"
+
+
+def skipped_epochs(length: int) -> int:
+    """The epochs left out of a run's gradient-stability window: its first, where the norm
+    settles, unless that is all the run has."""
+    return 1 if length >= 2 else 0
+
+
+def stability_runs(study: Study) -> tuple[pd.DataFrame, dict[int, int]]:
+    """One row per run with steps: its trial columns, length (``epochs``) and
+    ``analysis.stability.gradient_stability`` over its window, the steps after its first
+    epoch (``skipped_epochs``); returns the rows and the epochs skipped per run length."""
     if study.steps.empty:
         raise Skip("no run has per-step gradient norms")
     layers = tuple(name for name in results.GRAD_LAYERS if f"grad_norm_{name}" in study.steps)
     trials = study.trials[["trial_id", "variant", "norm", "noise", "lr", "seed", "status"]]
-    per_run = trials.assign(trial_id=trials["trial_id"].astype(str)).merge(
-        gradient_stability(study.steps, skip, layers), on="trial_id")
+    trials = trials.assign(trial_id=trials["trial_id"].astype(str), epochs=run_lengths(study.trials))
+    trials = trials[["trial_id", "variant", "norm", "noise", "lr", "epochs", "seed", "status"]]
+    lengths = sorted(int(x) for x in trials["epochs"].unique())
+    skips = {length: skipped_epochs(length) for length in lengths}
+    parts = []
+    for length in lengths:
+        steps = study.steps
+        if len(lengths) > 1:
+            ids = trials.loc[trials["epochs"] == length, "trial_id"]
+            steps = steps[steps["trial_id"].astype(str).isin(ids)]
+        parts.append(gradient_stability(steps, skips[length], layers))
+    return trials.merge(pd.concat(parts, ignore_index=True), on="trial_id"), skips
+
+
+def stability_table(study: Study, opts: Options,
+                    runs: tuple[pd.DataFrame, dict[int, int]] | None = None
+                    ) -> tuple[pd.DataFrame, dict[int, int]]:
+    """Variant × lr × run length: each ``STABILITY_METRICS`` quantity of the done runs' global
+    gradient norm (mean and interval over runs) over their windows (``stability_runs``, or
+    ``runs`` where already computed); runs of different lengths are never pooled. Writes
+    gradient_stability_runs.csv; returns the table and the epochs skipped per run length."""
+    per_run, skips = runs if runs is not None else stability_runs(study)
     per_run.to_csv(opts.out / "gradient_stability_runs.csv", index=False)
     done = per_run[per_run["status"] == "done"]
     if done.empty:
         raise Skip("no finished run has per-step gradient norms")
-    keys = ["variant", "lr"]
+    keys = ["variant", "lr", "epochs"]
     rows = done.groupby(keys, observed=True, sort=True).agg(
         norm=("norm", "first"), noise=("noise", "first"), n=("trial_id", "size"))
     _add_intervals(rows, done, keys, list(STABILITY_METRICS), opts)
     out = rows.reset_index()
     out["variant"] = out["variant"].astype(str)
-    return out, skip
+    return out, {int(length): skips[int(length)] for length in sorted(out["epochs"].unique())}
 
 
-def write_stability_table(table: pd.DataFrame, skip: int, study: Study, opts: Options,
+def window_note(skips: dict[int, int]) -> str:
+    """Words for the steps a gradient-stability quantity is over, per run length."""
+    def one(length: int, skip: int) -> str:
+        if length < 1:
+            return "every epoch of runs of unrecorded length"
+        epochs = f"epoch {skip + 1}" if skip + 1 == length else f"epochs {skip + 1}–{length}"
+        return f"{epochs} of {length}-epoch runs"
+
+    past = "after the first epoch, where the norm settles" if any(skips.values()) else "in every epoch"
+    return f"{past} (the window: " + ", ".join(one(n, skip) for n, skip in sorted(skips.items())) + ")"
+
+
+def write_stability_table(table: pd.DataFrame, skips: dict[int, int], study: Study, opts: Options,
                           report: Report) -> None:
     """The gradient-stability table as CSV (full precision), Markdown and LaTeX."""
     table.to_csv(opts.out / "gradient_stability.csv", index=False)
-    past = f"after the first {'epoch' if skip == 1 else f'{skip} epochs'}" if skip else "in every epoch"
+    lengths = sorted(skips)
     notes = [
-        f"Per run, over its global gradient ℓ2 norm ‖g‖ at each recorded step {past}: "
+        f"Per run, over its global gradient ℓ2 norm ‖g‖ at each recorded step {window_note(skips)}: "
         + "; ".join(f"{h}: {what}" for h, what in STABILITY_METRICS.values()) + ".",
+        "Runs of different lengths are never pooled (each row is over runs of one length, its "
+        "epochs): CV and max ÷ median grow with the window's length"
+        + (f", so compare rows of the same length only (this study's runs are of "
+           f"{', '.join(length_label(x) for x in lengths[:-1])} and {length_label(lengths[-1])} epochs)."
+           if len(lengths) > 1 else "."),
         f"{_interval_note(opts)}. Dataset: {', '.join(study.datasets)}.",
-        "Each run's values, for each layer's norm too: gradient_stability_runs.csv.",
+        "Each run's values and its number of steps in the window, for each layer's norm too: "
+        "gradient_stability_runs.csv.",
     ]
-    header = ["variant", "lr", *(h for h, _ in STABILITY_METRICS.values()), "n"]
+    header = ["variant", "lr", "epochs", *(h for h, _ in STABILITY_METRICS.values()), "n"]
 
     def cells(r, tex: bool) -> list[str]:
         return [tex_escape(r.variant) if tex else r.variant, format_number(r.lr),
+                length_label(r.epochs),
                 *(_cell(getattr(r, f"{m}_mean"), getattr(r, f"{m}_lo"), getattr(r, f"{m}_hi"),
                         getattr(r, f"{m}_n"), r.n, tex, symmetric=opts.method == "t", digits=3)
                   for m in STABILITY_METRICS),
@@ -212,7 +265,7 @@ def write_stability_table(table: pd.DataFrame, skip: int, study: Study, opts: Op
     md_lines = _md_table(header, [cells(r, False) for r in rows])
     md_text = "\n".join(md_lines) + "\n\n" + "\n\n".join(notes) + "\n"
     _write_table(opts, report, "gradient_stability", "Gradient stability",
-                 "Gradient stability per variant and learning rate", md_text,
+                 "Gradient stability per variant, learning rate and run length", md_text,
                  " & ".join(tex_escape(h) for h in header), [" & ".join(cells(r, True)) for r in rows],
                  tex_escape(" ".join(notes)), "tab:gradient-stability", ["gradient_stability_runs.csv"])
 
