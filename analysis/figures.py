@@ -5,8 +5,8 @@ study (``analysis.load.load_studies``), and writes into ``RESULTS/figures`` (or 
 figures (docs/design.md, "Analysis outputs") with confidence bands across seeds (``FIGURES``,
 drawn by ``analysis.plots_activations``, ``analysis.plots_training`` and
 ``analysis.plots_probes``), the accuracy and gradient-stability tables (``analysis.tables``),
-and ``index.md`` / ``index.html`` showing them all with the study's settings
-(``analysis.report``).
+the paired comparisons between variants (``analysis.comparisons``), and ``index.md`` /
+``index.html`` showing them all with the study's settings (``analysis.report``).
 A figure whose data the study lacks is skipped with a notice; bad input exits with status 2
 and one line on stderr, before anything is written.
 """
@@ -31,6 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from analysis import bands  # noqa: E402
+from analysis.comparisons import comparisons, run_values, write_comparisons  # noqa: E402
 from analysis.folder import ResultsError  # noqa: E402
 from analysis.labels import format_number  # noqa: E402
 from analysis.load import Study, load_studies  # noqa: E402
@@ -41,6 +42,7 @@ from analysis.report import FORMATS, Options, Report, Skip, write_index  # noqa:
 from analysis.style import variant_styles  # noqa: E402
 from analysis.tables import (  # noqa: E402
     accuracy_table,
+    stability_runs,
     stability_table,
     write_accuracy_table,
     write_stability_table,
@@ -235,10 +237,17 @@ def run(study: Study, opts: Options) -> Report:
         print(f"notice: {notice}")
     styles = variant_styles(study.trials)
     write_accuracy_table(accuracy_table(study, opts), study, opts, report)
+    stability = None
     try:
-        write_stability_table(*stability_table(study, opts), study, opts, report)
+        stability = stability_runs(study)
+        write_stability_table(*stability_table(study, opts, stability), study, opts, report)
     except Skip as why:
         report.skipped("gradient_stability", why)
+    try:
+        write_comparisons(*comparisons(run_values(study, stability), opts.level), study, opts, report,
+                          stability[1] if stability is not None else None)
+    except Skip as why:
+        report.skipped("comparisons", why)
     for name, draw in FIGURES:
         try:
             draw(study, opts, styles, report)

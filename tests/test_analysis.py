@@ -186,7 +186,7 @@ def test_every_figure_and_table_is_written(study):
         assert (out / name).is_file()
     # One progress line per figure and table, and the index at the end.
     lines = study["stdout"].splitlines()
-    assert sum(line.startswith("wrote ") for line in lines) == len(FIGURES) + 2
+    assert sum(line.startswith("wrote ") for line in lines) == len(FIGURES) + 3
     assert lines[-1].startswith("index: ")
     index = (out / "index.md").read_text()
     html = (out / "index.html").read_text()
