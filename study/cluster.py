@@ -300,6 +300,8 @@ def autoscaling_config(gcs_address: str) -> dict | None:
     None where no monitor of this cluster runs here, or its config cannot be read."""
     import yaml
 
+    if not os.path.isdir("/proc"):  # not Linux
+        return None
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
@@ -452,7 +454,10 @@ def check_cluster(ray, resources: dict, gpus: int, n_trials: int, storage: str,
                          f"autoscaler to add one; {now}")
     request_resources(bundles=[bundle] * n_trials)
     try:
-        if not fits_now:
+        if fits_now:
+            print(f"the study asks for {asks}; the Ray cluster has {now.has()}: its autoscaler is "
+                  "asked for the rest, and trials start as nodes join", flush=True)
+        else:
             waited = wait_for_room(bundle, asks, wait_s, lambda: look_at_cluster(ray))
             now = look_at_cluster(ray)
             print(f"the cluster can hold a trial after {waited:.0f} s (it has {now.has()}); trials "
@@ -460,7 +465,12 @@ def check_cluster(ray, resources: dict, gpus: int, n_trials: int, storage: str,
         _note_local_storage(max(len(now.nodes), 2), storage)
         yield
     finally:
-        request_resources(bundles=[])  # the request outlives the driver: let idle nodes go
+        try:  # the request outlives the driver: withdrawn, so that idle nodes go
+            request_resources(bundles=[])
+        except Exception as e:  # the cluster is gone, or the connection to it
+            print(f"note: the sweep could not withdraw its request for nodes from the cluster's "
+                  f"autoscaler ({e}); until another request replaces it, idle nodes stay up",
+                  file=sys.stderr)
 
 
 def _note_local_storage(n_nodes: int, storage: str) -> None:

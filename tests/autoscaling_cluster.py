@@ -21,7 +21,6 @@ they run ``ray stop --force``, which ends every Ray on the machine.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 import signal
@@ -219,11 +218,6 @@ class LocalAutoscalingCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def describe(cluster: LocalAutoscalingCluster) -> str:
-    """One line for a test's log: where the cluster is and its node types."""
-    return f"{cluster.address} {json.dumps(cluster.worker_types)} (temp dir {cluster.temp_dir})"
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--reap"]:

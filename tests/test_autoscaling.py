@@ -151,21 +151,29 @@ def test_the_sweep_waits_for_the_autoscaler_runs_on_the_nodes_it_adds_and_lets_t
         ray.shutdown()
 
 
-def test_a_trial_no_node_type_can_hold_is_refused_at_once_in_one_line(cluster, tmp_path):
-    out = tmp_path / "results"
-    t0 = time.monotonic()
-    proc = run_sweep(*STUDY[:2], "--cpus-per-trial", "2", *STUDY[4:], "--out", str(out), "--address",
-                     cluster.address, "--wait-for-cluster", "3", env={"PYTHONPATH": str(ROOT)},
-                     check=False, timeout=120)
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("study.sweep: error: --cpus-per-trial 2: a trial asks for 2 CPUs, more "
-                               "than any node of the Ray cluster or any node type its autoscaler may "
-                               "launch holds (node types: gpu_worker: 1 GPU, 1 CPU)"), lines[0]
-    assert "waiting" not in proc.stdout
-    assert not (out / "study.json").exists()
-    assert time.monotonic() - t0 < 60
+def test_a_trial_no_node_type_can_hold_is_refused_at_once_and_wait_0_does_not_wait(cluster, tmp_path):
+    """Refused in one line, exit 2, nothing written: a trial of 2 CPUs where every node type has
+    1, whatever --wait-for-cluster says; and with --wait-for-cluster 0 a study that would need a
+    node the cluster lacks now (the module's first test leaves the workers gone)."""
+    for flags, message in (
+        (["--cpus-per-trial", "2", "--wait-for-cluster", "3"],
+         "study.sweep: error: --cpus-per-trial 2: a trial asks for 2 CPUs, more than any node of the Ray "
+         "cluster or any node type its autoscaler may launch holds (node types: gpu_worker: 1 GPU, 1 CPU)"),
+        (["--cpus-per-trial", "1", "--wait-for-cluster", "0"],
+         "study.sweep: error: --wait-for-cluster 0: no node of the Ray cluster can hold a trial (1 CPU) "
+         "now, and the sweep does not wait for its autoscaler to add one; it has 0 GPUs, 0 CPUs on "
+         "1 node(s)"),
+    ):
+        out = tmp_path / flags[-1] / "results"
+        t0 = time.monotonic()
+        proc = run_sweep(*STUDY[:2], *STUDY[4:], *flags, "--out", str(out), "--address", cluster.address,
+                         env={"PYTHONPATH": str(ROOT)}, check=False, timeout=120)
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
+        assert "waiting" not in proc.stdout
+        assert not (out / "study.json").exists()
+        assert time.monotonic() - t0 < 60
 
 
 def test_the_wait_says_what_it_waits_for_every_30_s_and_refuses_past_its_limit(capsys):
