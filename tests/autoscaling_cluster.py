@@ -100,11 +100,19 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _zombie(pid: int) -> bool:
+    """True for a process that has ended and waits for its parent to collect it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def cluster_pids(sid: int | None, temp_dir: str) -> list[int]:
     """The live processes of session ``sid``, or naming ``temp_dir`` on their command line."""
     mine = []
     for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
-        if pid == os.getpid():
+        if pid == os.getpid() or _zombie(pid):
             continue
         try:
             ours = sid is not None and os.getsid(pid) == sid
@@ -115,7 +123,7 @@ def cluster_pids(sid: int | None, temp_dir: str) -> list[int]:
     return mine
 
 
-def kill_cluster(sid: int | None, temp_dir: str, grace_s: float = 10) -> None:
+def kill_cluster(sid: int | None, temp_dir: str, grace_s: float = 3) -> None:
     """SIGTERM every process of the cluster, then SIGKILL what is left after ``grace_s``."""
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5)):
         pids = cluster_pids(sid, temp_dir)
@@ -199,7 +207,7 @@ class LocalAutoscalingCluster:
         """The live processes of this cluster."""
         return cluster_pids(self.sid, self.temp_dir)
 
-    def stop(self, grace_s: float = 10) -> None:
+    def stop(self, grace_s: float = 3) -> None:
         if self.sid is not None:
             kill_cluster(self.sid, self.temp_dir, grace_s)
             self.sid = None
