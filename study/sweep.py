@@ -175,6 +175,12 @@ def make_parser() -> argparse.ArgumentParser:
                    help="join a running Ray cluster (host:port or auto; RAY_ADDRESS works too); "
                    "without it the sweep joins a cluster started on this machine by `ray start` "
                    "(as on a `ray up` head node), else starts Ray locally; `local` forces that")
+    w.add_argument("--wait-for-cluster", type=_positive_int("--wait-for-cluster", 0), default=1800,
+                   metavar="SECONDS",
+                   help="where the joined cluster cannot hold a trial yet but its autoscaler can add "
+                   "nodes (`ray up`), ask it for the study's resources and wait up to this long for a "
+                   "node, saying what it waits for every 30 s; trials start as nodes join "
+                   "(0 = refuse at once)")
     w.add_argument("--storage", default=None,
                    help="Tune's storage_path for checkpoints (default OUT/tune); a multi-node "
                    "cluster needs s3://... or a shared file system path")
@@ -291,7 +297,9 @@ def run(args: argparse.Namespace) -> int:
                             TuneSettings(args.data_dir, resources, args.gpus,
                                          max_concurrent=args.gpus * args.trials_per_gpu or None,
                                          max_failures=args.max_failures,
-                                         continuing=args.resume or args.extend))
+                                         continuing=args.resume or args.extend,
+                                         wait_for_cluster=None if address == "local"
+                                         else args.wait_for_cluster))
         finally:
             ray.shutdown()
 

@@ -54,6 +54,7 @@ class TuneSettings:
     max_concurrent: int | None  # trials at a time (None: as many as the resources allow)
     max_failures: int  # retries of a failed trial, each from its last checkpoint
     continuing: bool  # --resume or --extend: restore Tune's saved experiment where it can
+    wait_for_cluster: float | None = None  # seconds an autoscaler may take to add nodes (None: private Ray)
 
 
 def trial_name(trial) -> str:
@@ -75,13 +76,20 @@ TUNE_STOP_NOTES = _TuneStopNotes()
 
 
 def run_tune(ray, study: Study, how: TuneSettings) -> int:
-    """Load the dataset, write study.json, run the pending trials with Tune; the exit status."""
+    """See that the cluster can run a trial (waiting for its autoscaler to add nodes where it
+    can), load the dataset, write study.json, run the pending trials with Tune; the exit status."""
+    slots = min(len(study.pending), how.max_concurrent or len(study.pending))  # trials at once
+    with check_cluster(ray, how.resources, how.gpus, slots, study.storage, how.wait_for_cluster):
+        return _run(study, how)
+
+
+def _run(study: Study, how: TuneSettings) -> int:
+    """run_tune's work, on a cluster that can hold a trial."""
     from ray import tune
 
     from study.data import DataError, load_dataset
     from study.trainable import FATAL_KEY, ParquetWriterCallback, data_to_numpy, train_trial
 
-    check_cluster(ray, how.gpus, how.resources["CPU"], study.storage)
     t0 = time.time()
     p = study.preset
     try:
