@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.cli import UsageError
-from study.cluster import check_cluster
+from study.cluster_room import check_cluster
 from study.config import TrialConfig
 from study.data import split_sizes
 from study.grid import Preset

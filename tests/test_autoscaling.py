@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from common.cli import UsageError
-from study.cluster import ClusterNow, wait_for_room
+from study.cluster_room import ClusterNow, wait_for_room
 from tests.autoscaling_cluster import LocalAutoscalingCluster
 from tests.conftest import ROOT, assert_tables_equal, read_tables, run_sweep, sweep_cmd, sweep_env
 
