@@ -32,6 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from analysis import bands  # noqa: E402
 from analysis.comparisons import comparisons, run_values, write_comparisons  # noqa: E402
+from analysis.fetch import FetchError, local_copy  # noqa: E402
 from analysis.folder import ResultsError  # noqa: E402
 from analysis.labels import format_number  # noqa: E402
 from analysis.load import Study, load_studies  # noqa: E402
@@ -47,6 +48,7 @@ from analysis.tables import (  # noqa: E402
     write_accuracy_table,
     write_stability_table,
 )
+from study import results  # noqa: E402
 
 PROG = "python -m analysis.figures"
 #: Every figure, by the name of its files, in the order they are drawn and listed.
@@ -102,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         "results folder (RESULTS/<table>/<trial_id>.parquet).",
     )
     p.add_argument("results", metavar="RESULTS", nargs="+",
-                   help="the results folder written by the sweep; several folders that hold parts "
+                   help="the results folder written by the sweep (a local path, or a URI such as "
+                   "s3://BUCKET/PREFIX: copied to ~/.cache/bnstudy first); several folders that hold parts "
                    "of one study (other seeds or learning rates, same settings) are drawn as one, "
                    "into --out")
     p.add_argument(
@@ -110,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         type=Path,
         default=None,
-        help="where to write the figures (default: RESULTS/figures; needed for several RESULTS)",
+        help="where to write the figures (default: RESULTS/figures, or NAME-figures here for "
+        "RESULTS at a URI; needed for several RESULTS)",
     )
     p.add_argument(
         "--ci",
@@ -186,8 +190,9 @@ def _main(argv: Sequence[str] | None, started: list[Path]) -> int:
         if len(args.results) > 1 and args.out is None:
             raise ResultsError(f"{len(args.results)} results folders are drawn as one study into "
                                "--out DIR: give it")
-        study = load_studies(args.results, step_columns=STEP_PANELS)
-    except ResultsError as exc:
+        local = [local_copy(r) if results.storage.is_uri(r) else r for r in args.results]
+        study = load_studies(local, step_columns=STEP_PANELS)
+    except (ResultsError, FetchError) as exc:
         sys.stderr.write(f"{PROG}: error: {_one_line(str(exc))}\n")
         return 2
     lrs = study.lrs
@@ -205,7 +210,12 @@ def _main(argv: Sequence[str] | None, started: list[Path]) -> int:
             )
             return 2
         lr, lr_is_default = match[0], False
-    out = Path(args.out) if args.out is not None else study.path / "figures"
+    if args.out is not None:
+        out = Path(args.out)
+    elif results.storage.is_uri(args.results[0]):  # drawn here, beside where the command runs
+        out = Path(f"{study.path.name}-figures").resolve()
+    else:
+        out = study.path / "figures"
     opts = Options(
         results=study.path,
         out=out,

@@ -9,26 +9,41 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 from common.cli import UsageError, first_few, unwritable
+from study import storage
 from study.config import TrialConfig
 from study.grid import GRID_KEYS, TRIAL_GRID_KEYS, Preset
+from study.object_lock import object_lock
 from study.results import trial_gap
+from study.storage import Location
 from study.variants import NOISY_NORMS
 
 
-def check_out_dir(out: Path) -> None:
+def check_out_dir(out: Location) -> None:
     """Fail early if the results folder cannot be written."""
+    if storage.is_uri(out):
+        probe = storage.join(out, f".write-test-{os.getpid()}")
+        try:
+            storage.write_bytes(probe, b"")
+            storage.delete(probe)
+        except (OSError, ValueError) as e:  # pyarrow's S3 errors are OSErrors
+            raise UsageError(f"--out: cannot write to {out}: {' '.join(str(e).split())}") from None
+        return
     why = unwritable(out)
     if why:
         raise UsageError(f"--out: cannot write to {out}: {why}")
 
 
 @contextlib.contextmanager
-def out_lock(out: Path) -> Iterator[None]:
+def out_lock(out: Location) -> Iterator[None]:
     """One sweep at a time in a results folder (two would train the same trials into the same
-    files): a lock on the folder itself, which ends with this process however it ends."""
+    files): a lock on the folder itself, which ends with this process however it ends; on an
+    object store, which has no locks, a lease object (study.object_lock)."""
+    if storage.is_uri(out):
+        with object_lock(storage.join(out, ".sweep-lock")):
+            yield
+        return
     import fcntl
 
     fd = os.open(out, os.O_RDONLY)
@@ -52,22 +67,22 @@ def study_record(name: str, p: Preset, grid: list[TrialConfig], dataset: str,
                 execution=execution)
 
 
-def plan_run(out: Path, name: str, grid: list[TrialConfig], record: dict, resume: bool,
+def plan_run(out: Location, name: str, grid: list[TrialConfig], record: dict, resume: bool,
              extend: bool) -> tuple[list[TrialConfig], bool]:
     """What a run in ``out`` does: the trials to run and whether they extend the study there
     (the whole grid for a new folder). Raises UsageError for a folder the run must not touch:
     another study, other settings, an unfinished study to extend, a finished one to rerun."""
-    study_file = out / "study.json"
-    if not study_file.exists():
-        held = {f.stem for table in ("trials", "epochs", "layers", "steps")
-                for f in (out / table).glob("*.parquet")}
+    study_file = storage.join(out, "study.json")
+    if not storage.exists(study_file):
+        held = {f for table in ("trials", "epochs", "layers", "steps")
+                for f in storage.file_names(storage.join(out, table), ".parquet")}
         if held:
             raise UsageError(f"{out} holds results of {len(held)} trial(s) but no "
                              "study.json to say which study they belong to; use another --out, or "
                              "move them away")
         return grid, False
     try:
-        old = json.loads(study_file.read_text())
+        old = json.loads(storage.read_bytes(study_file))
     except (OSError, ValueError) as e:
         raise UsageError(f"{study_file} is unreadable ({e}); restore it (its trials' results are "
                          "there), or use another --out") from None

@@ -23,14 +23,17 @@ can use it without torch or Ray.
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+# So is where results live (a local folder or a URI such as s3://bucket/prefix).
+from study import storage
+from study.storage import Location
 
 # The variant registry reaches the analysis through this module, the one door between the wings.
 from study.variants import NOISE_SCOPES, NOISY_NORMS, NORMS, VARIANTS, Variant  # noqa: F401
@@ -38,7 +41,7 @@ from study.variants import NOISE_SCOPES, NOISY_NORMS, NORMS, VARIANTS, Variant  
 SCHEMA_VERSION = 1
 VERSION_KEY = b"bnstudy.schema_version"
 TABLE_KEY = b"bnstudy.table"
-TMP_SUFFIX = ".tmp"
+TMP_SUFFIX = storage.TMP_SUFFIX
 
 #: Layers whose weight-gradient norm is recorded every step (the CNN of docs/design.md, "The experiment").
 GRAD_LAYERS: tuple[str, ...] = ("conv1", "conv2", "conv3", "fc1", "fc2")
@@ -153,9 +156,11 @@ class SchemaVersionError(ValueError):
     """A Parquet file was written by an unknown version of this schema."""
 
 
-def table_path(out_dir: str | os.PathLike, table: str, trial_id: str) -> Path:
-    """Where the rows of ``trial_id`` for ``table`` live."""
-    return Path(out_dir) / table / f"{trial_id}.parquet"
+def table_path(out_dir: str | os.PathLike, table: str, trial_id: str) -> Location:
+    """Where the rows of ``trial_id`` for ``table`` live (a local Path, or a URI where
+    ``out_dir`` is one)."""
+    return storage.join(out_dir if storage.is_uri(out_dir) else os.fspath(out_dir),
+                        table, f"{trial_id}.parquet")
 
 
 def to_arrow(table: str, rows: Mapping[str, Sequence] | Iterable[Mapping]) -> pa.Table:
@@ -199,34 +204,36 @@ def check_version(path: str | os.PathLike, metadata: Mapping[bytes, bytes] | Non
 
 def read_table_file(path: str | os.PathLike, columns: Sequence[str] | None = None) -> pa.Table:
     """Read one results file (or some of its columns), checking its schema version."""
+    if storage.is_uri(path):  # one request for the whole (small) file, not one per footer read
+        file = pq.ParquetFile(io.BytesIO(storage.read_bytes(path)))
+        check_version(path, file.schema_arrow.metadata)
+        return file.read(columns=columns)
     check_version(path, pq.read_schema(path).metadata)
     return pq.read_table(path, columns=columns)
 
 
 def write_atomic(table: pa.Table, path: str | os.PathLike) -> None:
-    """Write ``table`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=TMP_SUFFIX, dir=path.parent)
-    os.close(fd)
-    try:
+    """Write ``table`` to ``path`` whole or not at all (storage.write_bytes)."""
+    if storage.is_uri(path):
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        storage.write_bytes(path, sink.getvalue().to_pybytes())
+        return
+    with storage.atomic_local_file(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def upsert_epoch_rows(out_dir: str | os.PathLike, table: str, trial_id: str, new: pa.Table) -> None:
     """Write ``new`` into the trial's file, replacing rows of the epochs ``new`` covers."""
     path = table_path(out_dir, table, trial_id)
-    if path.exists() and new.num_rows:
+    exists = storage.exists(path)
+    if exists and new.num_rows:
         old = read_table_file(path)
         epochs = pa.array(sorted(set(new.column("epoch").to_pylist())), type=_i64)
         keep = pc.invert(pc.is_in(old.column("epoch"), value_set=epochs))
         new = pa.concat_tables([old.filter(keep), new])
         new = new.sort_by([(k, "ascending") for k in _sort_keys(table)])
-    elif path.exists():
+    elif exists:
         return
     write_atomic(new, path)
 
@@ -251,23 +258,24 @@ def trial_gap(out_dir: str | os.PathLike, trial_id: str) -> str | None:
     an end whose epoch, layer or step rows are gone (a file moved away, a copy cut short).
     Raises DamagedFileError for a trials or epochs file that cannot be read."""
     path = table_path(out_dir, "trials", trial_id)
-    if not path.exists():
+    name = f"{trial_id}.parquet"
+    if not storage.exists(path):
         return "not run"
     row = _read_rows(path, ["status", "epochs_done"])[0]
     if row["status"] not in ("done", "diverged"):
         return row["status"]
     for table in ("epochs", "layers", "steps"):
         part = table_path(out_dir, table, trial_id)
-        if not part.exists():
-            return f"trials/{path.name} records it {row['status']}, but {table}/{part.name} is missing"
+        if not storage.exists(part):
+            return f"trials/{name} records it {row['status']}, but {table}/{name} is missing"
     epochs = {r["epoch"] for r in _read_rows(table_path(out_dir, "epochs", trial_id), ["epoch"])}
     if epochs != set(range(1, row["epochs_done"] + 1)):
-        return (f"trials/{path.name} records {row['epochs_done']} epochs, but epochs/{path.name} "
+        return (f"trials/{name} records {row['epochs_done']} epochs, but epochs/{name} "
                 f"holds {len(epochs)}")
     return None
 
 
-def _read_rows(path: Path, columns: list[str]) -> list[dict]:
+def _read_rows(path: Location, columns: list[str]) -> list[dict]:
     try:
         return read_table_file(path, columns=columns).to_pylist()
     except Exception as e:  # noqa: BLE001 -- whatever is wrong with it, the user gets one line

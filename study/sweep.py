@@ -17,13 +17,13 @@ import re
 import sys
 from collections import Counter
 from dataclasses import replace
-from pathlib import Path
 
 from common.cli import EXIT_USAGE, Parser, UsageError, first_few, python_interrupts, quiet_until_main
 
 if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line, not a traceback
     quiet_until_main("study.sweep")
 
+from study import storage  # noqa: E402
 from study.cluster import (  # noqa: E402
     check_local_gpus,
     check_storage,
@@ -91,13 +91,13 @@ def _positive_int(name: str, minimum: int = 1):
     return parse
 
 
-def _local_folder(text: str) -> str:
-    # Path("s3://b/x") is the local folder "s3:/b/x": refuse it rather than write there.
-    if "://" in text:
-        raise argparse.ArgumentTypeError(
-            f"--out: {text} is a URI; results are written to a local folder on the driver (a "
-            "results folder on S3 is not supported yet). --storage takes s3:// URIs for Tune's "
-            "checkpoints")
+def _results_folder(text: str) -> str:
+    # pyarrow names the file systems it takes; a typo'd scheme is refused here, not mid-study.
+    if storage.is_uri(text):
+        try:
+            storage.resolve(text)
+        except (OSError, ValueError) as e:
+            raise argparse.ArgumentTypeError(f"--out: {text}: {' '.join(str(e).split())}") from None
     return text
 
 
@@ -155,8 +155,9 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--probe-etas", type=_list(float, "--probe-etas"), default=(),
                    help="probe step sizes as multiples of lr (default: 8 log-spaced in [0.5, 4])")
     w = p.add_argument_group("where and how")
-    w.add_argument("--out", type=_local_folder, default="results",
-                   help="results folder (Parquet tables), a local path")
+    w.add_argument("--out", type=_results_folder, default="results",
+                   help="results folder (Parquet tables): a local path, or a URI pyarrow's file "
+                   "systems take (s3://BUCKET/PREFIX) so that results outlive the driver's node")
     w.add_argument("--name", default=None, help="study name (default: the preset's)")
     w.add_argument("--gpus", type=_positive_int("--gpus", 0), default=0,
                    help="total GPUs the study may use; trials get 1/--trials-per-gpu GPU each")
@@ -256,8 +257,8 @@ def run(args: argparse.Namespace) -> int:
             print(dry_run_text(name, replace(p, dataset=dataset), grid, resources))
         except DataError as e:  # an image folder its loader would refuse
             raise UsageError(str(e)) from None
-        out = Path(args.out).resolve()
-        if (out / "study.json").exists():  # what --resume or --extend would do with it
+        out = storage.location(args.out)
+        if storage.exists(storage.join(out, "study.json")):  # what --resume or --extend would do
             try:
                 pending, extending = plan_run(out, name, grid, study_record(name, p, grid, dataset, {}),
                                               resume=True, extend=True)
@@ -267,12 +268,12 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{out}: the sweep would refuse it: {e}")
         return 0
 
-    out = Path(args.out).resolve()
-    if (args.resume or args.extend) and not (out / "study.json").exists():
+    out = storage.location(args.out)
+    if (args.resume or args.extend) and not storage.exists(storage.join(out, "study.json")):
         flag = "--extend" if args.extend else "--resume"
         raise UsageError(f"{flag}: no study in {out} to {flag[2:]}")
     check_out_dir(out)
-    storage = args.storage or str(out / "tune")
+    tune_storage = args.storage or str(storage.join(out, "tune"))
     from study.train import RunOptions
 
     defaults = RunOptions()  # what run_trial does where the sweep does not say
@@ -286,14 +287,14 @@ def run(args: argparse.Namespace) -> int:
         if not pending:
             print(f"study {name!r} in {out} is already complete ({len(grid)} trials); nothing to do")
             return 0
-        check_storage(storage, name, new_study=pending == grid and not (args.resume or args.extend))
+        check_storage(tune_storage, name, new_study=pending == grid and not (args.resume or args.extend))
 
         address = resolve_address(args.address)
         if args.gpus and address == "local":
             check_local_gpus(args.gpus)
         ray = init_ray(address)
         try:
-            return run_tune(ray, Study(name, p, grid, pending, extending, out, storage, record),
+            return run_tune(ray, Study(name, p, grid, pending, extending, out, tune_storage, record),
                             TuneSettings(args.data_dir, resources, args.gpus,
                                          max_concurrent=args.gpus * args.trials_per_gpu or None,
                                          max_failures=args.max_failures,
@@ -302,6 +303,13 @@ def run(args: argparse.Namespace) -> int:
                                          else args.wait_for_cluster))
         finally:
             ray.shutdown()
+
+
+def _has_study(out: str) -> bool:
+    try:
+        return storage.exists(storage.join(storage.location(out), "study.json"))
+    except OSError:  # the store is out of reach: say the safe thing
+        return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"study.sweep: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        started = (Path(args.out) / "study.json").exists() and not args.dry_run
+        started = not args.dry_run and _has_study(args.out)
         print("\nstudy.sweep: interrupted; " + ("continue with the same command and --resume"
               if started else "the study had not started (nothing to resume)"), file=sys.stderr)
         return 130

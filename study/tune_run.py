@@ -7,17 +7,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.cli import UsageError
+from study import storage
 from study.cluster_room import check_cluster
 from study.config import TrialConfig
 from study.data import split_sizes
 from study.grid import Preset
 from study.results import trial_finished
+from study.storage import Location
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class Study:
     grid: list[TrialConfig]  # the whole study
     pending: list[TrialConfig]  # the trials this run trains
     extending: bool  # the pending trials are added to a finished study (--extend)
-    out: Path  # the results folder
+    out: Location  # the results folder: a local Path or a URI
     storage: str  # Tune's storage_path
     record: dict  # study.json, written once the dataset has loaded
 
@@ -104,7 +107,8 @@ def _run(study: Study, how: TuneSettings) -> int:
         raise UsageError(f"{data.name}: {len(data.train_y)} training image(s) leave {n_fit} to train on "
                          f"and {n_val} to validate on ({val_fraction:g} of them); it needs "
                          "at least 3 (--subset)")
-    (study.out / "study.json").write_text(json.dumps(study.record, indent=1))
+    storage.write_bytes(storage.join(study.out, "study.json"),
+                        json.dumps(study.record, indent=1).encode())
     sizes = dict(train=n_fit, val=n_val, test=len(data.test_y))
 
     trainable = tune.with_resources(
@@ -133,7 +137,10 @@ def _run(study: Study, how: TuneSettings) -> int:
         print(f"study.sweep: error: trial {fatal[0]}; the study stopped (resume it with --resume "
               "once the node's driver is fixed)", file=sys.stderr)
         return 1
-    return outcome(study, grid.num_errors, time.time() - t0)
+    import ray
+
+    n_nodes = len([n for n in ray.nodes() if n.get("Alive")])
+    return outcome(study, grid.num_errors, time.time() - t0, n_nodes)
 
 
 def restored_tuner(study: Study, trainable, writer):
@@ -202,14 +209,14 @@ def new_tuner(study: Study, how: TuneSettings, trainable, writer):
     )
 
 
-def outcome(study: Study, errors: int, seconds: float) -> int:
+def outcome(study: Study, errors: int, seconds: float, n_nodes: int = 1) -> int:
     """Say how the study stands after Tune's run; the exit status (1 errors, 130 stopped)."""
     unfinished = [c for c in study.grid if not trial_finished(study.out, c.trial_id)]
     print(f"\nstudy {study.name!r}: {len(study.grid)} trials ({len(study.pending)} in this run), "
           f"{errors} errored, {seconds:.0f} s. Results: {study.out}")
     if errors:
         print(f"study.sweep: {errors} trial(s) failed, out of retries (--max-failures; the "
-              f"'error' column of {study.out / 'trials'}, and error.txt in their folders under "
+              f"'error' column of {storage.join(study.out, 'trials')}, and error.txt in their folders under "
               f"{study.experiment}); rerun the same command with --resume to retry them from their "
               "last checkpoint", file=sys.stderr)
         return 1
@@ -217,5 +224,9 @@ def outcome(study: Study, errors: int, seconds: float) -> int:
         print(f"study.sweep: stopped with {len(unfinished)} of the study's {len(study.grid)} trials "
               "unfinished; continue with the same command and --resume", file=sys.stderr)
         return 130
+    if n_nodes > 1 and not storage.is_uri(study.out):  # on a cluster: the head's disk
+        print(f"the results are on this node ({socket.gethostname()}), the driver's, only; from the "
+              f"machine that ran `ray up`:  ray rsync-down cluster.yaml {study.out}/ results/ "
+              "(or use --out s3://BUCKET/PREFIX, which outlives the node)")
     print(f"draw the figures with:  python -m analysis.figures {study.out}")
     return 0

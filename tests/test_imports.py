@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("study", "analysis", "common")
 SCHEMA = "study.results"
 #: The schema module and the registry it re-exports are read by the analysis: no torch, no Ray.
-TORCH_FREE = ("study.results", "study.variants")
+TORCH_FREE = ("study.results", "study.variants", "study.storage")
 
 
 def module_files() -> dict[str, Path]:
