@@ -11,9 +11,9 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import ROOT, TINY, assert_tables_equal, read_tables, run_sweep, sweep_cmd, sweep_env
 from s3_server import s3_server
+
 from study import storage
 
 pytest.importorskip("moto")
