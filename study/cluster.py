@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import sys
 import tempfile
@@ -54,15 +53,18 @@ def mps_control_socket() -> Path:
     return Path(os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps") / "control"
 
 
-def mps_notice(trials_per_gpu: int) -> str | None:
-    """A note when this machine has NVIDIA GPUs but runs no MPS daemon: trials packed on one of
-    its GPUs would take turns on it instead of overlapping (None where MPS runs, or no GPU)."""
-    if trials_per_gpu < 2 or shutil.which("nvidia-smi") is None or mps_control_socket().exists():
-        return None
-    return (f"note: NVIDIA MPS is not running on this machine, so the {trials_per_gpu} trials that "
-            "share each of its GPUs take turns on it; `nvidia-cuda-mps-control -d` before `ray start` "
-            "lets their kernels overlap (8 trials: 5.5x the images/s of one on an H200, against 1.6x "
-            "at best without; README, \"Packing trials\")")
+def mps_missing(gpu_share: float) -> bool:
+    """Whether a trial holding ``gpu_share`` of a GPU on this node shares it with other trials
+    but no MPS daemon runs here: they would take turns on the GPU instead of overlapping."""
+    return 0 < gpu_share < 1 and not mps_control_socket().exists()
+
+
+def mps_note(node: str, gpu_share: float) -> str:
+    """The sweep's note for a GPU node where ``mps_missing`` held."""
+    return (f"note: NVIDIA MPS is not running on GPU node {node}, so the {round(1 / gpu_share)} "
+            "trials that share each of its GPUs take turns on it; `nvidia-cuda-mps-control -d` "
+            "before `ray start` lets their kernels overlap (8 trials: 5.5x the images/s of one on "
+            "an H200, against 1.6x at best without; README, \"Packing trials\")")
 
 
 def _check_address(address: str) -> None:

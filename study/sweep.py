@@ -28,7 +28,6 @@ from study.cluster import (  # noqa: E402
     check_local_gpus,
     check_storage,
     init_ray,
-    mps_notice,
     resolve_address,
     trial_resources,
 )
@@ -225,8 +224,6 @@ def run(args: argparse.Namespace) -> int:
     if args.cuda_graph and not args.gpus:
         print("note: --cuda-graph has no effect without --gpus (CPU trials train eagerly)",
               file=sys.stderr)
-    if args.gpus and (note := mps_notice(args.trials_per_gpu)):
-        print(note, file=sys.stderr)
     if args.name is not None and (not args.name.strip() or args.name in (".", "..")
                                   or re.search(r"[/\\\s]", args.name)):
         raise UsageError(f"--name {args.name!r}: a study name names a folder: give a word "

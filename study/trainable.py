@@ -15,6 +15,7 @@ import logging
 import os
 import pickle
 import re
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 from ray import tune
 
 from study import results
+from study.cluster import mps_missing, mps_note
 from study.config import TrialConfig
 from study.data import DataArrays
 from study.train import STATE_FILE, RunOptions, run_trial
@@ -102,6 +104,8 @@ def train_trial(space: dict, data: dict, cpus_per_trial: int = 1, cuda_graph: bo
                      "node_id": ray.get_runtime_context().get_node_id()})
         return
     device = "cuda" if gpu_share else "cpu"
+    node = ray.util.get_node_ip_address()
+    no_mps = mps_missing(gpu_share)  # looked at here, on the GPU's node, not on the driver's
 
     resume = None
     checkpoint = tune.get_checkpoint()
@@ -112,7 +116,8 @@ def train_trial(space: dict, data: dict, cpus_per_trial: int = 1, cuda_graph: bo
         row = record["epoch"]
         metrics = {k: row[k] for k in ("epoch", "train_loss", "train_acc", "val_acc", "test_acc")}
         metrics.update(status=record["status"], pid=os.getpid(), device=device, gpus=gpu_share,
-                       node_id=ray.get_runtime_context().get_node_id(), gpu_ids=",".join(gpu_ids))
+                       node_id=ray.get_runtime_context().get_node_id(), gpu_ids=",".join(gpu_ids),
+                       node=node, mps_missing=no_mps)
         metrics[ROWS_KEY] = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
         with tempfile.TemporaryDirectory() as d:
             torch.save(state, Path(d) / STATE_FILE)
@@ -122,6 +127,20 @@ def train_trial(space: dict, data: dict, cpus_per_trial: int = 1, cuda_graph: bo
     if cuda_graph is not None:
         options = dataclasses.replace(options, cuda_graph=cuda_graph)
     run_trial(cfg, arrays, on_epoch, resume_from=resume, options=options)
+
+
+class MpsNote(tune.Callback):
+    """Says once per GPU node, on the driver, that its packed trials run without NVIDIA MPS
+    (the trials look, since only the GPU's own node can tell)."""
+
+    def __init__(self) -> None:
+        self.noted: set[str] = set()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        node = result.get("node", "")
+        if result.get("mps_missing") and node not in self.noted:
+            self.noted.add(node)
+            print(mps_note(node, result["gpus"]), file=sys.stderr, flush=True)
 
 
 class ParquetWriterCallback(tune.Callback):

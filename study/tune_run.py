@@ -177,7 +177,7 @@ def new_tuner(study: Study, how: TuneSettings, trainable, writer):
     """A new Tune experiment of the study's pending trials, one Tune trial per grid point."""
     from ray import tune
 
-    from study.trainable import StopOnFatal
+    from study.trainable import MpsNote, StopOnFatal
 
     return tune.Tuner(
         trainable,
@@ -193,7 +193,7 @@ def new_tuner(study: Study, how: TuneSettings, trainable, writer):
         run_config=tune.RunConfig(
             name=study.name,
             storage_path=study.storage,
-            callbacks=[writer],
+            callbacks=[writer, MpsNote()],
             stop=StopOnFatal(),
             progress_reporter=tune.CLIReporter(
                 parameter_columns={"trial/norm": "norm", "trial/noise": "noise", "trial/lr": "lr",

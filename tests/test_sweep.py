@@ -127,31 +127,29 @@ def test_flags_that_change_nothing_get_a_note(capsys):
     assert "--cuda-graph has no effect without --gpus" in capsys.readouterr().err
 
 
-def test_packed_gpu_trials_without_mps_get_a_note(tmp_path, monkeypatch, capsys):
-    """The note follows NVIDIA's rule for where clients find the daemon: the control socket in
-    CUDA_MPS_PIPE_DIRECTORY (default /tmp/nvidia-mps); it is about this machine's GPUs only."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    smi = bin_dir / "nvidia-smi"
-    smi.write_text("#!/bin/sh\n")
-    smi.chmod(0o755)
+def test_packed_gpu_trials_without_mps_get_a_note_per_gpu_node(tmp_path, monkeypatch, capsys):
+    """Each trial looks on its own node, by NVIDIA's rule for where clients find the daemon (the
+    control socket in CUDA_MPS_PIPE_DIRECTORY, default /tmp/nvidia-mps); the driver says it
+    once per GPU node whose packed trials run without it, and never for the head's machine."""
+    from study.trainable import MpsNote
+
     pipes = tmp_path / "mps"
     pipes.mkdir()
-    monkeypatch.setenv("PATH", str(bin_dir))
     monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(pipes))
     assert cluster.mps_control_socket() == pipes / "control"
-    assert sweep.main(["--gpus", "1", "--dry-run"]) == 0
-    err = capsys.readouterr().err
-    assert "NVIDIA MPS is not running on this machine, so the 8 trials" in err
-    assert "nvidia-cuda-mps-control -d" in err and len(err.strip().splitlines()) == 1
-    assert sweep.main(["--gpus", "1", "--trials-per-gpu", "1", "--dry-run"]) == 0  # nothing shared
-    assert "MPS" not in capsys.readouterr().err
+    assert cluster.mps_missing(0.125) and not cluster.mps_missing(1) and not cluster.mps_missing(0)
     (pipes / "control").touch()  # a running daemon's socket
-    assert sweep.main(["--gpus", "1", "--dry-run"]) == 0
-    assert "MPS" not in capsys.readouterr().err
-    (pipes / "control").unlink()
-    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))  # no NVIDIA GPU here (a CPU head node)
-    assert sweep.main(["--gpus", "1", "--dry-run"]) == 0
+    assert not cluster.mps_missing(0.125)
+
+    note = MpsNote()
+    for node, missing in [("10.0.0.2", True), ("10.0.0.2", True), ("10.0.0.3", False),
+                          ("10.0.0.4", True)]:
+        note.on_trial_result(0, [], None, dict(node=node, gpus=0.125, mps_missing=missing))
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split("GPU node ")[1].split(",")[0] for line in err] == ["10.0.0.2", "10.0.0.4"]
+    assert "so the 8 trials that share each of its GPUs take turns" in err[0]
+    assert "nvidia-cuda-mps-control -d" in err[0]
+    assert sweep.main(["--gpus", "1", "--dry-run"]) == 0  # the driver's machine says nothing
     assert "MPS" not in capsys.readouterr().err
 
 
