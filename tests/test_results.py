@@ -70,3 +70,19 @@ def test_a_failed_trial_keeps_its_epochs_and_says_why(tmp_path):
     assert row["status"] == "error" and row["epochs_done"] == 1
     assert row["final_test_acc"] == records[0]["epoch"]["test_acc"]
     assert row["error"].rstrip().endswith("RuntimeError: CUDA out of memory")
+
+
+def test_results_files_are_readable_as_the_umask_allows_not_only_by_their_owner(tmp_path):
+    """A shared file system's group must be able to read them (mkstemp makes files 0600)."""
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        results.upsert_epoch_rows(tmp_path, "epochs", "t", _epochs("t", [(1, 1.0)]))
+        results.write_trial_row(tmp_path, dict(trial_id="t", status="running"))
+    finally:
+        os.umask(old)
+    for table in ("epochs", "trials"):
+        mode = stat.S_IMODE(os.stat(results.table_path(tmp_path, table, "t")).st_mode)
+        assert mode == 0o640, (table, oct(mode))
