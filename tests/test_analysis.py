@@ -180,13 +180,16 @@ def test_every_figure_and_table_is_written(study):
         "gradient_stability.csv",
         "gradient_stability.tex",
         "gradient_stability_runs.csv",
+        "probe_window.csv",
+        "probe_window_summary.csv",
+        "weight_norms.csv",
         "index.md",
         "index.html",
     ):
         assert (out / name).is_file()
     # One progress line per figure and table, and the index at the end.
     lines = study["stdout"].splitlines()
-    assert sum(line.startswith("wrote ") for line in lines) == len(FIGURES) + 3
+    assert sum(line.startswith("wrote ") for line in lines) == len(FIGURES) + 5
     assert lines[-1].startswith("index: ")
     index = (out / "index.md").read_text()
     html = (out / "index.html").read_text()
