@@ -80,6 +80,10 @@ def test_channels_last_on_the_cpu_gives_the_numbers_of_the_nchw_layout():
     np.testing.assert_allclose(cl["steps"]["grad_norm"], ref["steps"]["grad_norm"], rtol=1e-4)
     np.testing.assert_allclose(cl["steps"]["loss"], ref["steps"]["loss"], rtol=1e-4)
     for a, b in zip(ref["layers"], cl["layers"], strict=True):
+        if a["site"] == "weight":  # the weights after the epoch: the same to fp32 rounding
+            assert (b["layer"], b["site"]) == (a["layer"], a["site"])
+            assert b["weight_norm"] == pytest.approx(a["weight_norm"], rel=1e-5)
+            continue
         assert b["count"] == a["count"]
         assert b["mean"] == pytest.approx(a["mean"], rel=1e-4, abs=1e-4 * a["var"] ** 0.5)
         assert b["var"] == pytest.approx(a["var"], rel=1e-4)
