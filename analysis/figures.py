@@ -5,7 +5,8 @@ study (``analysis.load.load_studies``), and writes into ``RESULTS/figures`` (or 
 figures (docs/design.md, "Analysis outputs") with confidence bands across seeds (``FIGURES``,
 drawn by ``analysis.plots_activations``, ``analysis.plots_training`` and
 ``analysis.plots_probes``), the accuracy and gradient-stability tables (``analysis.tables``),
-the paired comparisons between variants (``analysis.comparisons``), and ``index.md`` /
+the paired comparisons between variants (``analysis.comparisons``), the probe and weight-norm
+summaries (``analysis.probe_summary``), and ``index.md`` /
 ``index.html`` showing them all with the study's settings (``analysis.report``).
 A figure whose data the study lacks is skipped with a notice; bad input exits with status 2
 and one line on stderr, before anything is written.
@@ -39,7 +40,8 @@ from analysis.load import Study, load_studies  # noqa: E402
 from analysis.plots_activations import fig_activations, fig_histograms, fig_noisy_bn  # noqa: E402
 from analysis.plots_probes import fig_probes_ics, fig_probes_landscape  # noqa: E402
 from analysis.plots_training import STEP_PANELS, fig_gradients, fig_lr_sensitivity  # noqa: E402
-from analysis.report import FORMATS, Options, Report, Skip, write_index  # noqa: E402
+from analysis.probe_summary import write_probe_window, write_weight_norms  # noqa: E402
+from analysis.report import FORMATS, Options, Report, Skip, StepWindow, write_index  # noqa: E402
 from analysis.style import variant_styles  # noqa: E402
 from analysis.tables import (  # noqa: E402
     accuracy_table,
@@ -92,6 +94,13 @@ def _formats(text: str) -> tuple[str, ...]:
             f"{text!r}: give a comma-separated list of {', '.join(FORMATS)}"
         )
     return items
+
+
+def _window(text: str) -> StepWindow:
+    try:
+        return StepWindow.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LIST",
         dest="formats",
         help="comma-separated figure formats among png, pdf (default: png,pdf)",
+    )
+    p.add_argument(
+        "--window",
+        type=_window,
+        default=StepWindow(),
+        metavar="START:END",
+        help="training steps START <= step < END that probe_window.csv's per-run medians are "
+        "over; either end may be left out (default: every probed step)",
     )
     return p
 
@@ -225,6 +242,7 @@ def _main(argv: Sequence[str] | None, started: list[Path]) -> int:
         lr_is_default=lr_is_default,
         smooth=args.smooth,
         formats=args.formats,
+        window=args.window,
     )
     started.append(out)
     why = unwritable(out)
@@ -258,6 +276,11 @@ def run(study: Study, opts: Options) -> Report:
                           stability[1] if stability is not None else None)
     except Skip as why:
         report.skipped("comparisons", why)
+    for name, write in (("probe_window", write_probe_window), ("weight_norms", write_weight_norms)):
+        try:
+            write(study, opts, report)
+        except Skip as why:
+            report.skipped(name, why)
     for name, draw in FIGURES:
         try:
             draw(study, opts, styles, report)

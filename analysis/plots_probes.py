@@ -62,31 +62,46 @@ def fig_probes_ics(study: Study, opts: Options, styles, report: Report) -> None:
     )
 
 
+def _range_band(ax, per_trial: pd.DataFrame, lo: str, hi: str, styles) -> None:
+    """Each variant's mean over seeds of ``lo`` and ``hi`` per step, and the area between."""
+    for variant, g in per_trial.groupby("variant", observed=True, sort=True):
+        st = styles[str(variant)]
+        g = g.groupby("step")[[lo, hi]].mean().reset_index()
+        ax.fill_between(g["step"], g[lo], g[hi], color=st.color, alpha=0.25, lw=0)
+        for c in (lo, hi):
+            ax.plot(g["step"], g[c], color=st.color, ls=st.linestyle, lw=1.0, label=f"{variant}: {c}")
+
+
 def fig_probes_landscape(study: Study, opts: Options, styles, report: Report) -> None:
-    """Loss landscape along the gradient: loss range, gradient predictiveness, β-smoothness."""
+    """Loss landscape along the gradient: raw loss range, the loss change beyond the first-order
+    term, gradient predictiveness, β-smoothness."""
     sel = _probe_rows(study, opts)
-    cols = ["loss_min", "loss_max", "grad_pred", "beta_smooth"]
+    cols = ["loss_min", "loss_max", "loss_dev_min", "loss_dev_max", "grad_pred", "beta_smooth"]
     if sel[cols].isna().all().all():
         raise Skip("the probes hold no loss-landscape values")
     sel = bin_steps(sel)
     # The landscape measures are per step (the whole model); average any per-layer rows.
     per_trial = sel.groupby(["trial_id", "variant", "step"], observed=True)[cols].mean()
     per_trial = per_trial.reset_index()
-    sheet = Sheet(study, opts, styles, report, 1, 3, 14, 4.6)
-    ax = sheet.axes[0, 0]
-    for variant, g in per_trial.groupby("variant", observed=True, sort=True):
-        st = styles[str(variant)]
-        g = g.groupby("step")[["loss_min", "loss_max"]].mean().reset_index()
-        ax.fill_between(g["step"], g["loss_min"], g["loss_max"], color=st.color, alpha=0.25, lw=0)
-        for c in ("loss_min", "loss_max"):
-            ax.plot(g["step"], g[c], color=st.color, ls=st.linestyle, lw=1.0)
-    ax.set_title("Loss variation: min–max over step sizes η", fontsize=10)
-    ax.set_ylabel("loss")
+    sheet = Sheet(study, opts, styles, report, 1, 4, 18, 4.6)
+    raw, dev = sheet.axes[0, 0], sheet.axes[0, 1]
+    _range_band(raw, per_trial, "loss_min", "loss_max", styles)
+    raw.set_title("Raw loss L(W − ηg): min–max over η", fontsize=10)
+    raw.set_ylabel("loss")
+    dev_drawn = per_trial[["loss_dev_min", "loss_dev_max"]].notna().any().any()
+    if dev_drawn:
+        _range_band(dev, per_trial, "loss_dev_min", "loss_dev_max", styles)
+        dev.axhline(0.0, color="0.5", lw=0.6)
+    else:
+        dev.text(0.5, 0.5, "not recorded\n(results written before this probe)", ha="center",
+                 va="center", transform=dev.transAxes, fontsize=9, color="0.4")
+    dev.set_title("Beyond first order: L(W − ηg) − L(W) + η‖g‖², min–max over η", fontsize=9)
+    dev.set_ylabel("loss change − first-order term")
     for ax, (col, words, label) in zip(
-        sheet.axes[0, 1:],
+        sheet.axes[0, 2:],
         (
             ("grad_pred", "Gradient predictiveness: ℓ2 change of the gradient", "ℓ2 change"),
-            ("beta_smooth", "Effective β-smoothness", "β"),
+            ("beta_smooth", "Effective β-smoothness: the change ÷ ‖ηg‖", "β"),
         ),
         strict=True,
     ):
@@ -99,10 +114,14 @@ def fig_probes_landscape(study: Study, opts: Options, styles, report: Report) ->
     sheet.save(
         "fig_probes_landscape",
         "Loss landscape along the gradient (Santurkar et al. 2018, §3)",
-        "Left: the range (min to max) of the loss when stepping along the gradient by each "
-        "probed η, mean over seeds (the shaded area is that range, not an interval). Middle and "
-        "right: gradient predictiveness and effective β-smoothness along the same steps, "
-        "log scale.",
+        "First: the range (min to max) of the loss when stepping along the gradient by each "
+        "probed η, mean over seeds (the shaded area is that range, not an interval); at these "
+        "step sizes it is mostly the first-order decrease η‖g‖², so it restates the gradient "
+        "norm. Second: the same loss change less that first-order term, the part due to the "
+        "landscape's curvature (½η²gᵀHg on a quadratic)"
+        + ("" if dev_drawn else "; not recorded in these results") + ". Third and fourth: "
+        "gradient predictiveness (max over η of ‖∇L(W − ηg) − g‖) and effective β-smoothness "
+        "(the same ÷ ‖ηg‖), log scale.",
         lr_words(opts),
         legend=sheet.legend(sel, markers=False),
     )

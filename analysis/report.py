@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from analysis import bands
@@ -22,6 +23,49 @@ NO_NOTICES = "none: every figure was drawn from complete runs."
 
 class Skip(Exception):
     """The study lacks what a figure or table needs; the message says what."""
+
+
+@dataclass(frozen=True)
+class StepWindow:
+    """The training steps ``start <= step < end`` (``end`` None: to the last): the steps the
+    probe summaries are over."""
+
+    start: int = 0
+    end: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> StepWindow:
+        """``START:END``, ``START:`` or ``:END`` (whole steps, START < END); raises ValueError
+        with the one line the command prints."""
+        start, sep, end = text.partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            window = cls(int(start) if start.strip() else 0, int(end) if end.strip() else None)
+        except ValueError:
+            raise ValueError(f"{text!r}: give a step window START:END (whole steps, either may be "
+                             "left out: 1000:, :500)") from None
+        if window.start < 0 or (window.end is not None and window.end <= window.start):
+            raise ValueError(f"{text!r}: the window needs 0 <= START < END")
+        return window
+
+    @property
+    def label(self) -> str:
+        """As given on the command line (``all`` for every step)."""
+        if self.start == 0 and self.end is None:
+            return "all"
+        return f"{self.start if self.start else ''}:{'' if self.end is None else self.end}"
+
+    @property
+    def words(self) -> str:
+        if self.end is None:
+            return "every step" if self.start == 0 else f"the steps from {self.start} on"
+        return f"steps {self.start} to {self.end - 1}"
+
+    def holds(self, steps: np.ndarray) -> np.ndarray:
+        """Which of ``steps`` (an array) are in the window."""
+        inside = steps >= self.start
+        return inside if self.end is None else inside & (steps < self.end)
 
 
 @dataclass
@@ -37,6 +81,7 @@ class Options:
     smooth: int = 100
     formats: tuple[str, ...] = FORMATS
     reps: int = 2000
+    window: StepWindow = StepWindow()
 
     def estimate(self, frame: pd.DataFrame, by: list[str], x: str, value: str) -> pd.DataFrame:
         """``bands.get_interval_estimates`` with this run's interval method, level and resamples."""
@@ -93,6 +138,7 @@ def _config_items(study: Study, opts: Options) -> list[tuple[str, str]]:
             format_number(opts.lr) + (" (smallest in the study)" if opts.lr_is_default else ""),
         ),
         ("gradient smoothing", f"{opts.smooth} steps"),
+        ("probe summaries over", opts.window.words),
     ]
     for label, config in zip(study.labels, study.configs, strict=True):
         where = "study.json" if len(study.paths) == 1 else f"{label}/study.json"

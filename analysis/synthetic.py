@@ -169,6 +169,10 @@ def _write_trial(
                         hist=_histogram(float(m), float(var), count, hist_bins),
                     )
                 )
+        for k, layer in enumerate(results.GRAD_LAYERS, start=1):  # BN's conv weights grow
+            growth = 0.1 * epoch if has_bn and layer.startswith("conv") else 0.02 * epoch
+            layer_rows.append(dict(trial_id=tid, epoch=epoch, layer=layer, site=results.WEIGHT_SITE,
+                                   weight_norm=float(k * (1 + growth) * (1 + 0.01 * seed))))
         steps = np.arange((epoch - 1) * steps_per_epoch, epoch * steps_per_epoch)
         level = (1.0 if has_bn else 3.0) * (1 + 0.2 * noise) * (lr / 1e-3) ** 0.3
         cols: dict[str, np.ndarray] = {
@@ -192,6 +196,8 @@ def _write_trial(
             for step in steps[steps % probe_every == 0]:
                 lmin = 1.5 - 0.001 * step + rng.normal(0, 0.02)
                 spread = (0.2 if has_bn else 0.6) * np.exp(rng.normal(0, 0.2))
+                # the curvature's share; drawn from no generator, so the other numbers stay as they were
+                dev = (0.01 if has_bn else 0.05) * (1 + 0.2 * np.sin(step + seed))
                 for layer in results.PROBE_LAYERS:
                     probe_rows.append(
                         dict(
@@ -203,12 +209,17 @@ def _write_trial(
                             ics_cos=float(np.clip(rng.normal(0.3 if has_bn else 0.5, 0.1), -1, 1)),
                             loss_min=lmin,
                             loss_max=lmin + spread,
+                            loss_dev_min=float(dev / 64),  # 1/2 eta^2 c over eta in [0.5, 4] lr
+                            loss_dev_max=float(dev),
+                            weight_norm=float(np.e * (1 + 0.001 * step)),
                             grad_pred=float(spread * 2),
                             beta_smooth=float(spread * 10),
                         )
                     )
         if per_epoch:
-            _upsert(out, tid, epoch_rows[-1:], layer_rows[-6:], step_cols[-1:], probe_rows, epoch)
+            per_epoch_rows = len(results.ACT_LAYERS) * len(results.SITES) + len(results.GRAD_LAYERS)
+            _upsert(out, tid, epoch_rows[-1:], layer_rows[-per_epoch_rows:], step_cols[-1:], probe_rows,
+                    epoch)
     if not per_epoch and n_epochs:
         _upsert(out, tid, epoch_rows, layer_rows, step_cols, probe_rows, None)
     last = epoch_rows[-1] if epoch_rows else {}

@@ -14,10 +14,16 @@ At a probed step t, with weights W_t, the step's batch (x, y) and its loss L (§
 * **Loss landscape along the gradient**: with g the full gradient at W_t (every parameter),
   for each step size eta of the grid, L(W - eta g) and ∇L(W - eta g) on the same batch.
   Recorded: the min and max of the loss over the grid (the loss variation; the grid only,
-  eta = 0 is not added), max_eta ||∇L(W - eta g) - g|| (gradient predictiveness) and
-  max_eta ||∇L(W - eta g) - g|| / ||eta g|| (effective beta-smoothness); norms over all
-  parameters together. These four numbers belong to the step, not to a layer: ``probe_rows``
-  repeats them on each layer's row of that step (group by step, take any one row).
+  eta = 0 is not added); the min and max over the grid of the loss change beyond its
+  first-order prediction, L(W - eta g) - L(W) + eta ||g||^2 (the raw range at small eta is
+  mostly the first-order decrease eta ||g||^2, a restatement of the gradient norm; what is
+  left is the curvature's share, 1/2 eta^2 g^T H g on a quadratic); max_eta ||∇L(W - eta g) - g||
+  (gradient predictiveness) and max_eta ||∇L(W - eta g) - g|| / ||eta g|| (effective
+  beta-smoothness, the gradient change per unit of step length); norms over all parameters
+  together. These six numbers belong to the step, not to a layer: ``probe_rows`` repeats them
+  on each layer's row of that step (group by step, take any one row).
+* **Weight norms**: per block, ||W_i|| of the weight the ICS probe compares, at W_t (BN makes
+  the loss invariant to a conv weight's scale, so its gradient shrinks as the weight grows).
 
 Every pass replays the step's forward exactly, and nothing that training uses is changed:
 
@@ -58,7 +64,7 @@ from study.sync_debug import syncs_allowed
 DEFAULT_ETA_MULTIPLES: tuple[float, ...] = tuple(0.5 * 8 ** (i / 7) for i in range(8))
 
 #: Keys of a probe result that hold one number per step (the loss-landscape measures).
-LANDSCAPE_KEYS = ("loss_min", "loss_max", "grad_pred", "beta_smooth")
+LANDSCAPE_KEYS = ("loss_min", "loss_max", "loss_dev_min", "loss_dev_max", "grad_pred", "beta_smooth")
 
 
 @dataclass(frozen=True)
@@ -161,12 +167,17 @@ def landscape(
     grads: dict[str, torch.Tensor],
     etas: Sequence[float],
 ) -> dict[str, float]:
-    """Loss variation, gradient predictiveness and effective beta-smoothness along -g over
-    ``etas`` (absolute step sizes): see the module's docstring."""
+    """Loss variation (raw and beyond the first-order term), gradient predictiveness and
+    effective beta-smoothness along -g over ``etas`` (absolute step sizes): see the module's
+    docstring."""
+    if not etas:
+        return dict.fromkeys(LANDSCAPE_KEYS, float("nan"))
     names = [n for n in params if n in grads]
     g = [grads[n].detach() for n in names]
     g_norm = _flat_norm(g)
-    losses, preds, betas = [], [], []
+    with torch.no_grad():  # L(W) through the same replayed pass as the moved losses
+        loss0 = loss_at(dict(params)).detach().double()
+    losses, devs, preds, betas = [], [], [], []
     for eta in etas:
         values = dict(params)
         moved = {n: (params[n].detach() - eta * gn).requires_grad_(True)
@@ -177,13 +188,14 @@ def landscape(
         diff = _flat_norm([(torch.zeros_like(a) if b is None else b.detach()) - a
                            for a, b in zip(g, new, strict=True)])
         losses.append(loss.detach().double())
+        devs.append(losses[-1] - loss0 + eta * g_norm**2)
         preds.append(diff)
         betas.append(diff / (eta * g_norm))  # 0/0 (a zero gradient) gives NaN
-    if not etas:
-        return dict.fromkeys(LANDSCAPE_KEYS, float("nan"))
     # One host sync; torch's min/max propagate NaN, so a non-finite value shows, never vanishes.
-    losses_t, preds_t, betas_t = torch.stack(losses), torch.stack(preds), torch.stack(betas)
-    out = torch.stack([losses_t.min(), losses_t.max(), preds_t.max(), betas_t.max()]).tolist()
+    losses_t, devs_t = torch.stack(losses), torch.stack(devs)
+    preds_t, betas_t = torch.stack(preds), torch.stack(betas)
+    out = torch.stack([losses_t.min(), losses_t.max(), devs_t.min(), devs_t.max(),
+                       preds_t.max(), betas_t.max()]).tolist()
     return dict(zip(LANDSCAPE_KEYS, out, strict=True))
 
 
@@ -200,8 +212,8 @@ def probe_module(
     (``.grad`` holds the step's gradient). ``loss_of(model(*inputs))`` is the step's loss;
     ``rng_before_forward`` the ``save_rng()`` state taken just before the step's forward
     (restored before each pass, so dropout replays its masks; None: leave the RNG alone).
-    Returns ``{"ics_l2": {layer: float}, "ics_cos": {layer: float}, "loss_min", "loss_max",
-    "grad_pred", "beta_smooth"}``. The module, its buffers, its ``.grad``, the optimiser and the
+    Returns ``{"ics_l2": {layer: float}, "ics_cos": {layer: float}, "weight_norm": {layer:
+    float}}`` and the floats of LANDSCAPE_KEYS. The module, its buffers, its ``.grad``, the optimiser and the
     global RNG are left as they were."""
     after = save_rng()
     named = dict(model.named_parameters())
@@ -221,7 +233,9 @@ def probe_module(
             out = landscape(loss_at, params, grads, etas)
     finally:
         restore_rng(after)
-    return dict(ics_l2=l2, ics_cos=cos, **out)
+    norms = torch.stack([_norm(params[b.weight]) for b in blocks]).tolist()  # one host sync
+    weight_norm = dict(zip([b.layer for b in blocks], norms, strict=True))
+    return dict(ics_l2=l2, ics_cos=cos, weight_norm=weight_norm, **out)
 
 
 # ------------------------------------------------------------------------------ the CNN probe
@@ -270,7 +284,8 @@ def probe_rows(step: int, epoch: int, result: dict) -> list[dict]:
     per_step = {k: float(result[k]) for k in LANDSCAPE_KEYS}
     return [
         dict(step=int(step), epoch=int(epoch), layer=layer, ics_l2=float(result["ics_l2"][layer]),
-             ics_cos=float(result["ics_cos"][layer]), **per_step)
+             ics_cos=float(result["ics_cos"][layer]),
+             weight_norm=float(result["weight_norm"][layer]), **per_step)
         for layer in PROBE_LAYERS
     ]
 

@@ -12,7 +12,10 @@ renamed, so a crash never leaves a half-written file under a real name.
 
 Conventions the analysis relies on: accuracies are fractions in [0, 1]; epochs count from 1;
 ``step`` is the trial's global step from 0; in ``probes``, the landscape columns (loss_min,
-loss_max, grad_pred, beta_smooth) belong to the step and repeat on each layer's row.
+loss_max, loss_dev_min, loss_dev_max, grad_pred, beta_smooth) belong to the step and repeat on
+each layer's row; in ``layers``, a row of site ``weight`` holds a weight layer's ``weight_norm``
+at the epoch's end (its activation columns null), a row of an activation site none. Columns
+added since a file was written read as null (``conform``; the analysis reads them as NaN).
 ``study.json`` holds ``name``, ``preset`` (the grid's settings), ``trials`` (each trial's
 config), ``trial_ids`` (the grid, in order) and ``execution`` (how it ran: GPUs, packing,
 threads, CPU layout, CUDA graphs).
@@ -48,6 +51,8 @@ GRAD_LAYERS: tuple[str, ...] = ("conv1", "conv2", "conv3", "fc1", "fc2")
 #: Conv layers whose activations are recorded, and the two sites per layer.
 ACT_LAYERS: tuple[str, ...] = ("conv1", "conv2", "conv3")
 SITES: tuple[str, ...] = ("conv", "preact")
+#: The site of a layers row that holds a weight layer's (GRAD_LAYERS) weight norm, not activations.
+WEIGHT_SITE = "weight"
 #: Probe layers (weights whose gradient the ICS probe compares).
 PROBE_LAYERS: tuple[str, ...] = GRAD_LAYERS
 STATUSES: tuple[str, ...] = ("running", "done", "diverged", "error")
@@ -122,6 +127,7 @@ TABLES: dict[str, pa.Schema] = {
             ("hist_lo", _f64),
             ("hist_hi", _f64),
             ("hist", pa.list_(_i64)),
+            ("weight_norm", _f64),
         ]
     ),
     "steps": pa.schema(
@@ -138,8 +144,11 @@ TABLES: dict[str, pa.Schema] = {
             ("ics_cos", _f64),
             ("loss_min", _f64),
             ("loss_max", _f64),
+            ("loss_dev_min", _f64),
+            ("loss_dev_max", _f64),
             ("grad_pred", _f64),
             ("beta_smooth", _f64),
+            ("weight_norm", _f64),
         ]
     ),
 }
@@ -212,6 +221,16 @@ def read_table_file(path: str | os.PathLike, columns: Sequence[str] | None = Non
     return pq.read_table(path, columns=columns)
 
 
+def conform(table: str, data: pa.Table) -> pa.Table:
+    """``data`` (a file of ``table``, perhaps written before some columns were added) in the
+    current schema: the columns it lacks are null, so a resumed trial's old file takes new rows."""
+    schema = TABLES[table]
+    n = data.num_rows
+    arrays = [data.column(f.name) if f.name in data.column_names else pa.nulls(n, f.type)
+              for f in schema]
+    return pa.Table.from_arrays(arrays, schema=schema.with_metadata(data.schema.metadata))
+
+
 def write_atomic(table: pa.Table, path: str | os.PathLike) -> None:
     """Write ``table`` to ``path`` whole or not at all (storage.write_bytes)."""
     if storage.is_uri(path):
@@ -228,7 +247,7 @@ def upsert_epoch_rows(out_dir: str | os.PathLike, table: str, trial_id: str, new
     path = table_path(out_dir, table, trial_id)
     exists = storage.exists(path)
     if exists and new.num_rows:
-        old = read_table_file(path)
+        old = conform(table, read_table_file(path))
         epochs = pa.array(sorted(set(new.column("epoch").to_pylist())), type=_i64)
         keep = pc.invert(pc.is_in(old.column("epoch"), value_set=epochs))
         new = pa.concat_tables([old.filter(keep), new])

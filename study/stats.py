@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from study.results import ACT_LAYERS, GRAD_LAYERS, SITES
+from study.results import ACT_LAYERS, GRAD_LAYERS, SITES, WEIGHT_SITE
 
 
 def flat_view(t: torch.Tensor) -> torch.Tensor:
@@ -42,6 +42,18 @@ def flat_view(t: torch.Tensor) -> torch.Tensor:
     if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
         return t.as_strided((t.numel(),), (1,))  # dense: its memory, in order, is its elements
     return t.reshape(-1)
+
+
+@torch.no_grad()
+def weight_norm_rows(model: torch.nn.Module) -> list[dict]:
+    """Rows for the layers table (without trial_id and epoch): the l2 norm of each GRAD_LAYERS
+    weight of ``model`` (a ``SeedCNN``) as it is now, in float64, one host sync. Taken at the
+    epoch's end, outside any captured step: with BN the loss ignores a conv weight's scale, so
+    its growth is a confound of the gradient norms that only these norms show."""
+    weights = model.weight_layers()
+    norms = torch.stack([torch.linalg.vector_norm(weights[n].weight.double()) for n in GRAD_LAYERS])
+    return [dict(layer=name, site=WEIGHT_SITE, weight_norm=value)
+            for name, value in zip(GRAD_LAYERS, norms.tolist(), strict=True)]
 
 
 class EpochStats:

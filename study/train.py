@@ -26,7 +26,7 @@ from study.config import TrialConfig
 from study.data import DataArrays, train_val_split
 from study.model import SeedCNN, build_model
 from study.probes import StepProber
-from study.stats import EpochStats
+from study.stats import EpochStats, weight_norm_rows
 from study.step import GraphedTrainStep, TrainStep, graphs_run_on
 
 #: How often (in steps) a CPU trial looks at the loss for divergence. A look would wait for a
@@ -156,7 +156,8 @@ def run_trial(
     """Train one trial; call ``on_epoch(record, state)`` after every epoch.
 
     ``record`` holds the epoch's rows for the results tables (``epoch``: a dict,
-    ``layers``: a list of dicts, ``steps``: a dict of columns) and ``status``;
+    ``layers``: a list of dicts, the activation rows then the weight norms, ``steps``: a
+    dict of columns) and ``status``;
     ``state`` is a ``torch.save``-able dict that ``resume_from`` continues from,
     giving the same numbers as a run that never stopped; it holds the live model's and
     optimiser's tensors, so save it during the call (later epochs change them).
@@ -263,7 +264,8 @@ def run_trial(
             status = "done"
         history.append(row)
         steps["epoch"] = np.full(len(steps["step"]), epoch, dtype=np.int64)
-        record = dict(epoch=row, layers=epoch_stats["layers"], steps=steps, status=status)
+        layers = epoch_stats["layers"] + weight_norm_rows(model)  # the weights after the epoch
+        record = dict(epoch=row, layers=layers, steps=steps, status=status)
         record["probes"] = prober.take_rows()
         state = dict(
             epoch=epoch,

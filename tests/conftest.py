@@ -83,7 +83,7 @@ def read_tables(out: Path) -> dict[str, pd.DataFrame]:
         if table == "trials":  # config_json and wall time differ in nothing that matters here
             df = df.drop(columns=["config_json"])
         if "hist" in df.columns:
-            df["hist"] = df["hist"].map(tuple)
+            df["hist"] = df["hist"].map(lambda h: None if h is None else tuple(h))  # weight rows: none
         keys = [c for c in ("trial_id", "epoch", "step", "layer", "site") if c in df.columns]
         tables[table] = df.sort_values(keys).reset_index(drop=True)
     return tables

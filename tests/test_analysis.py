@@ -180,13 +180,16 @@ def test_every_figure_and_table_is_written(study):
         "gradient_stability.csv",
         "gradient_stability.tex",
         "gradient_stability_runs.csv",
+        "probe_window.csv",
+        "probe_window_summary.csv",
+        "weight_norms.csv",
         "index.md",
         "index.html",
     ):
         assert (out / name).is_file()
     # One progress line per figure and table, and the index at the end.
     lines = study["stdout"].splitlines()
-    assert sum(line.startswith("wrote ") for line in lines) == len(FIGURES) + 3
+    assert sum(line.startswith("wrote ") for line in lines) == len(FIGURES) + 5
     assert lines[-1].startswith("index: ")
     index = (out / "index.md").read_text()
     html = (out / "index.html").read_text()
@@ -439,10 +442,17 @@ def test_probe_figures_draw_each_layer_and_step_mean_over_seeds(study, tmp_path,
             got = line(ax, variant)
             np.testing.assert_allclose(got.to_numpy(), want.to_numpy(), rtol=1e-12)
             assert got.index.tolist() == want.index.astype(float).tolist()
-    middle = drawn["fig_probes_landscape"].axes[1]
+    landscape = drawn["fig_probes_landscape"].axes
     per_step = probes.groupby(["variant", "trial_id", "step"], observed=True)["grad_pred"].first()
     want = per_step.loc["BN"].groupby("step").mean()
-    np.testing.assert_allclose(line(middle, "BN").to_numpy(), want.to_numpy(), rtol=1e-12)
+    np.testing.assert_allclose(line(landscape[2], "BN").to_numpy(), want.to_numpy(), rtol=1e-12)
+    # beside the raw loss range, the loss change beyond the first-order term, per step its
+    # mean over seeds of the per-step value
+    per_step = probes.groupby(["variant", "trial_id", "step"], observed=True)["loss_dev_max"].first()
+    want = per_step.loc["BN"].groupby("step").mean()
+    np.testing.assert_allclose(line(landscape[1], "BN: loss_dev_max").to_numpy(), want.to_numpy(),
+                               rtol=1e-12)
+    assert "first order" in landscape[1].get_title()
 
 
 def test_tex_escape_makes_every_special_character_literal():
@@ -767,6 +777,8 @@ def test_ctrl_c_gives_one_line_exit_130_and_keeps_what_was_written(study, tmp_pa
         (["--lr", "-1"], "positive"),
         (["--lr", "-1e-3"], "positive"),
         (["--lr", "0.02"], "not in the study"),
+        (["--window", "30:10"], "START < END"),
+        (["--window", "10"], "START:END"),
         (["--bogus"], "unrecognized"),
     ],
 )
@@ -780,9 +792,9 @@ def test_bad_flag_values_are_refused(study, tmp_path, flags, words):
 def test_help_explains_every_flag_with_its_default(capsys):
     assert figures.main(["--help"]) == 0
     text = capsys.readouterr().out
-    for flag in ("--out", "--ci", "--level", "--lr", "--smooth", "--format"):
+    for flag in ("--out", "--ci", "--level", "--lr", "--smooth", "--format", "--window"):
         assert flag in text
-    assert text.count("default") >= 6
+    assert text.count("default") >= 7
 
 
 def test_study_json_is_optional_and_shown(study, tmp_path):

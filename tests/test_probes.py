@@ -104,17 +104,18 @@ def test_ics_matches_the_closed_form_on_a_linear_network_with_momentum():
 
 
 class Quadratic(nn.Module):
-    """L(w) = 1/2 w^T A w with w = (u, v): two blocks, so ICS has a closed form too."""
+    """L(w) = 1/2 w^T A w + b^T w with w = (u, v): two blocks, so ICS has a closed form too."""
 
-    def __init__(self, a: torch.Tensor, w: torch.Tensor, split: int):
+    def __init__(self, a: torch.Tensor, w: torch.Tensor, split: int, b: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("a", a)
+        self.register_buffer("b", torch.zeros_like(w) if b is None else b)
         self.u = nn.Parameter(w[:split].clone())
         self.v = nn.Parameter(w[split:].clone())
 
     def forward(self, _x: torch.Tensor) -> torch.Tensor:
         w = torch.cat([self.u, self.v])
-        return 0.5 * w @ self.a @ w
+        return 0.5 * w @ self.a @ w + self.b @ w
 
 
 def quadratic(seed: int = 1, n: int = 6, split: int = 2):
@@ -151,6 +152,40 @@ def test_landscape_matches_the_closed_form_on_a_quadratic(lr):
     cos = float(gv @ gv2 / (torch.linalg.norm(gv) * torch.linalg.norm(gv2)))
     assert got["ics_cos"]["v"] == pytest.approx(cos, rel=1e-12)
     assert (got["ics_l2"]["u"], got["ics_cos"]["u"]) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize("definite", [True, False])
+def test_loss_beyond_first_order_is_the_curvature_term_on_a_quadratic(definite):
+    """On L(w) = 1/2 w^T H w + b^T w, L(w - eta g) - L(w) + eta ||g||^2 = 1/2 eta^2 g^T H g
+    exactly, and the gradient change ÷ ||eta g|| is ||H g|| / ||g|| at every eta. Reference:
+    numpy float64 from the definitions, g = H w + b by hand; the weight norms are the blocks'."""
+    rng = np.random.default_rng(3)
+    m = rng.normal(size=(5, 5))
+    h = m @ m.T + 0.5 * np.eye(5) if definite else (m + m.T) / 2  # convex, or a saddle
+    w, b = rng.normal(size=5), rng.normal(size=5)
+    model = Quadratic(torch.tensor(h), torch.tensor(w), 3, torch.tensor(b))
+    lr = 0.02
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    model(None).backward()
+    etas = [e * lr for e in DEFAULT_ETA_MULTIPLES]
+    blocks = [Block("u", "u", ("u",)), Block("v", "v", ("v",))]
+    got = probe_module(model, opt, (None,), lambda out: out, blocks, None, etas)
+
+    def loss(x):
+        return 0.5 * x @ h @ x + b @ x
+
+    g = h @ w + b
+    dev = [loss(w - eta * g) - loss(w) + eta * (g @ g) for eta in etas]
+    curvature = [0.5 * eta**2 * (g @ h @ g) for eta in etas]
+    np.testing.assert_allclose(dev, curvature, rtol=1e-9)  # the reference is the closed form
+    assert got["loss_dev_min"] == pytest.approx(min(curvature), rel=1e-8, abs=1e-14)
+    assert got["loss_dev_max"] == pytest.approx(max(curvature), rel=1e-8, abs=1e-14)
+    assert (got["loss_dev_min"] > 0) == definite
+    betas = [np.linalg.norm((h @ (w - eta * g) + b) - g) / (eta * np.linalg.norm(g)) for eta in etas]
+    assert got["beta_smooth"] == pytest.approx(max(betas), rel=1e-12)
+    assert got["beta_smooth"] == pytest.approx(np.linalg.norm(h @ g) / np.linalg.norm(g), rel=1e-12)
+    assert got["weight_norm"] == pytest.approx({"u": np.linalg.norm(w[:3]), "v": np.linalg.norm(w[3:])},
+                                               rel=1e-15)
 
 
 def test_landscape_takes_the_maxima_over_the_step_sizes():
@@ -252,6 +287,7 @@ def test_cnn_probe_replays_the_step_and_changes_nothing(norm, noise, device):
     # masks and the noise sample are the step's.
     got = probe_step(model, opt, x, y, before, [0.0])
     assert got["loss_min"] == got["loss_max"] == float(loss.detach())
+    assert got["loss_dev_min"] == got["loss_dev_max"] == 0.0  # L(W) is the step's loss, replayed
     g_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])))
     assert got["grad_pred"] <= (0.0 if device == "cpu" else 1e-5 * g_norm)
     assert math.isnan(got["beta_smooth"]) or device != "cpu"
@@ -262,6 +298,10 @@ def test_cnn_probe_replays_the_step_and_changes_nothing(norm, noise, device):
     assert got["ics_l2"]["conv1"] == 0.0
     assert all(got["ics_l2"][k] > 0 and -1 <= got["ics_cos"][k] < 1 for k in PROBE_LAYERS[1:])
     assert got["grad_pred"] > 0 and got["beta_smooth"] > 0 and got["loss_min"] < got["loss_max"]
+    weights = {"conv1": model.blocks[0].conv.weight, "conv2": model.blocks[1].conv.weight,
+               "conv3": model.blocks[2].conv.weight, "fc1": model.fc1.weight, "fc2": model.fc2.weight}
+    assert got["weight_norm"] == pytest.approx(
+        {k: float(torch.linalg.vector_norm(w.detach().double())) for k, w in weights.items()}, rel=1e-12)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -290,11 +330,15 @@ def test_step_prober_skips_a_non_finite_step_and_names_rows():
 
 def test_probe_rows_fit_the_probes_table():
     result = dict(ics_l2={n: 1.0 for n in PROBE_LAYERS}, ics_cos={n: 0.5 for n in PROBE_LAYERS},
-                  loss_min=1.0, loss_max=2.0, grad_pred=3.0, beta_smooth=float("nan"))
+                  weight_norm={n: float(i) for i, n in enumerate(PROBE_LAYERS)},
+                  loss_min=1.0, loss_max=2.0, loss_dev_min=0.1, loss_dev_max=0.2, grad_pred=3.0,
+                  beta_smooth=float("nan"))
     rows = probe_rows(12, 3, result)
     table = results.to_arrow("probes", [dict(r, trial_id="t") for r in rows])
     assert isinstance(table, pa.Table) and table.num_rows == len(PROBE_LAYERS)
     assert table.column("layer").to_pylist() == list(PROBE_LAYERS)
+    assert table.column("weight_norm").to_pylist() == [float(i) for i in range(len(PROBE_LAYERS))]
+    assert table.column("loss_dev_max").to_pylist() == [0.2] * len(PROBE_LAYERS)
     assert set(table.schema.names) == set(results.TABLES["probes"].names)
 
 

@@ -10,6 +10,8 @@ import pickle
 from types import SimpleNamespace
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from study import results
 from study.config import TrialConfig
@@ -28,6 +30,24 @@ def test_an_epoch_written_again_replaces_its_rows(tmp_path):
     results.upsert_epoch_rows(tmp_path, "epochs", "t", _epochs("t", [(2, 0.25)]))
     got = results.read_table_file(results.table_path(tmp_path, "epochs", "t")).to_pandas()
     assert got[["epoch", "train_loss"]].values.tolist() == [[1, 0.5], [2, 0.25]]
+
+
+def test_a_file_written_before_a_column_was_added_takes_new_rows(tmp_path):
+    """A trial resumed in an older results folder: its layers file lacks weight_norm; the next
+    epoch's rows go in, the old rows read null there and keep their values."""
+    old_schema = pa.schema([f for f in results.TABLES["layers"] if f.name != "weight_norm"])
+    meta = {results.VERSION_KEY: str(results.SCHEMA_VERSION).encode(), results.TABLE_KEY: b"layers"}
+    old = pa.Table.from_pylist([dict(trial_id="t", epoch=1, layer="conv1", site="conv", mean=0.5)],
+                               schema=old_schema.with_metadata(meta))
+    path = results.table_path(tmp_path, "layers", "t")
+    path.parent.mkdir()
+    pq.write_table(old, path)
+    new = results.to_arrow("layers", [dict(trial_id="t", epoch=2, layer="conv1", site="weight",
+                                           weight_norm=3.0)])
+    results.upsert_epoch_rows(tmp_path, "layers", "t", new)
+    got = results.read_table_file(path).to_pylist()
+    assert [(r["epoch"], r["site"], r["mean"], r["weight_norm"]) for r in got] == [
+        (1, "conv", 0.5, None), (2, "weight", None, 3.0)]
 
 
 def test_the_callback_writes_an_epoch_reported_twice_once(tmp_path):

@@ -49,7 +49,7 @@ def test_local_sweep_writes_every_table(tiny_reference):
     assert (tables["trials"].dataset == "synthetic").all()
     assert (tables["trials"].train_size == 160).all() and (tables["trials"].test_size == 200).all()
     assert len(tables["epochs"]) == 4 * 3
-    assert len(tables["layers"]) == 4 * 3 * 6
+    assert len(tables["layers"]) == 4 * 3 * (6 + 5)  # 3 layers × 2 sites, 5 weight norms
     assert len(tables["steps"]) == 4 * 3 * 10  # 160 images / batch 16, every step
     assert list(read_steps_columns(out)) == EXPECTED_STEP_COLS
     for df, keys in ((tables["epochs"], ["trial_id", "epoch"]),

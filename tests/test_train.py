@@ -80,6 +80,10 @@ def test_channels_last_on_the_cpu_gives_the_numbers_of_the_nchw_layout():
     np.testing.assert_allclose(cl["steps"]["grad_norm"], ref["steps"]["grad_norm"], rtol=1e-4)
     np.testing.assert_allclose(cl["steps"]["loss"], ref["steps"]["loss"], rtol=1e-4)
     for a, b in zip(ref["layers"], cl["layers"], strict=True):
+        if a["site"] == "weight":  # the weights after the epoch: the same to fp32 rounding
+            assert (b["layer"], b["site"]) == (a["layer"], a["site"])
+            assert b["weight_norm"] == pytest.approx(a["weight_norm"], rel=1e-5)
+            continue
         assert b["count"] == a["count"]
         assert b["mean"] == pytest.approx(a["mean"], rel=1e-4, abs=1e-4 * a["var"] ** 0.5)
         assert b["var"] == pytest.approx(a["var"], rel=1e-4)
@@ -108,10 +112,13 @@ def test_epoch_record_is_complete_and_consistent():
     steps = math.ceil(n_fit / 32)
     assert r["epoch"]["steps"] == steps
     assert r["steps"]["step"].tolist() == list(range(0, steps, 3))
-    assert {(x["layer"], x["site"]) for x in r["layers"]} == {
+    acts = [x for x in r["layers"] if x["site"] != "weight"]
+    assert {(x["layer"], x["site"]) for x in acts} == {
         (f"conv{i}", s) for i in (1, 2, 3) for s in ("conv", "preact")}
+    assert [x["layer"] for x in r["layers"] if x["site"] == "weight"] == [
+        "conv1", "conv2", "conv3", "fc1", "fc2"]
     sampled = len(range(0, steps, cfg.hist_every))  # every batch is full here
-    for x in r["layers"]:
+    for x in acts:
         assert sum(x["hist"]) * steps == x["count"] * sampled
         if x["site"] == "preact":  # BN in training mode: each batch normalised to ~0 mean, ~1 var
             assert abs(x["mean"]) < 1e-3 and abs(x["var"] - 1) < 1e-2
@@ -198,6 +205,30 @@ def test_evaluate_is_the_eval_mode_model_and_changes_nothing():
     plain = build_model("batch")
     plain.load_state_dict(before)
     assert evaluate(plain, x, y, 16) == results[0]  # no noise in eval mode
+
+
+def test_the_layers_table_holds_each_weights_norm_at_the_epochs_end():
+    """Each epoch's ``weight`` rows are the l2 norms of the weights the epoch's checkpoint holds
+    (numpy float64, found by name): a growing conv weight under BN shows here."""
+    kept = []
+
+    def on_epoch(record, state):  # the state holds the live tensors: copy them now
+        kept.append((record, {k: v.detach().clone().numpy() for k, v in state["model"].items()}))
+
+    run_trial(TrialConfig(norm="batch", epochs=2, lr=0.05, batch_size=32), tiny_data(), on_epoch,
+              options=RunOptions(device="cpu"))
+    weight_of = {"conv1": "blocks.0.conv.weight", "conv2": "blocks.1.conv.weight",
+                 "conv3": "blocks.2.conv.weight", "fc1": "fc1.weight", "fc2": "fc2.weight"}
+    norms = []
+    for record, weights in kept:
+        rows = {x["layer"]: x for x in record["layers"] if x["site"] == "weight"}
+        assert rows.keys() == weight_of.keys()
+        for layer, key in weight_of.items():
+            want = np.linalg.norm(weights[key].astype(np.float64).ravel())
+            assert rows[layer]["weight_norm"] == pytest.approx(want, rel=1e-12)
+            assert rows[layer].get("mean") is None  # a weight row holds no activation moments
+        norms.append([rows[n]["weight_norm"] for n in weight_of])
+    assert norms[0] != norms[1]  # the weights moved between the epochs
 
 
 def test_each_layers_gradient_norm_is_its_weights(monkeypatch):
