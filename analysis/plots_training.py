@@ -7,7 +7,7 @@ import math
 
 from matplotlib.lines import Line2D
 
-from analysis.captions import excluded_words, lr_words
+from analysis.captions import excluded_words, lr_words, titled
 from analysis.labels import format_number, percent_scale
 from analysis.layout import Sheet, require
 from analysis.load import Study
@@ -45,7 +45,7 @@ def fig_gradients(study: Study, opts: Options, styles, report: Report) -> None:
         ax.set_xlabel("training iteration (step)")
     sheet.save(
         "fig3_gradients",
-        "Figure 3 — Gradient norm over training iterations",
+        titled("Figure 3 — Gradient norm over training iterations", study, opts),
         f"Gradient ℓ2 norm after backward(), before the optimiser step; per run a trailing "
         f"moving average over {opts.smooth} steps (--smooth), then averaged into at most "
         f"{MAX_POINTS} step bins before the bands across seeds. Log scale (band edges below "
@@ -90,7 +90,7 @@ def fig_lr_sensitivity(study: Study, opts: Options, styles, report: Report) -> N
                              label="diverged runs (count), in the shaded strip"))
     sheet.save(
         "fig_lr_sensitivity",
-        "Final accuracy against learning rate",
+        titled("Final accuracy against learning rate", study, opts, one_lr=False),
         "Points: mean over the runs that finished at each learning rate; bands clipped to "
         "[0, 100]\u00a0%.",
         "A cross in the shaded strip at the bottom marks diverged runs (non-finite loss) with "

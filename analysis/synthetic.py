@@ -38,6 +38,7 @@ def write_synthetic_study(
     outcome: Mapping[str, tuple[str, int]] | None = None,
     per_epoch: bool = True,
     dataset: str = "synthetic",
+    noise_scope: str = "channel",
     study_json: bool = True,
     random_state: int = 0,
 ) -> list[dict]:
@@ -75,6 +76,7 @@ def write_synthetic_study(
                         probe_every,
                         per_epoch,
                         dataset,
+                        noise_scope,
                     )
                 )
     if study_json:
@@ -114,6 +116,7 @@ def _write_trial(
     probe_every: int,
     per_epoch: bool,
     dataset: str,
+    noise_scope: str,
 ) -> dict:
     has_bn = norm != BASELINE_NORM  # the made-up data of every other variant are normalised
     lr_effect = float(np.log10(lr / 1e-3))
@@ -217,7 +220,7 @@ def _write_trial(
         study="synthetic",
         norm=norm,
         noise=noise,
-        noise_scope="channel",
+        noise_scope=noise_scope,
         lr=lr,
         momentum=0.9,
         batch_size=16,
