@@ -37,7 +37,12 @@ from analysis.labels import format_number  # noqa: E402
 from analysis.load import Study, load_studies  # noqa: E402
 from analysis.plots_activations import fig_activations, fig_histograms, fig_noisy_bn  # noqa: E402
 from analysis.plots_probes import fig_probes_ics, fig_probes_landscape  # noqa: E402
-from analysis.plots_training import STEP_PANELS, fig_gradients, fig_lr_sensitivity  # noqa: E402
+from analysis.plots_training import (  # noqa: E402
+    STEP_PANELS,
+    fig_accuracy_differences,
+    fig_gradients,
+    fig_lr_sensitivity,
+)
 from analysis.report import FORMATS, Options, Report, Skip, write_index  # noqa: E402
 from analysis.style import variant_styles  # noqa: E402
 from analysis.tables import (  # noqa: E402
@@ -54,6 +59,7 @@ FIGURES = (
     ("fig1_activations", fig_activations),
     ("fig2_noisy_bn", fig_noisy_bn),
     ("fig3_gradients", fig_gradients),
+    ("fig_accuracy_differences", fig_accuracy_differences),
     ("fig_lr_sensitivity", fig_lr_sensitivity),
     ("fig_histograms", fig_histograms),
     ("fig_probes_ics", fig_probes_ics),

@@ -147,9 +147,9 @@ def fig_noisy_bn(study: Study, opts: Options, styles, report: Report) -> None:
         titled("Figure 2 — Noisy BatchNorm: activation distribution vs accuracy", study, opts),
         "Top two rows, left: mean and variance (log scale) of each conv layer's ReLU input "
         "(after the norm and, for noisy BN, after the injected noise) over all of an epoch's "
-        "training batches. Right: training accuracy (running average over the epoch, as the seed reports it) and test "
-        "accuracy. Bottom two rows: the standard deviation across the epoch's training "
-        "batches of each batch's mean and variance of the same tensor (batch_mean_std, "
+        "training batches. Right: training accuracy (running average over the epoch, as the "
+        "seed reports it) and test accuracy. Bottom two rows: the standard deviation across "
+        "the epoch's training batches of each batch's mean and variance of the same tensor (batch_mean_std, "
         "batch_var_std; log scale): how much it moves from step to step, which the epoch's "
         "moments above hide. For noisy BN this spread includes the injected noise itself "
         "(a per-layer or per-channel shift μ ~ U(−noise/2, noise/2) drawn each step). Bands "
