@@ -5,8 +5,11 @@ study (``analysis.load.load_studies``), and writes into ``RESULTS/figures`` (or 
 figures (docs/design.md, "Analysis outputs") with confidence bands across seeds (``FIGURES``,
 drawn by ``analysis.plots_activations``, ``analysis.plots_training`` and
 ``analysis.plots_probes``), the accuracy and gradient-stability tables (``analysis.tables``),
-the paired comparisons between variants (``analysis.comparisons``), and ``index.md`` /
-``index.html`` showing them all with the study's settings (``analysis.report``).
+the paired comparisons between variants (``analysis.comparisons``), the comparison with the
+seed notebook's published accuracies where the study ran at its settings
+(``analysis.seed_comparison``), each run's per-batch spread of the activation moments
+(``analysis.batch_spread``), and ``index.md`` / ``index.html`` showing them all with the
+study's settings (``analysis.report``).
 A figure whose data the study lacks is skipped with a notice; bad input exits with status 2
 and one line on stderr, before anything is written.
 """
@@ -31,6 +34,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from analysis import bands  # noqa: E402
+from analysis.batch_spread import write_batch_spread  # noqa: E402
 from analysis.comparisons import comparisons, run_values, write_comparisons  # noqa: E402
 from analysis.folder import ResultsError  # noqa: E402
 from analysis.labels import format_number  # noqa: E402
@@ -44,6 +48,7 @@ from analysis.plots_training import (  # noqa: E402
     fig_lr_sensitivity,
 )
 from analysis.report import FORMATS, Options, Report, Skip, write_index  # noqa: E402
+from analysis.seed_comparison import seed_comparison, write_seed_comparison  # noqa: E402
 from analysis.style import variant_styles  # noqa: E402
 from analysis.tables import (  # noqa: E402
     accuracy_table,
@@ -254,6 +259,14 @@ def run(study: Study, opts: Options) -> Report:
                           stability[1] if stability is not None else None)
     except Skip as why:
         report.skipped("comparisons", why)
+    try:
+        write_seed_comparison(seed_comparison(study, opts.level), study, opts, report)
+    except Skip as why:
+        report.skipped("seed_comparison", why)
+    try:
+        write_batch_spread(study, opts, report)
+    except Skip as why:
+        report.skipped("batch_spread", why)
     for name, draw in FIGURES:
         try:
             draw(study, opts, styles, report)
