@@ -165,8 +165,9 @@ def _write_trial(
                         count=count,
                         mean=float(m),
                         var=float(var),
-                        batch_mean_std=0.05 * (1 + noise),
-                        batch_var_std=0.05 * (1 + noise),
+                        # no draw from rng: the other made-up values stay as they were
+                        batch_mean_std=0.05 * (1 + noise) * (1 + 0.1 * seed + 0.05 * epoch),
+                        batch_var_std=0.05 * (1 + noise) * (1 + 0.2 * seed) * k,
                         hist_lo=-8.0,
                         hist_hi=8.0,
                         hist=_histogram(float(m), float(var), count, hist_bins),

@@ -41,6 +41,7 @@ FIGURES = (
     "fig1_activations",
     "fig2_noisy_bn",
     "fig3_gradients",
+    "fig_accuracy_differences",
     "fig_lr_sensitivity",
     "fig_histograms",
     "fig_probes_ics",
@@ -180,14 +181,21 @@ def test_every_figure_and_table_is_written(study):
         "gradient_stability.csv",
         "gradient_stability.tex",
         "gradient_stability_runs.csv",
+        "comparisons.md",
+        "batch_spread.csv",
         "index.md",
         "index.html",
     ):
         assert (out / name).is_file()
-    # One progress line per figure and table, and the index at the end.
+    # One progress line per figure, table (accuracy, stability, comparisons) and the batch
+    # spread, and the index at the end. The study's runs are 3 epochs long, the seed's 10:
+    # no seed comparison, and one line says why.
     lines = study["stdout"].splitlines()
-    assert sum(line.startswith("wrote ") for line in lines) == len(FIGURES) + 3
+    assert sum(line.startswith("wrote ") for line in lines) == len(FIGURES) + 4
     assert lines[-1].startswith("index: ")
+    assert not list(out.glob("seed_comparison.*"))
+    (why,) = [line for line in lines if line.startswith("notice: seed_comparison skipped: ")]
+    assert "no finished runs at the seed's settings (lr 0.001, 10 epochs" in why
     index = (out / "index.md").read_text()
     html = (out / "index.html").read_text()
     for name in FIGURES:
