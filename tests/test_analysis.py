@@ -200,6 +200,8 @@ def test_every_figure_and_table_is_written(study):
     html = (out / "index.html").read_text()
     for name in FIGURES:
         assert f"{name}.png" in index and f"{name}.png" in html
+    titles = [line for line in index.splitlines() if line.startswith("![")]
+    assert len(titles) == len(FIGURES) == len({t.split("](")[0] for t in titles})  # no title twice
     assert "Student-t" in index and "synthetic" in index and RUNNING in index
     assert "## Gradient stability" in index and "<th>median |Δ log ‖g‖|</th>" in html
 
