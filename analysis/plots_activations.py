@@ -242,7 +242,7 @@ def fig_histograms(study: Study, opts: Options, styles, report: Report) -> None:
             ax.set_xlim(a - pad, b + pad)
     sheet.save(
         "fig_histograms",
-        titled("Activation distributions over training (ReLU input, after the norm)", study, opts),
+        titled("Activation distributions over training: ReLU input, after the norm", study, opts),
         f"Each panel: the histogram of all ReLU inputs of a layer in {_histogram_batches(study)} "
         f"of an epoch, normalised to a density and averaged over seeds "
         f"({bands.describe_n(n_seeds, per='curve', band=False)}); light to dark = early to late "

@@ -98,7 +98,7 @@ def fig_probes_landscape(study: Study, opts: Options, styles, report: Report) ->
         ax.grid(alpha=0.3)
     sheet.save(
         "fig_probes_landscape",
-        titled("Loss landscape along the gradient (Santurkar et al. 2018, §3)", study, opts),
+        titled("Loss landscape along the gradient, as in Santurkar et al. 2018, §3", study, opts),
         "Left: the range (min to max) of the loss when stepping along the gradient by each "
         "probed η, mean over seeds (the shaded area is that range, not an interval). Middle and "
         "right: gradient predictiveness and effective β-smoothness along the same steps, "
