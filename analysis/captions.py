@@ -1,5 +1,6 @@
 """The words every figure's caption shares: how the bands were made and from how many runs,
-the learning rate shown, the runs left out, and the dataset."""
+the learning rate shown, the runs left out, and the dataset; and the settings every title
+ends with, so that figures of different runs never share a title."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from collections.abc import Sequence
 import pandas as pd
 
 from analysis import bands
-from analysis.labels import format_number
+from analysis.labels import SCOPE_WORDS, datasets_words, format_number
 from analysis.load import Study
 from analysis.report import Options
 from analysis.series import OK_STATUSES, at_lr
+from analysis.tables import run_lengths
+from study import results
 
 #: How a status reads in "Left out: 2 failed runs"; others read as themselves.
 _STATUS_WORDS = {"error": "failed"}
@@ -25,7 +28,7 @@ def caption(study: Study, opts: Options, est: pd.DataFrame | None, *extra: str) 
         label = bands.method_label(opts.method, opts.level, opts.reps)
         parts.append(f"Lines: mean over seeds; bands: {label} ({bands.describe_n(est)}).")
     parts += [e for e in extra if e]
-    parts.append(f"Dataset: {', '.join(study.datasets)}.")
+    parts.append(datasets_words(study.datasets))
     return " ".join(parts)
 
 
@@ -61,3 +64,29 @@ def excluded_words(study: Study, opts: Options, norms: Sequence[str] | None = No
     if gone:
         words.append(f"Not drawn, as none of its runs finished: {', '.join(gone)}.")
     return " ".join(words)
+
+
+def _listed(values: Sequence[str]) -> str:
+    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} and {values[-1]}"
+
+
+def titled(base: str, study: Study, opts: Options, norms: Sequence[str] | None = None,
+           one_lr: bool = True) -> str:
+    """``base (lr 0.001, 10 epochs, noise 1 per layer)``: a figure's title with the settings of
+    the runs it draws (those at ``opts.lr`` unless not ``one_lr``, of ``norms`` where given),
+    so that the same figure of another lr, run length or noise never shares its title."""
+    trials = at_lr(study.trials, opts.lr) if one_lr else study.trials
+    if norms is not None:
+        trials = trials[trials["norm"].isin(norms)]
+    lrs = [opts.lr] if one_lr else sorted(trials["lr"].dropna().unique())
+    words = [f"lr {_listed([format_number(x) for x in lrs])}"] if lrs else []
+    lengths = sorted({int(x) for x in run_lengths(trials) if x > 0})
+    if lengths:
+        words.append(f"{_listed([str(x) for x in lengths])} epoch{'s' if lengths != [1] else ''}")
+    noisy = trials[trials["norm"].isin(results.NOISY_NORMS)]
+    if not noisy.empty:
+        noises = [format_number(x) for x in sorted(noisy["noise"].unique())]
+        scopes = sorted(noisy["noise_scope"].dropna().unique()) if "noise_scope" in noisy else []
+        where = f" {_listed([SCOPE_WORDS.get(str(x), str(x)) for x in scopes])}" if scopes else ""
+        words.append(f"noise {_listed(noises)}{where}")
+    return f"{base} ({', '.join(words)})" if words else base

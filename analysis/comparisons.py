@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from analysis.labels import format_number, percent_scale
+from analysis.labels import datasets_words, format_number, percent_scale
 from analysis.load import Study
 from analysis.paired import PAIRED, WELCH, paired_difference
 from analysis.report import Options, Report, Skip
@@ -147,7 +147,7 @@ def write_comparisons(long: pd.DataFrame, refused: Sequence[str], study: Study, 
         "Only finished runs (status done). Pairs are formed only between runs of the same learning "
         "rate and length (epochs): runs of different lengths are never set side by side"
         + (f"; not compared for that reason: {'; '.join(refused)}." if refused else "."),
-        f"Dataset: {', '.join(study.datasets)}. Every pair, lr, length and metric, with n_A and "
+        f"{datasets_words(study.datasets)} Every pair, lr, length and metric, with n_A and "
         "n_B: comparisons.csv (its n: the pairs, or for Welch t the smaller sample).",
     ]
     header = ["A − B", "lr", "epochs", *headers.values(), "method"]

@@ -5,9 +5,12 @@ study (``analysis.load.load_studies``), and writes into ``RESULTS/figures`` (or 
 figures (docs/design.md, "Analysis outputs") with confidence bands across seeds (``FIGURES``,
 drawn by ``analysis.plots_activations``, ``analysis.plots_training`` and
 ``analysis.plots_probes``), the accuracy and gradient-stability tables (``analysis.tables``),
-the paired comparisons between variants (``analysis.comparisons``), the probe and weight-norm
-summaries (``analysis.probe_summary``), and ``index.md`` /
-``index.html`` showing them all with the study's settings (``analysis.report``).
+the paired comparisons between variants (``analysis.comparisons``), the comparison with the
+seed notebook's published accuracies where the study ran at its settings
+(``analysis.seed_comparison``), each run's per-batch spread of the activation moments
+(``analysis.batch_spread``), the probe and weight-norm summaries (``analysis.probe_summary``),
+and ``index.md`` / ``index.html`` showing them all with the study's settings
+(``analysis.report``).
 A figure whose data the study lacks is skipped with a notice; bad input exits with status 2
 and one line on stderr, before anything is written.
 """
@@ -32,6 +35,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from analysis import bands  # noqa: E402
+from analysis.batch_spread import write_batch_spread  # noqa: E402
 from analysis.comparisons import comparisons, run_values, write_comparisons  # noqa: E402
 from analysis.fetch import FetchError, local_copy  # noqa: E402
 from analysis.folder import ResultsError  # noqa: E402
@@ -39,9 +43,15 @@ from analysis.labels import format_number  # noqa: E402
 from analysis.load import Study, load_studies  # noqa: E402
 from analysis.plots_activations import fig_activations, fig_histograms, fig_noisy_bn  # noqa: E402
 from analysis.plots_probes import fig_probes_ics, fig_probes_landscape  # noqa: E402
-from analysis.plots_training import STEP_PANELS, fig_gradients, fig_lr_sensitivity  # noqa: E402
+from analysis.plots_training import (  # noqa: E402
+    STEP_PANELS,
+    fig_accuracy_differences,
+    fig_gradients,
+    fig_lr_sensitivity,
+)
 from analysis.probe_summary import write_probe_window, write_weight_norms  # noqa: E402
 from analysis.report import FORMATS, Options, Report, Skip, StepWindow, write_index  # noqa: E402
+from analysis.seed_comparison import seed_comparison, write_seed_comparison  # noqa: E402
 from analysis.style import variant_styles  # noqa: E402
 from analysis.tables import (  # noqa: E402
     accuracy_table,
@@ -58,6 +68,7 @@ FIGURES = (
     ("fig1_activations", fig_activations),
     ("fig2_noisy_bn", fig_noisy_bn),
     ("fig3_gradients", fig_gradients),
+    ("fig_accuracy_differences", fig_accuracy_differences),
     ("fig_lr_sensitivity", fig_lr_sensitivity),
     ("fig_histograms", fig_histograms),
     ("fig_probes_ics", fig_probes_ics),
@@ -281,6 +292,14 @@ def run(study: Study, opts: Options) -> Report:
             write(study, opts, report)
         except Skip as why:
             report.skipped(name, why)
+    try:
+        write_seed_comparison(seed_comparison(study, opts.level), study, opts, report)
+    except Skip as why:
+        report.skipped("seed_comparison", why)
+    try:
+        write_batch_spread(study, opts, report)
+    except Skip as why:
+        report.skipped("batch_spread", why)
     for name, draw in FIGURES:
         try:
             draw(study, opts, styles, report)

@@ -5,6 +5,8 @@ variant labels (``noisy BN (noise 1)``) and their order, from the variant regist
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from pathlib import PurePath
 
 import numpy as np
 import pandas as pd
@@ -24,19 +26,39 @@ def percent_scale(values: pd.Series | np.ndarray) -> float:
     return 100.0 if v.size == 0 or v.max() <= 1.0 else 1.0
 
 
-def variant_label(norm: str, noise: float) -> str:
-    """The label of one (norm, noise) pair, e.g. ``noisy BN (noise 1)``.
+def variant_label(norm: str, noise: float, scope: str | None = None) -> str:
+    """The label of one (norm, noise) pair, e.g. ``noisy BN (noise 1)``; with the noise
+    ``scope`` (the legends), ``noisy BN (noise 1, per channel)``.
 
     Noise only distinguishes variants where it is applied: a variant that takes noise always
-    shows it, others only when it is non-zero. A norm the registry does not know is labelled
-    with its name.
+    shows it (and its scope, where given), others only when it is non-zero. A norm the
+    registry does not know is labelled with its name.
     """
     known = results.VARIANTS.get(norm)
     name = known.label if known is not None else str(norm)
     noise = 0.0 if noise is None or (isinstance(noise, float) and math.isnan(noise)) else noise
-    if (known is not None and known.takes_noise) or noise != 0:
-        return f"{name} (noise {format_number(noise)})"
+    takes_noise = known is not None and known.takes_noise
+    if takes_noise or noise != 0:
+        where = f", {SCOPE_WORDS.get(scope, scope)}" if takes_noise and isinstance(scope, str) else ""
+        return f"{name} (noise {format_number(noise)}{where})"
     return name
+
+
+def dataset_label(spec: str) -> str:
+    """A dataset as a caption names it, without a local path: ``imagefolder:/data/cifar10_jpeg``
+    reads ``image folder cifar10_jpeg`` (where the folder lies is no part of the result)."""
+    if spec.startswith("imagefolder:"):
+        return f"image folder {PurePath(spec[len('imagefolder:'):]).name or '?'}"
+    return spec
+
+
+def datasets_words(specs: Iterable[str]) -> str:
+    """``Dataset: cifar10.`` for a caption or a table's note (``dataset_label`` of each)."""
+    return f"Dataset: {', '.join(dict.fromkeys(dataset_label(s) for s in specs))}."
+
+
+#: How a noise scope (``study.results.NOISE_SCOPES``) reads in a legend.
+SCOPE_WORDS = {"channel": "per channel", "layer": "per layer"}
 
 
 def variant_sort_key(norm: str, noise: float) -> tuple:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+import pandas as pd
 from scipy import stats
 
 #: How an estimate was made: per-seed differences, or the two samples unpaired.
@@ -44,6 +45,36 @@ def paired_difference(
                                   confidence_interval_size)
     return dict(mean=mean, lo=lo, hi=hi, n=min(len(a), len(b)), n_a=len(a), n_b=len(b),
                 method=WELCH)
+
+
+def paired_curves(frame: pd.DataFrame, value: str, x: str, reference: str,
+                  confidence_interval_size: float = 0.95) -> pd.DataFrame:
+    """Each variant's curve minus the ``reference`` variant's, paired by seed at every x.
+
+    Args:
+      frame: Long, one row per variant × seed × x: ``variant``, ``seed``, ``x`` and ``value``.
+      value: The column compared.
+      x: The position column (e.g. ``epoch``).
+      reference: The variant subtracted (e.g. ``no BN``); it gets no curve of its own.
+      confidence_interval_size: Coverage of the interval, in (0, 1).
+
+    Returns:
+      One row per other variant and x where some seed has a finite value for both:
+      ``variant``, ``x``, ``mean`` (mean per-seed difference), ``lo``, ``hi`` (its paired
+      Student-t interval, ``paired_difference`` over those seeds only; lo = hi = mean where
+      n = 1) and ``n`` (the seeds paired).
+    """
+    data = frame.loc[np.isfinite(frame[value].to_numpy(dtype=float)), ["variant", "seed", x, value]]
+    data = data.assign(variant=data["variant"].astype(str))
+    base = data[data["variant"] == reference].drop(columns="variant")
+    both = data[data["variant"] != reference].merge(base, on=["seed", x], suffixes=("", "_ref"))
+    rows = []
+    for (variant, at), g in both.groupby(["variant", x], sort=False):
+        got = paired_difference(dict(zip(g["seed"], g[value], strict=True)),
+                                dict(zip(g["seed"], g[f"{value}_ref"], strict=True)),
+                                confidence_interval_size)
+        rows.append({"variant": variant, x: at, **{k: got[k] for k in ("mean", "lo", "hi", "n")}})
+    return pd.DataFrame(rows, columns=["variant", x, "mean", "lo", "hi", "n"])
 
 
 def welch_interval(

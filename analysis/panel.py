@@ -52,7 +52,7 @@ def draw_bands(
             lw=1.6,
             marker=st.marker if markers else None,
             ms=4,
-            label=st.label,
+            label=str(variant),  # the line's key; the legend shows st.label
         )
         has_band = g["n"].to_numpy() > 1
         if len(xs) == 1 and has_band[0]:  # one position (a one-epoch study): no area to fill

@@ -1,6 +1,6 @@
 """The figures of the activations (the layers table): their mean and variance per layer over
 epochs (figure 1: the variants without noise; figure 2: the noisy ones beside them, with
-accuracy), and their distributions over epochs (the histograms)."""
+accuracy and the per-batch spread), and their distributions over epochs (the histograms)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pandas as pd
 from matplotlib.lines import Line2D
 
 from analysis import bands
-from analysis.captions import excluded_words, lr_words
+from analysis.captions import excluded_words, lr_words, titled
 from analysis.labels import format_number, percent_scale
 from analysis.layout import Sheet, require
 from analysis.load import Study
@@ -38,6 +38,17 @@ def _runs_with_and_without() -> str:
     normalised = tuple(n for n in REFERENCE_NORMS if n != BASELINE_NORM)
     with_ = [f"with {_named(normalised, 'and')}"] if normalised else []
     return " and ".join([*with_, f"without ({BASELINE_NORM})"])
+
+
+#: Figure 2's rows of the per-batch spread (layers table columns): what each is the spread of.
+SPREAD_WORDS = {"batch_mean_std": "per-batch mean", "batch_var_std": "per-batch variance"}
+
+
+def _spread_axes(ax, stat: str, layer: str) -> None:
+    ax.set_ylabel(f"sd of {SPREAD_WORDS[stat]}")
+    ax.set_title(f"{layer}: spread of the {SPREAD_WORDS[stat]}, ReLU input", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    integer_ticks(ax)
 
 
 def _activation_axes(ax, stat: str, site: str, layer: str) -> None:
@@ -74,7 +85,8 @@ def fig_activations(study: Study, opts: Options, styles, report: Report) -> None
                 ax.set_xlabel("epoch")
     sheet.save(
         "fig1_activations",
-        "Figure 1 — Activation mean and variance per conv layer over training: BN vs no BN",
+        titled("Figure 1 — Activation mean and variance per conv layer over training: BN vs no BN",
+               study, opts, REFERENCE_NORMS),
         "Mean and variance over all activations of each epoch's training batches; top two rows: "
         "the ReLU input (after the norm), bottom two: the conv output (before the norm); "
         "without BN both are the same. Variance on a log scale (band edges below half the "
@@ -87,7 +99,8 @@ def fig_activations(study: Study, opts: Options, styles, report: Report) -> None
 
 def fig_noisy_bn(study: Study, opts: Options, styles, report: Report) -> None:
     """Figure 2: the activations of the noisy variants and of those without noise (no BN, BN,
-    noisy BN: every registered variant) beside their accuracy curves."""
+    noisy BN: every registered variant) beside their accuracy curves, and below them the
+    spread of the per-batch moments across each epoch (``SPREAD_WORDS``)."""
     lr = format_number(opts.lr)
     sel = require(at_lr(study.layers, opts.lr), f"no activation statistics at lr {lr} yet")
     sel = sel[sel["norm"].isin(results.NORMS) & (sel["site"] == "preact")]
@@ -101,13 +114,17 @@ def fig_noisy_bn(study: Study, opts: Options, styles, report: Report) -> None:
         raise Skip("no finished or running runs to draw (all diverged or failed)")
     layers = [name for name in results.ACT_LAYERS if name in set(drawn["layer"])]
     ncols = len(layers) + 1
-    sheet = Sheet(study, opts, styles, report, 2, ncols, 3.4 * ncols, 6.6, sharex=True)
+    sheet = Sheet(study, opts, styles, report, 2 + len(SPREAD_WORDS), ncols, 3.4 * ncols, 12.4,
+                  sharex=True)
     axes = sheet.axes
-    for r, stat in enumerate(("mean", "var")):
+    for r, stat in enumerate(("mean", "var", *SPREAD_WORDS)):
         est = sheet.estimate(drawn, ["variant", "layer"], "epoch", stat)
         for c, layer in enumerate(layers):
-            sheet.draw(axes[r, c], est[est["layer"] == layer], "epoch", markers=True, log=stat == "var")
-            _activation_axes(axes[r, c], stat, "preact", layer)
+            sheet.draw(axes[r, c], est[est["layer"] == layer], "epoch", markers=True, log=stat != "mean")
+            if stat in SPREAD_WORDS:
+                _spread_axes(axes[r, c], stat, layer)
+            else:
+                _activation_axes(axes[r, c], stat, "preact", layer)
     scale = percent_scale(epochs[["train_acc", "test_acc"]].to_numpy())
     acc = epochs.assign(train=epochs["train_acc"] * scale, test=epochs["test_acc"] * scale)
     for r, (col, words) in enumerate(
@@ -119,17 +136,24 @@ def fig_noisy_bn(study: Study, opts: Options, styles, report: Report) -> None:
         ax.set_title(words[0].upper() + words[1:], fontsize=9)
         ax.set_ylabel("accuracy (%)" if scale == 100 else "accuracy")
         ax.grid(alpha=0.3)
-    for ax in axes[-1]:
+    for ax in axes[2:, ncols - 1]:
+        ax.set_visible(False)
+    for ax in (*axes[-1, : ncols - 1], axes[1, ncols - 1]):
         ax.set_xlabel("epoch")
+        ax.xaxis.set_tick_params(labelbottom=True)
         integer_ticks(ax)
     sheet.save(
         "fig2_noisy_bn",
-        "Figure 2 — Noisy BatchNorm: activation distribution vs accuracy",
-        "Left: mean (top) and variance (bottom, log scale) of each conv layer's ReLU input "
-        "(after the norm and, for noisy BN, after the injected noise) per epoch. Right: "
-        "training accuracy (running average over the epoch, as the seed reports it) and test "
-        "accuracy. Bands are clipped to what the quantity can take (variance > 0, accuracy in "
-        "[0, 100]\u00a0%).",
+        titled("Figure 2 — Noisy BatchNorm: activation distribution vs accuracy", study, opts),
+        "Top two rows, left: mean and variance (log scale) of each conv layer's ReLU input "
+        "(after the norm and, for noisy BN, after the injected noise) over all of an epoch's "
+        "training batches. Right: training accuracy (running average over the epoch, as the "
+        "seed reports it) and test accuracy. Bottom two rows: the standard deviation across "
+        "the epoch's training batches of each batch's mean and variance of the same tensor (batch_mean_std, "
+        "batch_var_std; log scale): how much it moves from step to step, which the epoch's "
+        "moments above hide. For noisy BN this spread includes the injected noise itself "
+        "(a per-layer or per-channel shift μ ~ U(−noise/2, noise/2) drawn each step). Bands "
+        "are clipped to what the quantity can take (variance > 0, accuracy in [0, 100]\u00a0%).",
         lr_words(opts),
         excluded_words(study, opts, results.NORMS),
         legend=sheet.legend(drawn, markers=True),
@@ -218,7 +242,7 @@ def fig_histograms(study: Study, opts: Options, styles, report: Report) -> None:
             ax.set_xlim(a - pad, b + pad)
     sheet.save(
         "fig_histograms",
-        "Activation distributions over training (ReLU input, after the norm)",
+        titled("Activation distributions over training: ReLU input, after the norm", study, opts),
         f"Each panel: the histogram of all ReLU inputs of a layer in {_histogram_batches(study)} "
         f"of an epoch, normalised to a density and averaged over seeds "
         f"({bands.describe_n(n_seeds, per='curve', band=False)}); light to dark = early to late "

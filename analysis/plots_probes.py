@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.captions import lr_words
+from analysis.captions import lr_words, titled
 from analysis.labels import format_number
 from analysis.layout import Sheet, require
 from analysis.load import Study
@@ -52,7 +52,7 @@ def fig_probes_ics(study: Study, opts: Options, styles, report: Report) -> None:
                 ax.set_xlabel("training step")
     sheet.save(
         "fig_probes_ics",
-        "Internal covariate shift (gradient-based) per layer",
+        titled("Internal covariate shift (gradient-based) per layer", study, opts),
         "G: a layer's gradient at the probed step; G′: the same gradient after the layers "
         "before it took their update (Santurkar et al. 2018, §2.2). Same batch, BN statistics, "
         "dropout masks and noise held fixed. Bands clipped to the possible range (ℓ2 ≥ 0, "
@@ -113,7 +113,7 @@ def fig_probes_landscape(study: Study, opts: Options, styles, report: Report) ->
         ax.grid(alpha=0.3)
     sheet.save(
         "fig_probes_landscape",
-        "Loss landscape along the gradient (Santurkar et al. 2018, §3)",
+        titled("Loss landscape along the gradient, as in Santurkar et al. 2018, §3", study, opts),
         "First: the range (min to max) of the loss when stepping along the gradient by each "
         "probed η, mean over seeds (the shaded area is that range, not an interval); at these "
         "step sizes it is mostly the first-order decrease η‖g‖², so it restates the gradient "

@@ -1,18 +1,24 @@
 """The figures of how training went: the gradient norm over iterations (figure 3, the steps
-table) and the final accuracy against the learning rate (the trials' final epochs)."""
+table), the final accuracy against the learning rate (the trials' final epochs), and the
+accuracy of each variant minus a reference's over epochs, paired by seed."""
 
 from __future__ import annotations
 
 import math
 
+import pandas as pd
 from matplotlib.lines import Line2D
 
-from analysis.captions import excluded_words, lr_words
-from analysis.labels import format_number, percent_scale
+from analysis import bands
+from analysis.captions import excluded_words, lr_words, titled
+from analysis.labels import format_number, percent_scale, variant_label
 from analysis.layout import Sheet, require
 from analysis.load import Study
+from analysis.paired import paired_curves
+from analysis.panel import integer_ticks
 from analysis.report import Options, Report, Skip
-from analysis.series import MAX_POINTS, at_lr, drawable, smoothed_step_curves
+from analysis.roles import REFERENCE_NORMS
+from analysis.series import MAX_POINTS, at_lr, drawable, smoothed_step_curves, variants_in
 from analysis.tables import final_accuracies
 from study import results
 
@@ -45,7 +51,7 @@ def fig_gradients(study: Study, opts: Options, styles, report: Report) -> None:
         ax.set_xlabel("training iteration (step)")
     sheet.save(
         "fig3_gradients",
-        "Figure 3 — Gradient norm over training iterations",
+        titled("Figure 3 — Gradient norm over training iterations", study, opts),
         f"Gradient ℓ2 norm after backward(), before the optimiser step; per run a trailing "
         f"moving average over {opts.smooth} steps (--smooth), then averaged into at most "
         f"{MAX_POINTS} step bins before the bands across seeds. Log scale (band edges below "
@@ -90,7 +96,7 @@ def fig_lr_sensitivity(study: Study, opts: Options, styles, report: Report) -> N
                              label="diverged runs (count), in the shaded strip"))
     sheet.save(
         "fig_lr_sensitivity",
-        "Final accuracy against learning rate",
+        titled("Final accuracy against learning rate", study, opts, one_lr=False),
         "Points: mean over the runs that finished at each learning rate; bands clipped to "
         "[0, 100]\u00a0%.",
         "A cross in the shaded strip at the bottom marks diverged runs (non-finite loss) with "
@@ -117,3 +123,55 @@ def _mark_diverged(ax, diverged, variants: list[str], styles) -> None:
         y = bottom - strip * (1 + variants.index(str(variant))) / (1 + len(variants))
         ax.plot([lr], [y], marker="x", color=st.color, ms=7, mew=2, ls="none")
         ax.text(lr, y, f"  {k}", color=st.color, va="center", fontsize=8)
+
+
+def fig_accuracy_differences(study: Study, opts: Options, styles, report: Report) -> None:
+    """Train and test accuracy per epoch of each variant minus a reference's (no BN, then BN
+    for the noisy variants), the per-seed differences' mean with its paired t band."""
+    lr = format_number(opts.lr)
+    epochs = drawable(require(at_lr(study.epochs, opts.lr), f"no accuracy per epoch at lr {lr}"))
+    scale = percent_scale(epochs[["train_acc", "test_acc"]].to_numpy())
+    acc = epochs.assign(train=epochs["train_acc"] * scale, test=epochs["test_acc"] * scale)
+    present = set(variants_in(acc))
+    rows = []  # (reference, its norm's successors in the registry that the study has)
+    for i, norm in enumerate(REFERENCE_NORMS):
+        reference = variant_label(norm, 0.0)
+        others = variants_in(acc[~acc["norm"].isin(REFERENCE_NORMS[: i + 1])])
+        if reference in present and others:
+            rows.append((reference, others))
+    if not rows:
+        raise Skip(f"needs runs of a reference ({', '.join(REFERENCE_NORMS)}) and of another "
+                   f"variant at lr {lr}")
+    sheet = Sheet(study, opts, styles, report, len(rows), 2, 12, 3.6 * len(rows) + 1.4, sharex=True)
+    ns = []
+    for r, (reference, others) in enumerate(rows):
+        for c, (col, words) in enumerate((("train", "training accuracy (running over the epoch)"),
+                                          ("test", "test accuracy"))):
+            part = acc[acc["variant"].astype(str).isin([reference, *others])]
+            est = paired_curves(part, col, "epoch", reference, opts.level)
+            est["variant"] = pd.Categorical(est["variant"], categories=study.variants, ordered=True)
+            ns += est["n"].tolist()
+            ax = sheet.axes[r, c]
+            sheet.draw(ax, est, "epoch", markers=True)
+            ax.axhline(0, color="0.6", lw=0.8, zorder=0)
+            ax.set_title(f"{words[0].upper() + words[1:]}: variant − {reference}", fontsize=10)
+            ax.set_ylabel("difference (points)" if scale == 100 else "difference")
+            ax.grid(alpha=0.3)
+            integer_ticks(ax)
+    for ax in sheet.axes[-1]:
+        ax.set_xlabel("epoch")
+    level = f"{opts.level * 100:g}%"
+    sheet.save(
+        "fig_accuracy_differences",
+        titled("Accuracy differences between variants, paired by seed", study, opts),
+        f"Lines: the mean over seeds of each seed's accuracy minus the reference's of the same "
+        f"seed (for a given seed the variants share their initial weights, data order, "
+        f"augmentation and dropout masks); bands: its {level} paired Student-t interval, "
+        f"whatever --ci ({bands.describe_n(ns)}: the seeds both variants have at that epoch). "
+        "A band that excludes 0 is a difference those seeds resolve. Train accuracy is the "
+        "running average over the epoch; comparisons.csv gives the last epoch's differences.",
+        lr_words(opts),
+        excluded_words(study, opts),
+        legend=sheet.legend(acc[acc["variant"].astype(str).isin(
+            [v for _, others in rows for v in others])], markers=True),
+    )

@@ -96,6 +96,7 @@ class Report:
     figures: list[tuple[str, str, str]] = field(default_factory=list)  # name, title, caption
     notices: list[str] = field(default_factory=list)
     tables: list[tuple[str, str, list[str]]] = field(default_factory=list)  # heading, md, files
+    data_files: list[tuple[str, str]] = field(default_factory=list)  # name, what it holds
 
     def skipped(self, name: str, why: Skip) -> None:
         """A figure or table the study lacks the data for: a notice, printed and on the index."""
@@ -168,6 +169,8 @@ def write_index(study: Study, opts: Options, report: Report) -> Path:
     md += [f"- {n}" for n in report.notices] or [f"- {NO_NOTICES}"]
     for heading, table_md, files in report.tables:
         md += ["", f"## {heading}", "", table_md, "Files: " + ", ".join(f"[{f}]({f})" for f in files), ""]
+    if report.data_files:
+        md += ["", "## Data files", ""] + [f"- [{f}]({f}): {what}" for f, what in report.data_files] + [""]
     for name, title, caption in report.figures:
         files = ", ".join(f"[{fmt.upper()}]({name}.{fmt})" for fmt in opts.formats)
         link = f"![{title}]({name}.png)" if image == "png" else f"[{title}]({name}.{image})"
@@ -195,6 +198,10 @@ def write_index(study: Study, opts: Options, report: Report) -> Path:
     for heading, table_md, files in report.tables:
         page += [f"<h2>{e(heading)}</h2>", _md_table_to_html(table_md),
                  "<p>Files: " + ", ".join(f"<a href='{e(f)}'>{e(f)}</a>" for f in files) + "</p>"]
+    if report.data_files:
+        page += ["<h2>Data files</h2><ul>",
+                 *(f"<li><a href='{e(f)}'>{e(f)}</a>: {e(what)}</li>" for f, what in report.data_files),
+                 "</ul>"]
     for name, title, caption in report.figures:
         files = ", ".join(f"<a href='{e(name)}.{fmt}'>{fmt.upper()}</a>" for fmt in opts.formats)
         shown = (

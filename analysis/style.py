@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
 
+from analysis.labels import variant_label
 from study import results
 
 #: Okabe–Ito colours (colour-blind safe) for norms the registry does not know, in name order.
@@ -31,7 +32,7 @@ class VariantStyle:
     color: str | tuple[float, float, float]
     linestyle: str | tuple
     marker: str
-    label: str
+    label: str  # the legend's words: the variant, and for a noisy one where its noise is drawn
 
 
 def shade(color: str, t: float) -> tuple[float, float, float]:
@@ -45,10 +46,11 @@ def variant_styles(trials: pd.DataFrame) -> dict[str, VariantStyle]:
     """One colour per norm and one line style per noise magnitude, fixed for the whole study;
     a norm with several noise magnitudes also goes from light to dark as the noise grows, so
     that a dose-response reads at a glance."""
-    pairs = trials[["variant", "norm", "noise"]].drop_duplicates("variant")
+    scopes = trials["noise_scope"] if "noise_scope" in trials else pd.Series(None, index=trials.index)
+    pairs = trials[["variant", "norm", "noise"]].assign(scope=scopes).drop_duplicates("variant")
     other_norms = sorted(set(pairs["norm"]) - set(results.VARIANTS))
     styles = {}
-    for variant, norm, noise in pairs.itertuples(index=False):
+    for variant, norm, noise, scope in pairs.itertuples(index=False):
         known = results.VARIANTS.get(norm)
         if known is not None:
             color = known.color
@@ -62,7 +64,10 @@ def variant_styles(trials: pd.DataFrame) -> dict[str, VariantStyle]:
         rank = noises.index(noise) + (0 if takes_noise else -1)
         linestyle = "-" if rank < 0 else NOISE_LINESTYLES[min(rank, len(NOISE_LINESTYLES) - 1)]
         marker = known.marker if known is not None else EXTRA_MARKER
-        styles[str(variant)] = VariantStyle(color, linestyle, marker, str(variant))
+        # the legend names where the noise is drawn: the seed's per-layer draws and the
+        # paper's per-channel ones are different variants of noisy BN
+        label = variant_label(norm, noise, scope if isinstance(scope, str) else None)
+        styles[str(variant)] = VariantStyle(color, linestyle, marker, label)
     return styles
 
 

@@ -38,6 +38,7 @@ def write_synthetic_study(
     outcome: Mapping[str, tuple[str, int]] | None = None,
     per_epoch: bool = True,
     dataset: str = "synthetic",
+    noise_scope: str = "channel",
     study_json: bool = True,
     random_state: int = 0,
 ) -> list[dict]:
@@ -75,6 +76,7 @@ def write_synthetic_study(
                         probe_every,
                         per_epoch,
                         dataset,
+                        noise_scope,
                     )
                 )
     if study_json:
@@ -114,6 +116,7 @@ def _write_trial(
     probe_every: int,
     per_epoch: bool,
     dataset: str,
+    noise_scope: str,
 ) -> dict:
     has_bn = norm != BASELINE_NORM  # the made-up data of every other variant are normalised
     lr_effect = float(np.log10(lr / 1e-3))
@@ -162,8 +165,9 @@ def _write_trial(
                         count=count,
                         mean=float(m),
                         var=float(var),
-                        batch_mean_std=0.05 * (1 + noise),
-                        batch_var_std=0.05 * (1 + noise),
+                        # no draw from rng: the other made-up values stay as they were
+                        batch_mean_std=0.05 * (1 + noise) * (1 + 0.1 * seed + 0.05 * epoch),
+                        batch_var_std=0.05 * (1 + noise) * (1 + 0.2 * seed) * k,
                         hist_lo=-8.0,
                         hist_hi=8.0,
                         hist=_histogram(float(m), float(var), count, hist_bins),
@@ -228,7 +232,7 @@ def _write_trial(
         study="synthetic",
         norm=norm,
         noise=noise,
-        noise_scope="channel",
+        noise_scope=noise_scope,
         lr=lr,
         momentum=0.9,
         batch_size=16,

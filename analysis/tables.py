@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import bands
-from analysis.labels import format_number, percent_scale
+from analysis.labels import datasets_words, format_number, percent_scale
 from analysis.load import Study
 from analysis.report import Options, Report, Skip
 from analysis.stability import STABILITY_METRICS, gradient_stability
@@ -135,7 +135,7 @@ def write_accuracy_table(table: pd.DataFrame, study: Study, opts: Options, repor
         "missing) gives its own n.",
         "Diverged runs (a non-finite loss) are counted in the 'diverged' column and excluded "
         "from the means; so are failed ('error') and still running runs.",
-        f"Dataset: {', '.join(study.datasets)}.",
+        datasets_words(study.datasets),
     ]
     header = ["variant", "lr", *(f"{w} acc." for _, w in metrics), "n", "diverged¹", "error", "running"]
 
@@ -247,7 +247,7 @@ def write_stability_table(table: pd.DataFrame, skips: dict[int, int], study: Stu
         + (f", so compare rows of the same length only (this study's runs are of "
            f"{', '.join(length_label(x) for x in lengths[:-1])} and {length_label(lengths[-1])} epochs)."
            if len(lengths) > 1 else "."),
-        f"{_interval_note(opts)}. Dataset: {', '.join(study.datasets)}.",
+        f"{_interval_note(opts)}. {datasets_words(study.datasets)}",
         "Each run's values and its number of steps in the window, for each layer's norm too: "
         "gradient_stability_runs.csv.",
     ]

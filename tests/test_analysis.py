@@ -41,6 +41,7 @@ FIGURES = (
     "fig1_activations",
     "fig2_noisy_bn",
     "fig3_gradients",
+    "fig_accuracy_differences",
     "fig_lr_sensitivity",
     "fig_histograms",
     "fig_probes_ics",
@@ -180,21 +181,30 @@ def test_every_figure_and_table_is_written(study):
         "gradient_stability.csv",
         "gradient_stability.tex",
         "gradient_stability_runs.csv",
+        "comparisons.md",
         "probe_window.csv",
         "probe_window_summary.csv",
         "weight_norms.csv",
+        "batch_spread.csv",
         "index.md",
         "index.html",
     ):
         assert (out / name).is_file()
-    # One progress line per figure and table, and the index at the end.
+    # One progress line per figure, table (accuracy, stability, comparisons), summary (probe
+    # window, weight norms, batch spread), and the index at the end. The study's runs are 3 epochs long, the seed's 10:
+    # no seed comparison, and one line says why.
     lines = study["stdout"].splitlines()
-    assert sum(line.startswith("wrote ") for line in lines) == len(FIGURES) + 5
+    assert sum(line.startswith("wrote ") for line in lines) == len(FIGURES) + 6
     assert lines[-1].startswith("index: ")
+    assert not list(out.glob("seed_comparison.*"))
+    (why,) = [line for line in lines if line.startswith("notice: seed_comparison skipped: ")]
+    assert "no finished runs at the seed's settings (lr 0.001, 10 epochs" in why
     index = (out / "index.md").read_text()
     html = (out / "index.html").read_text()
     for name in FIGURES:
         assert f"{name}.png" in index and f"{name}.png" in html
+    titles = [line for line in index.splitlines() if line.startswith("![")]
+    assert len(titles) == len(FIGURES) == len({t.split("](")[0] for t in titles})  # no title twice
     assert "Student-t" in index and "synthetic" in index and RUNNING in index
     assert "## Gradient stability" in index and "<th>median |Δ log ‖g‖|</th>" in html
 

@@ -174,9 +174,10 @@ def test_fig1_panels_are_layer_site_stat_mean_and_t_band_over_seeds(drawn):
 
 
 def test_fig2_panels_are_relu_input_and_accuracy_mean_and_t_band_over_seeds(drawn):
-    """Left columns: each conv layer's ReLU-input mean (top) and variance (bottom, log) for no
-    BN, BN and both noisy BNs; right column: training (top) and test (bottom) accuracy in
-    percent, bands clipped to [0, 100]. Reference: the layers and epochs tables at the lr,
+    """Left columns: each conv layer's ReLU-input mean, variance (log), then the spread across
+    the epoch's batches of the per-batch mean and variance (log) for no BN, BN and both noisy
+    BNs; right column: training (top) and test (second row) accuracy in percent, bands
+    clipped to [0, 100], nothing below. Reference: the layers and epochs tables at the lr,
     done/running trials, mean and t interval over seeds per epoch in pandas/scipy."""
     study, figs = drawn
     layers = at_lr_ok(study.layers)
@@ -184,14 +185,18 @@ def test_fig2_panels_are_relu_input_and_accuracy_mean_and_t_band_over_seeds(draw
     epochs = at_lr_ok(study.epochs)
     axes = grid(figs["fig2_noisy_bn"])
     ncols = len(results.ACT_LAYERS) + 1
-    assert sorted(axes) == [(r, c) for r in range(2) for c in range(ncols)]
-    for r, stat in enumerate(("mean", "var")):
-        word = "mean" if stat == "mean" else "variance"
+    assert sorted(axes) == sorted([(r, c) for r in range(2) for c in range(ncols)]
+                                  + [(r, c) for r in (2, 3) for c in range(ncols - 1)])
+    words = {"mean": "mean", "var": "variance", "batch_mean_std": "spread of the per-batch mean",
+             "batch_var_std": "spread of the per-batch variance"}
+    for r, stat in enumerate(words):
         for c, layer in enumerate(results.ACT_LAYERS):
             ax = axes[r, c]
-            assert ax.get_title().startswith(f"{layer}: {word}, ReLU input"), ax.get_title()
+            assert ax.get_title().startswith(f"{layer}: {words[stat]}"), ax.get_title()
+            assert "ReLU input" in ax.get_title()
             ref = t_bands(layers[layers["layer"] == layer], "epoch", stat)
-            if stat == "var":
+            if stat != "mean":
+                assert ax.get_yscale() == "log"
                 ref = log_floor(ref)
             assert ref["variant"].nunique() == 4
             assert_panel(ax, ref)
