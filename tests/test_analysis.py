@@ -191,8 +191,8 @@ def test_every_figure_and_table_is_written(study):
     ):
         assert (out / name).is_file()
     # One progress line per figure, table (accuracy, stability, comparisons), summary (probe
-    # window, weight norms, batch spread), and the index at the end. The study's runs are 3 epochs long, the seed's 10:
-    # no seed comparison, and one line says why.
+    # window, weight norms, batch spread), and the index at the end. The study's runs are 3
+    # epochs long, the seed's 10: no seed comparison, and one line says why.
     lines = study["stdout"].splitlines()
     assert sum(line.startswith("wrote ") for line in lines) == len(FIGURES) + 6
     assert lines[-1].startswith("index: ")

@@ -122,8 +122,8 @@ def test_seed_comparison_needs_the_seeds_settings(seed_study, tmp_path):
 
 
 def test_batch_spread_csv_equals_the_layers_files(seed_study):
-    """Every activation row (conv output, ReLU input) of the layers table of every trial, read from its own Parquet file, with the trial's
-    variant, settings and run length from its trials row."""
+    """Every activation row (conv output, ReLU input) of every trial's layers file, with the
+    trial's variant, settings and run length from its trials row."""
     folder = seed_study["folder"]
     got = pd.read_csv(seed_study["out"] / "batch_spread.csv")
     assert list(got.columns[:12]) == ["variant", "norm", "noise", "noise_scope", "lr", "epochs",
