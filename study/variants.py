@@ -28,6 +28,7 @@ class Variant:
     color: str  # its colour in every figure (Okabe-Ito, colour-blind safe)
     marker: str  # its marker where points are drawn
     params: tuple[str, ...] = ()  # the PARAMS its output depends on (the grid varies only these)
+    reference: bool = False  # one of the seed's pair (no BN, BN) the others are compared against
 
     @property
     def takes_noise(self) -> bool:
@@ -50,8 +51,8 @@ def _short(x: float | int | None) -> str:
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
-        Variant("none", "no BN", "#D55E00", "o"),
-        Variant("batch", "BN", "#0072B2", "s"),
+        Variant("none", "no BN", "#D55E00", "o", reference=True),
+        Variant("batch", "BN", "#0072B2", "s", reference=True),
         Variant("noisy_batch", "noisy BN", "#009E73", "^", params=("noise",)),
         # Santurkar et al. 2018 §3.3: BN's centring, then ÷ the average ℓp norm (study/norms.py)
         Variant("lp_batch", "ℓ{p} BN", "#CC79A7", "v", params=("p",)),
