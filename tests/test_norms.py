@@ -250,3 +250,32 @@ def test_statistics_of_every_variant_match_a_float64_recount(norm, settings):
         bv = np.array([x.var() for x in xs])
         assert abs(row["batch_var_std"] - bv.std()) <= 1e-5 * bv.max(), i
     np.testing.assert_allclose(finished["steps"]["grad_norm"], grads, rtol=1e-5)
+
+
+def test_the_grid_varies_each_parameter_only_for_its_variant_and_keeps_the_old_ids():
+    """The norms preset: 8 variants (ℓp at 3 p's) × 2 lrs × 5 seeds, no duplicates; a
+    parameter list changes nothing for the variants that do not take it; the ids of the
+    variants without parameters, and of a study.json written before p and groups, are the
+    old ones."""
+    import json
+    from collections import Counter
+    from dataclasses import replace
+
+    from study import grid, plan
+
+    trials = grid.build_grid(grid.PRESETS["norms"])
+    ids = [c.trial_id for c in trials]
+    assert len(ids) == len(set(ids)) == 80
+    assert Counter(c.norm for c in trials) == dict(none=10, batch=10, noisy_batch=10, lp_batch=30,
+                                                    group=10, layer=10)
+    assert {c.p for c in trials if c.norm == "lp_batch"} == {1.0, 2.0, INF}
+    assert {c.p for c in trials if c.norm != "lp_batch"} == {None}
+    assert "lp_batch-pinf-lr0.01-seed4" in ids and "group-groups8-lr0.001-seed0" in ids
+    assert "batch-lr0.001-seed0" in ids and "noisy_batch-noise1-lr0.01-seed0" in ids
+    base = replace(grid.PRESETS["norms"], norms=("batch", "noisy_batch"))
+    assert grid.build_grid(replace(base, ps=(1.0,), groups=(2, 4))) == grid.build_grid(base)
+    old = {k: v for k, v in TrialConfig(norm="noisy_batch", noise=1.0).to_dict().items()
+           if k not in ("p", "groups")}  # a config of a study.json written before them
+    assert TrialConfig.from_dict(json.loads(json.dumps(old))).trial_id == "noisy_batch-noise1-lr0.001-seed0"
+    assert "--ps" in plan.grid_flags(grid.PRESETS["norms"].__dict__)
+    assert "--ps" not in plan.grid_flags(base.__dict__) and "--noises" in plan.grid_flags(base.__dict__)
