@@ -1,5 +1,5 @@
 """How every output writes numbers and variants: short numbers, accuracies in percent,
-variant labels (``noisy BN (noise 1)``) and their order, from the variant registry
+variant labels (``noisy BN (noise 1)``, ``ℓ1 BN``) and their order, from the variant registry
 (``study.results.VARIANTS``)."""
 
 from __future__ import annotations
@@ -26,17 +26,24 @@ def percent_scale(values: pd.Series | np.ndarray) -> float:
     return 100.0 if v.size == 0 or v.max() <= 1.0 else 1.0
 
 
-def variant_label(norm: str, noise: float, scope: str | None = None) -> str:
-    """The label of one (norm, noise) pair, e.g. ``noisy BN (noise 1)``; with the noise
-    ``scope`` (the legends), ``noisy BN (noise 1, per channel)``.
+def _given(x: float | None) -> float | None:
+    """A parameter as the trials table holds it: None where the variant has none (null, NaN)."""
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def variant_label(norm: str, noise: float, p: float | None = None, groups: int | None = None,
+                  scope: str | None = None) -> str:
+    """The label of one variant at its parameters, e.g. ``noisy BN (noise 1)``, ``ℓ∞ BN``,
+    ``GN (8 groups)`` (the registry's ``Variant.label_for``); with the noise ``scope`` (the
+    legends), ``noisy BN (noise 1, per channel)``.
 
     Noise only distinguishes variants where it is applied: a variant that takes noise always
     shows it (and its scope, where given), others only when it is non-zero. A norm the
     registry does not know is labelled with its name.
     """
     known = results.VARIANTS.get(norm)
-    name = known.label if known is not None else str(norm)
-    noise = 0.0 if noise is None or (isinstance(noise, float) and math.isnan(noise)) else noise
+    name = known.label_for(_given(p), _given(groups)) if known is not None else str(norm)
+    noise = _given(noise) or 0.0
     takes_noise = known is not None and known.takes_noise
     if takes_noise or noise != 0:
         where = f", {SCOPE_WORDS.get(scope, scope)}" if takes_noise and isinstance(scope, str) else ""
@@ -58,10 +65,11 @@ def datasets_words(specs: Iterable[str]) -> str:
 
 
 #: How a noise scope (``study.results.NOISE_SCOPES``) reads in a legend.
-SCOPE_WORDS = {"channel": "per channel", "layer": "per layer"}
+SCOPE_WORDS = {"channel": "per channel", "layer": "per layer",
+               "sample_channel": "per image and channel"}
 
 
-def variant_sort_key(norm: str, noise: float) -> tuple:
-    """Registry order, then unknown norms by name; by noise within a norm."""
+def variant_sort_key(norm: str, noise: float, p: float | None = None, groups: int | None = None) -> tuple:
+    """Registry order, then unknown norms by name; by noise, p and groups within a norm."""
     rank = results.NORMS.index(norm) if norm in results.NORMS else len(results.NORMS)
-    return (rank, str(norm), float(noise))
+    return (rank, str(norm), float(_given(noise) or 0.0), float(_given(p) or 0.0), float(_given(groups) or 0))

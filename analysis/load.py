@@ -147,13 +147,13 @@ def _prepare_trials(trials: pd.DataFrame, notices: list[str]) -> pd.DataFrame:
     if odd:
         notices.append(f"unknown trial status {odd}; such trials are counted but not drawn")
 
-    pairs = sorted(
-        {(n, z) for n, z in zip(trials["norm"], trials["noise"], strict=True)},
-        key=lambda p: variant_sort_key(*p),
-    )
-    labels = list(dict.fromkeys(variant_label(n, z) for n, z in pairs))
+    # a variant is its norm at its parameters (older folders' trials lack p and groups: null)
+    settings = list(zip(*(trials[c] if c in trials else [None] * len(trials)
+                          for c in ("norm", *results.PARAMS)), strict=True))
+    ordered = sorted(settings, key=lambda s: variant_sort_key(*s))
+    labels = list(dict.fromkeys(variant_label(*s) for s in ordered))
     trials["variant"] = pd.Categorical(
-        [variant_label(n, z) for n, z in zip(trials["norm"], trials["noise"], strict=True)],
+        [variant_label(*s) for s in settings],
         categories=labels,
         ordered=True,
     )

@@ -11,9 +11,11 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.folder import Folder, ResultsError
+from study import results
 
-#: The keys of a trial's config that place it in the grid; the others are the study's settings.
-GRID_KEYS = ("norm", "noise", "lr", "seed")
+#: The keys of a trial's config that place it in the grid (its norm at its parameters, lr,
+#: seed); the others are the study's settings.
+GRID_KEYS = ("norm", *results.PARAMS, "lr", "seed")
 #: Trial settings that must agree across the folders of one study (with every setting in the
 #: trials' configs but the grid's): runs that differ in them do not belong in one band.
 SHARED_SETTINGS = ("dataset", "train_size", "val_size", "test_size", "epochs", "batch_size",
@@ -56,7 +58,7 @@ def check_parts(folders: list[Folder]) -> None:
 
 def trial_settings(trials: pd.DataFrame) -> dict[str, list[str]]:
     """Each setting's values among ``trials``: the ``SHARED_SETTINGS`` columns and every key of
-    the trials' configs (config_json) but the grid's (norm, noise, lr, seed)."""
+    the trials' configs (config_json) but the grid's (norm, noise, p, groups, lr, seed)."""
     found: dict[str, set[str]] = {}
     for col in SHARED_SETTINGS:
         if col in trials:

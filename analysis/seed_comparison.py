@@ -75,7 +75,8 @@ def seed_comparison(study: Study, level: float) -> pd.DataFrame:
         pi_lo, pi_hi = prediction_interval(values, level)
         inside = bool(pi_lo <= published <= pi_hi) if np.isfinite(pi_lo) else None
         rows.append(dict(
-            variant=variant_label(norm, noise, scope), norm=norm, seed_train_acc=published, n=values.size,
+            variant=variant_label(norm, noise, scope=scope), norm=norm, seed_train_acc=published,
+            n=values.size,
             mean=mean, sd=float(values.std(ddof=1)) if values.size > 1 else np.nan, ci_lo=ci_lo,
             ci_hi=ci_hi, pi_lo=pi_lo, pi_hi=pi_hi, seed_in_pi=inside, seed_minus_mean=published - mean,
             level=level, lr=s["lr"], epochs=s["epochs"], batch_size=s["batch_size"],

@@ -21,7 +21,7 @@ from study import results
 EXTRA_COLORS = ("#E69F00", "#56B4E9", "#CC79A7", "#F0E442", "#000000")
 #: The marker of a norm the registry does not know.
 EXTRA_MARKER = "D"
-#: Line styles per noise magnitude among the noisy variants (smallest noise first).
+#: Line styles per setting among a variant's parameter values (smallest first: noise, p, groups).
 NOISE_LINESTYLES = ("--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1)), (0, (8, 2)), "-")
 
 
@@ -43,30 +43,34 @@ def shade(color: str, t: float) -> tuple[float, float, float]:
 
 
 def variant_styles(trials: pd.DataFrame) -> dict[str, VariantStyle]:
-    """One colour per norm and one line style per noise magnitude, fixed for the whole study;
-    a norm with several noise magnitudes also goes from light to dark as the noise grows, so
-    that a dose-response reads at a glance."""
+    """One colour per norm and one line style per setting of its parameters (noise, p,
+    groups), fixed for the whole study; a norm with several settings also goes from light to
+    dark as the setting grows, so that a dose-response reads at a glance."""
+    params = [c for c in results.PARAMS if c in trials.columns]
     scopes = trials["noise_scope"] if "noise_scope" in trials else pd.Series(None, index=trials.index)
-    pairs = trials[["variant", "norm", "noise"]].assign(scope=scopes).drop_duplicates("variant")
+    pairs = trials[["variant", "norm", *params]].assign(scope=scopes).drop_duplicates("variant")
+    settings = [tuple(v) for v in pairs[params].astype(float).fillna(0.0).to_numpy()]
     other_norms = sorted(set(pairs["norm"]) - set(results.VARIANTS))
     styles = {}
-    for variant, norm, noise, scope in pairs.itertuples(index=False):
+    for row, setting in zip(pairs.to_dict("records"), settings, strict=True):
+        variant, norm, scope = row["variant"], row["norm"], row["scope"]
         known = results.VARIANTS.get(norm)
         if known is not None:
             color = known.color
         else:
             color = EXTRA_COLORS[other_norms.index(norm) % len(EXTRA_COLORS)]
-        noises = sorted(pairs.loc[pairs["norm"] == norm, "noise"].unique())
-        if len(noises) > 1:
-            color = shade(color, -0.45 + 0.9 * noises.index(noise) / (len(noises) - 1))
-        # A variant that takes noise: dashed family by noise; others: solid, then dashed.
-        takes_noise = known is not None and known.takes_noise
-        rank = noises.index(noise) + (0 if takes_noise else -1)
+        own = sorted({s for s, n in zip(settings, pairs["norm"], strict=True) if n == norm})
+        if len(own) > 1:
+            color = shade(color, -0.45 + 0.9 * own.index(setting) / (len(own) - 1))
+        # A variant that takes a parameter: dashed family by setting; others: solid, then dashed.
+        takes = known is not None and bool(known.params)
+        rank = own.index(setting) + (0 if takes else -1)
         linestyle = "-" if rank < 0 else NOISE_LINESTYLES[min(rank, len(NOISE_LINESTYLES) - 1)]
         marker = known.marker if known is not None else EXTRA_MARKER
         # the legend names where the noise is drawn: the seed's per-layer draws and the
         # paper's per-channel ones are different variants of noisy BN
-        label = variant_label(norm, noise, scope if isinstance(scope, str) else None)
+        label = variant_label(norm, row.get("noise"), row.get("p"), row.get("groups"),
+                              scope=scope if isinstance(scope, str) else None)
         styles[str(variant)] = VariantStyle(color, linestyle, marker, label)
     return styles
 

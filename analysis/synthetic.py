@@ -17,10 +17,12 @@ import numpy as np
 from analysis.roles import BASELINE_NORM
 from study import results
 
-#: Every registered variant: those without noise at 0, those with it at 0.5 and 1.
+#: The seed study's variants: the references (no BN, BN) at noise 0, the noisy ones at 0.5
+#: and 1. Others (ℓp, GN, LN) are written when named, at their parameters' defaults.
 DEFAULT_VARIANTS: tuple[tuple[str, float], ...] = tuple(
     (norm, noise)
     for norm in results.NORMS
+    if results.VARIANTS[norm].reference or norm in results.NOISY_NORMS
     for noise in ((0.5, 1.0) if norm in results.NOISY_NORMS else (0.0,))
 )
 
@@ -233,6 +235,7 @@ def _write_trial(
         norm=norm,
         noise=noise,
         noise_scope=noise_scope,
+        **{k: results.PARAM_DEFAULTS[k] if k in _params(norm) else None for k in ("p", "groups")},
         lr=lr,
         momentum=0.9,
         batch_size=16,
@@ -260,6 +263,10 @@ def _write_trial(
     )
     results.write_trial_row(out, row)
     return row
+
+
+def _params(norm: str) -> tuple[str, ...]:
+    return results.VARIANTS[norm].params if norm in results.VARIANTS else ()
 
 
 def _upsert(out, tid, epoch_rows, layer_rows, step_cols, probe_rows, epoch) -> None:

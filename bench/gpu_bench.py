@@ -275,7 +275,7 @@ def part_streams(args) -> dict:
             torch.manual_seed(seed)
             self.gen = torch.Generator(dev).manual_seed(seed)
             d = DeviceData.from_arrays(data, cfg, dev)
-            model = build_model(cfg.norm, cfg.noise, cfg.noise_scope).to(dev)
+            model = build_model(cfg.norm, cfg.noise, cfg.noise_scope, cfg.p, cfg.groups).to(dev)
             model.set_noise_generator(self.gen)
             opt = build_optimizer(model, cfg, dev)
             n = len(d.train_y)

@@ -148,8 +148,8 @@ class BareStep:
     def __init__(self, data: DataArrays, cfg: TrialConfig, device: torch.device, n_batches: int = 32,
                  channels_last: bool | None = None):
         torch.manual_seed(0)
-        self.model = trial_layout(build_model(cfg.norm, cfg.noise, cfg.noise_scope).to(device), device,
-                                  channels_last)
+        model = build_model(cfg.norm, cfg.noise, cfg.noise_scope, cfg.p, cfg.groups)
+        self.model = trial_layout(model.to(device), device, channels_last)
         if self.model.noisy_layers():
             self.model.set_noise_generator(torch.Generator(device).manual_seed(0))
         self.opt = build_optimizer(self.model, cfg, device)  # run_trial's optimiser
@@ -248,7 +248,8 @@ class ReplicaStep:
         torch.manual_seed(seed_torch)
         self.gen = torch.Generator(device).manual_seed(seed_data)
         self.d = DeviceData.from_arrays(data, cfg, device)
-        self.model = trial_layout(build_model(cfg.norm, cfg.noise, cfg.noise_scope).to(device), device)
+        model = build_model(cfg.norm, cfg.noise, cfg.noise_scope, cfg.p, cfg.groups)
+        self.model = trial_layout(model.to(device), device)
         self.model.set_noise_generator(torch.Generator(device).manual_seed(seed_noise))
         self.opt = build_optimizer(self.model, cfg, device)
         self.params = list(self.model.parameters())
@@ -335,7 +336,7 @@ class SeedLoop:
         self.it = iter(self.loader)
         self.device, self.train = device, train
         torch.manual_seed(0)
-        self.model = build_model(cfg.norm, cfg.noise, cfg.noise_scope).to(device)
+        self.model = build_model(cfg.norm, cfg.noise, cfg.noise_scope, cfg.p, cfg.groups).to(device)
         if self.model.noisy_layers():
             self.model.set_noise_generator(torch.Generator(device).manual_seed(0))
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum)

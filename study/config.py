@@ -11,7 +11,8 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from study.results import NOISE_SCOPES, NOISY_NORMS, NORMS, trial_id
+from study.image_format import CONV_WIDTHS
+from study.results import NOISE_SCOPES, NORMS, PARAM_DEFAULTS, VARIANTS, trial_id
 
 
 class ConfigError(ValueError):
@@ -36,11 +37,15 @@ def _shown(value: object) -> str:
 class TrialConfig:
     """Everything that determines one trial's numbers. The defaults are the seed notebook's
     training settings; its noise draws are per layer (``noise_scope="layer"``, the ``seed``
-    preset), the default here is per channel, as in the paper's Algorithm 1."""
+    preset), the default here is per channel, as in the paper's Algorithm 1. ``p`` and
+    ``groups`` belong to the variants that take them (``study.variants``): None for the others,
+    and the registry's default for those where not given."""
 
     norm: str = "batch"
     noise: float = 0.0
     noise_scope: str = "channel"
+    p: float | None = None  # lp_batch: the ℓp norm's p, >= 1 or inf
+    groups: int | None = None  # group: GroupNorm's group count
     lr: float = 1e-3
     momentum: float = 0.9
     batch_size: int = 16
@@ -62,11 +67,23 @@ class TrialConfig:
 
         if self.norm not in NORMS:
             raise bad("norm", f"unknown norm {self.norm!r}; known: {', '.join(NORMS)}")
+        takes = VARIANTS[self.norm].params
+        for name in ("noise", "p", "groups"):  # a parameter only where the variant takes it
+            value, absent = getattr(self, name), (0.0 if name == "noise" else None)
+            if value is None and name in takes:
+                object.__setattr__(self, name, value := PARAM_DEFAULTS[name])
+            if value != absent and name not in takes:
+                owners = sorted(v.name for v in VARIANTS.values() if name in v.params)
+                raise bad(name, f"only {', '.join(owners)} takes {name}, got {_shown(value)} "
+                          f"for {self.norm}")
         if not (math.isfinite(self.noise) and self.noise >= 0):
             raise bad("noise", f"noise magnitudes must be >= 0, got {_shown(self.noise)}")
-        if self.noise and self.norm not in NOISY_NORMS:
-            raise bad("noise", f"only {', '.join(sorted(NOISY_NORMS))} takes a noise magnitude, got "
-                      f"{_shown(self.noise)} for {self.norm}")
+        if self.p is not None and not (isinstance(self.p, (int, float)) and self.p >= 1):
+            raise bad("p", f"the ℓp norm's p must be >= 1 or inf, got {_shown(self.p)}")
+        if self.groups is not None and not (isinstance(self.groups, int) and self.groups >= 1
+                                            and all(w % self.groups == 0 for w in CONV_WIDTHS)):
+            raise bad("groups", f"the group count must divide every conv layer's channels "
+                      f"({', '.join(map(str, CONV_WIDTHS))}), got {_shown(self.groups)}")
         if self.noise_scope not in NOISE_SCOPES:
             raise bad("noise_scope", f"must be one of {', '.join(NOISE_SCOPES)}, got {self.noise_scope!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -91,13 +108,15 @@ class TrialConfig:
             etas = ", ".join(_shown(e) for e in self.probe_etas)
             raise bad("probe_etas", f"step sizes must be > 0, got {etas}")
         object.__setattr__(self, "noise", float(self.noise))
+        if self.p is not None:
+            object.__setattr__(self, "p", float(self.p))
         object.__setattr__(self, "lr", float(self.lr))
         object.__setattr__(self, "probe_etas", tuple(float(e) for e in self.probe_etas))
 
     @property
     def trial_id(self) -> str:
         """A readable, unique key of the grid point: the results file name and Tune's trial name."""
-        return trial_id(self.norm, self.noise, self.lr, self.seed)
+        return trial_id(self.norm, self.noise, self.lr, self.seed, p=self.p, groups=self.groups)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, replace
 
 from study.config import TrialConfig
 from study.data import split_sizes
-from study.variants import NOISY_NORMS
+from study.variants import PARAMS, VARIANTS
 
 #: Rough per-trial training speed (images/s) for --dry-run's estimate, batch 16: on a CPU, one
 #: trial with 1 thread on a 2-core VM; on a GPU, one of 8 trials sharing an H200 without MPS.
@@ -15,12 +16,18 @@ NOMINAL_IMAGES_PER_S = {"cpu": 1800.0, "gpu": 4100.0}
 NOMINAL_SIZES = {"cifar10": (50_000, 10_000), "synthetic": (50_000, 10_000)}
 
 
+#: The preset's list of each variant parameter's values (``study.variants.PARAMS``).
+PARAM_LISTS = {"noise": "noises", "p": "ps", "groups": "groups"}
+
+
 @dataclass(frozen=True)
 class Preset:
-    """A study's grid (norms × noises × lrs × seeds) and the settings its trials share.
+    """A study's grid (norms × each variant's parameters × lrs × seeds) and the settings its
+    trials share. A variant's parameters (noises, ps, groups) vary only its own trials.
 
-    Every value is checked as ``TrialConfig`` checks it (``ConfigError``), the noises too where
-    no variant of the grid takes them: a bad value is refused even where it changes nothing."""
+    Every value is checked as ``TrialConfig`` checks it (``ConfigError``), a parameter's values
+    too where no variant of the grid takes them: a bad value is refused even where it changes
+    nothing."""
 
     norms: tuple[str, ...]
     noises: tuple[float, ...]
@@ -31,15 +38,22 @@ class Preset:
     dataset: str = "cifar10"
     subset: int | None = None
     noise_scope: str = "channel"
+    ps: tuple[float, ...] = (1.0, 2.0, math.inf)  # the paper's three ℓp norms
+    groups: tuple[int, ...] = (8,)
 
     def __post_init__(self) -> None:
         base = TrialConfig(noise_scope=self.noise_scope, batch_size=self.batch_size, epochs=self.epochs)
-        noisy = min(NOISY_NORMS, default=None)
         settings = [dict(norm=n) for n in self.norms]
-        settings += [dict(norm=noisy, noise=v) for v in self.noises] if noisy else []
+        for param in PARAMS:
+            owner = next(v.name for v in VARIANTS.values() if param in v.params)
+            settings += [{"norm": owner, param: v} for v in self.values(param)]
         settings += [dict(lr=v) for v in self.lrs] + [dict(seed=s) for s in self.seeds]
         for s in settings:
             replace(base, **s)
+
+    def values(self, param: str) -> tuple:
+        """The grid's values of a variant parameter (``study.variants.PARAMS``)."""
+        return getattr(self, PARAM_LISTS[param])
 
 
 PRESETS: dict[str, Preset] = {
@@ -50,27 +64,41 @@ PRESETS: dict[str, Preset] = {
                    noise_scope="layer"),
     "smoke": Preset(("none", "batch", "noisy_batch"), (1.0,), (1e-2,), (0, 1), epochs=2,
                     dataset="auto", subset=3000),
+    # issue 23: every normalisation beside BN, at the seed's settings and a 10x higher lr
+    "norms": Preset(("none", "batch", "noisy_batch", "lp_batch", "group", "layer"), (1.0,),
+                    (1e-3, 1e-2), tuple(range(5)), epochs=10),
 }
 
 
 #: The preset's lists that make the grid, and the trial fields that place a trial in it.
-GRID_KEYS = ("norms", "noises", "lrs", "seeds")
-TRIAL_GRID_KEYS = ("norm", "noise", "lr", "seed")
+GRID_KEYS = ("norms", "noises", "ps", "groups", "lrs", "seeds")
+TRIAL_GRID_KEYS = ("norm", "noise", "p", "groups", "lr", "seed")
 
 
 def build_grid(p: Preset, grad_every: int = 1, probe_every: int = 0,
                probe_etas: tuple[float, ...] = ()) -> list[TrialConfig]:
-    """norm × noise × lr × seed, with noise varied only for the variants it affects."""
+    """norm × its parameters × lr × seed: each parameter (noise, p, groups) varied only for
+    the variants that take it, so the grid holds no duplicate trials."""
     grid = []
     for norm in p.norms:
-        for noise in (p.noises if norm in NOISY_NORMS else (0.0,)):
+        takes = VARIANTS[norm].params if norm in VARIANTS else ()  # an unknown norm: TrialConfig says so
+        for values in itertools.product(*(p.values(k) for k in takes)):
+            params = dict(zip(takes, values, strict=True))
             for lr in p.lrs:
                 for seed in p.seeds:
                     grid.append(TrialConfig(
-                        norm=norm, noise=noise, noise_scope=p.noise_scope, lr=lr,
+                        norm=norm, noise_scope=p.noise_scope, lr=lr,
                         batch_size=p.batch_size, epochs=p.epochs, seed=seed,
-                        grad_every=grad_every, probe_every=probe_every, probe_etas=probe_etas))
+                        grad_every=grad_every, probe_every=probe_every, probe_etas=probe_etas,
+                        **params))
     return grid
+
+
+def params_text(c: TrialConfig) -> str:
+    """The parameters the trial's variant takes, as --dry-run lists them (``noise=1 (channel)``)."""
+    takes = VARIANTS[c.norm].params
+    words = [f"{k}={getattr(c, k):g}" + (f" ({c.noise_scope})" if k == "noise" else "") for k in takes]
+    return "".join(f" {w}" for w in words)
 
 
 def _duration(seconds: float) -> str:
@@ -95,8 +123,7 @@ def dry_run_text(name: str, p: Preset, grid: list[TrialConfig], resources: dict)
     hours = images / NOMINAL_IMAGES_PER_S[kind] / 3600
     lines = [f"study {name!r}: {len(grid)} trials on dataset {p.dataset}"]
     for c in grid:
-        noise = f" noise={c.noise:g} ({c.noise_scope})" if c.norm in NOISY_NORMS else ""
-        lines.append(f"  {c.trial_id:<34} norm={c.norm}{noise} lr={c.lr:g} seed={c.seed}")
+        lines.append(f"  {c.trial_id:<34} norm={c.norm}{params_text(c)} lr={c.lr:g} seed={c.seed}")
     lines += [
         f"resources per trial: {resources}",
         f"work: {len(grid)} trials × {p.epochs} epochs × {fit:,} training images "

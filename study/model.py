@@ -1,5 +1,5 @@
 """The seed's CNN (docs/design.md, "The experiment") with a registry of norm variants, noisy
-BatchNorm included."""
+BatchNorm included (the ℓp batch norm is in study.norms)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from study.image_format import N_CLASSES
+from study.image_format import CONV_WIDTHS, N_CLASSES
+from study.norms import LpBatchNorm2d
 from study.results import GRAD_LAYERS
+from study.variants import NOISE_SCOPES, PARAM_DEFAULTS
 
 
 def noise_constants(noise: float) -> tuple[float, float, float, float]:
@@ -67,10 +69,12 @@ class BatchNorm2dWithStats(nn.BatchNorm2d):
 class NoisyBatchNorm2d(BatchNorm2dWithStats):
     """BatchNorm2d whose output is distorted as ``s * a + m`` in training mode.
 
-    Per step, per channel j (``scope="channel"``, Algorithm 1 of the paper) or once per
-    layer (``scope="layer"``, the seed's notebook): mu ~ U(-n_mu, n_mu), sigma ~ U(1, n_sigma);
-    then per element m ~ U(mu - r_mu, mu + r_mu) and s ~ N(sigma, r_sigma). All draws come
-    from ``self.generator`` (the trial's own, on the training device), never the global RNG.
+    Per step, per channel j (``scope="channel"``, Algorithm 1 of the paper, and
+    ``"sample_channel"``) or once per layer (``scope="layer"``, the seed's notebook):
+    mu ~ U(-n_mu, n_mu), sigma ~ U(1, n_sigma); then per element (per image and channel,
+    shared by its positions, for ``"sample_channel"``) m ~ U(mu - r_mu, mu + r_mu) and
+    s ~ N(sigma, r_sigma). All draws come from ``self.generator`` (the trial's own, on the
+    training device), never the global RNG; their shapes are fixed, so a CUDA graph replays them.
     ``freeze_noise`` keeps reusing the last sample, so probes can replay a step exactly.
     """
 
@@ -78,15 +82,16 @@ class NoisyBatchNorm2d(BatchNorm2dWithStats):
 
     def __init__(self, num_features: int, noise: float = 1.0, scope: str = "channel") -> None:
         super().__init__(num_features)
-        if scope not in ("channel", "layer"):
-            raise ValueError(f"noise scope must be 'channel' or 'layer', not {scope!r}")
+        if scope not in NOISE_SCOPES:
+            raise ValueError(f"noise scope must be one of {', '.join(NOISE_SCOPES)}, not {scope!r}")
         self.noise, self.scope = float(noise), scope
         self.generator: torch.Generator | None = None
         self.freeze_noise = False
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def draw(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One noise sample (scale s, shift m), shaped like ``a`` and in its memory layout.
+        """One noise sample (scale s, shift m), shaped like ``a`` and in its memory layout
+        (for ``"sample_channel"``: (N, C, 1, 1), broadcast over the positions).
 
         The per-element draws fill (N, C, H, W) order whatever ``a``'s layout, so a seed gives
         the same noise in either; a channels-last ``a`` (a CPU trial) then gets them as
@@ -97,13 +102,14 @@ class NoisyBatchNorm2d(BatchNorm2dWithStats):
         """
         n_mu, n_sigma, r_mu, r_sigma = noise_constants(self.noise)
         g, dev, dt = self.generator, a.device, a.dtype
-        c = a.shape[1] if self.scope == "channel" else 1
+        c = 1 if self.scope == "layer" else a.shape[1]
         u = torch.rand(2, 1, c, 1, 1, generator=g, device=dev, dtype=dt)
         mu, sigma = (2 * u[0] - 1) * n_mu, 1 + u[1] * (n_sigma - 1)
-        m = torch.rand(a.shape, generator=g, device=dev, dtype=dt).mul_(2).sub_(1).mul_(r_mu).add_(mu)
-        s = torch.randn(a.shape, generator=g, device=dev, dtype=dt).mul_(r_sigma).add_(sigma)
+        shape = (*a.shape[:2], 1, 1) if self.scope == "sample_channel" else a.shape
+        m = torch.rand(shape, generator=g, device=dev, dtype=dt).mul_(2).sub_(1).mul_(r_mu).add_(mu)
+        s = torch.randn(shape, generator=g, device=dev, dtype=dt).mul_(r_sigma).add_(sigma)
         cl = torch.channels_last
-        if not a.is_contiguous() and a.is_contiguous(memory_format=cl):
+        if shape == a.shape and not a.is_contiguous() and a.is_contiguous(memory_format=cl):
             s, m = s.contiguous(memory_format=cl), m.contiguous(memory_format=cl)
         return s, m
 
@@ -126,12 +132,27 @@ class NoisyBatchNorm2d(BatchNorm2dWithStats):
         return f"{super().extra_repr()}, noise={self.noise}, scope={self.scope}"
 
 
-#: norm variant name (``study.variants``) -> factory(num_channels, noise, noise_scope) -> module
-#: (or None for no norm).
-NORM_LAYERS: dict[str, Callable[[int, float, str], nn.Module | None]] = {
-    "none": lambda c, noise, scope: None,
-    "batch": lambda c, noise, scope: BatchNorm2dWithStats(c),
-    "noisy_batch": lambda c, noise, scope: NoisyBatchNorm2d(c, noise, scope),
+class NormSettings(NamedTuple):
+    """A variant's parameters (``study.variants.PARAMS``, and the noise's scope), as its layer
+    factory takes them."""
+
+    noise: float = 0.0
+    noise_scope: str = "channel"
+    p: float = PARAM_DEFAULTS["p"]
+    groups: int = PARAM_DEFAULTS["groups"]
+
+
+#: norm variant name (``study.variants``) -> factory(num_channels, NormSettings) -> module (or
+#: None for no norm). LayerNorm is GroupNorm with one group: the mean and variance over
+#: (C, H, W) of each image, with a per-channel affine as every other variant has (nn.LayerNorm
+#: over (C, H, W) would learn an affine per element, 2·C·H·W parameters).
+NORM_LAYERS: dict[str, Callable[[int, NormSettings], nn.Module | None]] = {
+    "none": lambda c, s: None,
+    "batch": lambda c, s: BatchNorm2dWithStats(c),
+    "noisy_batch": lambda c, s: NoisyBatchNorm2d(c, s.noise, s.noise_scope),
+    "lp_batch": lambda c, s: LpBatchNorm2d(c, s.p),
+    "group": lambda c, s: nn.GroupNorm(s.groups, c),
+    "layer": lambda c, s: nn.GroupNorm(1, c),
 }
 
 
@@ -173,13 +194,16 @@ class SeedCNN(nn.Module):
     Checkpoints written before the blocks existed (``conv1.*``, ``norm1.*``, ...) still load.
     """
 
-    def __init__(self, norm: str = "batch", noise: float = 0.0, noise_scope: str = "channel"):
+    def __init__(self, norm: str = "batch", noise: float = 0.0, noise_scope: str = "channel",
+                 p: float | None = None, groups: int | None = None):
         super().__init__()
         if norm not in NORM_LAYERS:
             raise ValueError(f"unknown norm {norm!r}; known: {', '.join(NORM_LAYERS)}")
-        widths = (3, 16, 32, 64)
+        given = dict(p=p, groups=groups)  # None: the variant's default (or a variant without it)
+        settings = NormSettings(noise, noise_scope, **{k: v for k, v in given.items() if v is not None})
+        widths = (3, *CONV_WIDTHS)
         self.blocks = nn.ModuleList(
-            ConvBlock(c_in, c_out, NORM_LAYERS[norm](c_out, noise, noise_scope))
+            ConvBlock(c_in, c_out, NORM_LAYERS[norm](c_out, settings))
             for c_in, c_out in zip(widths[:-1], widths[1:], strict=True)
         )
         self.dropout = nn.Dropout(0.25)
@@ -231,5 +255,6 @@ class SeedCNN(nn.Module):
 _OLD_KEY = re.compile(r"(conv|norm)([1-9])\.(.+)")
 
 
-def build_model(norm: str, noise: float = 0.0, noise_scope: str = "channel") -> SeedCNN:
-    return SeedCNN(norm, noise, noise_scope)
+def build_model(norm: str, noise: float = 0.0, noise_scope: str = "channel",
+                p: float | None = None, groups: int | None = None) -> SeedCNN:
+    return SeedCNN(norm, noise, noise_scope, p, groups)

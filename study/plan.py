@@ -13,11 +13,11 @@ from collections.abc import Iterator
 from common.cli import UsageError, first_few, unwritable
 from study import storage
 from study.config import TrialConfig
-from study.grid import GRID_KEYS, TRIAL_GRID_KEYS, Preset
+from study.grid import GRID_KEYS, PARAM_LISTS, TRIAL_GRID_KEYS, Preset
 from study.object_lock import object_lock
 from study.results import trial_gap
 from study.storage import Location
-from study.variants import NOISY_NORMS
+from study.variants import VARIANTS
 
 
 def check_out_dir(out: Location) -> None:
@@ -96,7 +96,8 @@ def plan_run(out: Location, name: str, grid: list[TrialConfig], record: dict, re
             raise UsageError(f"--extend: the command must name the whole study; it lacks "
                              f"{len(lacking)} of the {len(old_ids)} trials in {out} "
                              f"({first_few(lacking)}): "
-                             "give --norms, --noises, --lrs and --seeds the study's values too")
+                             "give --norms, --noises, --ps, --groups, --lrs and --seeds the "
+                             "study's values too")
     elif set(old_ids) != ids:
         flags = grid_flags(old.get("preset", {}))
         raise UsageError(f"{out} holds another grid of study {old.get('name')!r} ({len(old_ids)} "
@@ -130,9 +131,9 @@ def grid_flags(preset: dict) -> str:
     """The grid of a study.json's preset as the sweep's flags, for a message."""
     def text(v) -> str:
         return f"{v:g}" if isinstance(v, float) else str(v)
-    keys = GRID_KEYS
-    if not set(preset.get("norms", ())) & NOISY_NORMS:
-        keys = tuple(k for k in GRID_KEYS if k != "noises")
+    taken = {k for n in preset.get("norms", ()) if n in VARIANTS for k in VARIANTS[n].params}
+    unused = {PARAM_LISTS[k] for k in PARAM_LISTS if k not in taken}
+    keys = tuple(k for k in GRID_KEYS if k not in unused)
     return " ".join(f"--{k} {','.join(text(v) for v in preset[k])}" for k in keys if preset.get(k))
 
 

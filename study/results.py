@@ -39,7 +39,15 @@ from study import storage
 from study.storage import Location
 
 # The variant registry reaches the analysis through this module, the one door between the wings.
-from study.variants import NOISE_SCOPES, NOISY_NORMS, NORMS, VARIANTS, Variant  # noqa: F401
+from study.variants import (  # noqa: F401
+    NOISE_SCOPES,
+    NOISY_NORMS,
+    NORMS,
+    PARAM_DEFAULTS,
+    PARAMS,
+    VARIANTS,
+    Variant,
+)
 
 SCHEMA_VERSION = 1
 VERSION_KEY = b"bnstudy.schema_version"
@@ -67,6 +75,8 @@ TABLES: dict[str, pa.Schema] = {
             ("norm", _str),
             ("noise", _f64),
             ("noise_scope", _str),
+            ("p", _f64),
+            ("groups", _i64),
             ("lr", _f64),
             ("momentum", _f64),
             ("batch_size", _i64),
@@ -154,11 +164,17 @@ TABLES: dict[str, pa.Schema] = {
 }
 
 
-def trial_id(norm: str, noise: float, lr: float, seed: int) -> str:
+def trial_id(norm: str, noise: float, lr: float, seed: int, p: float | None = None,
+             groups: int | None = None) -> str:
     """A trial's readable, unique key in the grid: its results files' name and Tune's trial
-    name, e.g. ``noisy_batch-noise1-lr0.01-seed0`` (noise only for variants that take it)."""
-    noise_part = f"-noise{float(noise):g}" if norm in NOISY_NORMS else ""
-    return f"{norm}{noise_part}-lr{float(lr):g}-seed{int(seed)}"
+    name, e.g. ``noisy_batch-noise1-lr0.01-seed0``, ``lp_batch-pinf-lr0.01-seed0``,
+    ``group-groups8-lr0.01-seed0``: each parameter the variant takes (``Variant.params``), the
+    others not, so that the ids of the variants without parameters never change."""
+    given = dict(noise=noise, p=p, groups=groups)
+    values = {k: PARAM_DEFAULTS[k] if v is None else v for k, v in given.items()}
+    takes = VARIANTS[norm].params if norm in VARIANTS else ()
+    params = "".join(f"-{k}{float(values[k]):g}" for k in PARAMS if k in takes)
+    return f"{norm}{params}-lr{float(lr):g}-seed{int(seed)}"
 
 
 class SchemaVersionError(ValueError):

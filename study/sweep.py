@@ -32,15 +32,16 @@ from study.cluster import (  # noqa: E402
     trial_resources,
 )
 from study.config import ConfigError  # noqa: E402
-from study.grid import PRESETS, Preset, build_grid, dry_run_text  # noqa: E402
+from study.grid import PARAM_LISTS, PRESETS, Preset, build_grid, dry_run_text  # noqa: E402
 from study.plan import check_out_dir, out_lock, plan_run, study_record  # noqa: E402
 from study.probes import DEFAULT_ETA_MULTIPLES  # noqa: E402
 from study.results import DamagedFileError  # noqa: E402
 from study.tune_run import Study, TuneSettings, run_tune  # noqa: E402
-from study.variants import NOISY_NORMS, NORMS  # noqa: E402
+from study.variants import NOISE_SCOPES, NORMS, VARIANTS  # noqa: E402
 
 #: The flag that sets each TrialConfig setting: a value TrialConfig refuses is refused as its flag.
 SETTING_FLAGS = {"norm": "--norms", "noise": "--noises", "noise_scope": "--noise-scope", "lr": "--lrs",
+                 "p": "--ps", "groups": "--groups",
                  "seed": "--seeds", "epochs": "--epochs", "batch_size": "--batch-size",
                  "grad_every": "--grad-every", "probe_every": "--probe-every", "probe_etas": "--probe-etas"}
 
@@ -121,15 +122,24 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--preset", choices=sorted(PRESETS), default="full",
                    help="full: 75 trials, none/batch/noisy_batch × noise 0.5,1,2 × lr 1e-3,1e-2,"
                    "5e-2 × seeds 0-4, 10 epochs, cifar10; seed: the seed notebook's 3 runs × 3 "
-                   "seeds; smoke: 6 short trials on a few thousand images (auto dataset)")
+                   "seeds; smoke: 6 short trials on a few thousand images (auto dataset); norms: "
+                   "80 trials, none/batch/noisy_batch (noise 1)/lp_batch (p 1,2,inf)/group/layer × "
+                   "lr 1e-3,1e-2 × seeds 0-4, 10 epochs, cifar10")
     g.add_argument("--norms", type=_list(str, "--norms"), default=None,
                    help=f"norm variants, from {', '.join(NORMS)} (default: the preset's)")
     g.add_argument("--noises", type=_list(float, "--noises"), default=None,
                    help="noise magnitudes (noisy variants only; 1 = Santurkar et al.; default: the "
                    "preset's)")
-    g.add_argument("--noise-scope", choices=("channel", "layer"), default=None,
-                   help="draw the noise's mean/scale per channel (the paper) or per layer (the "
-                   "seed notebook) (default: the preset's)")
+    g.add_argument("--noise-scope", choices=NOISE_SCOPES, default=None,
+                   help="draw the noise's mean/scale per channel, one draw per element (the "
+                   "paper), per layer (the seed notebook), or per channel with one draw per "
+                   "image and channel, shared by its positions (default: the preset's)")
+    g.add_argument("--ps", type=_list(float, "--ps"), default=None,
+                   help="the ℓp norms' p, each >= 1 or inf (lp_batch only; default: the "
+                   "preset's, 1,2,inf)")
+    g.add_argument("--groups", type=_list(int, "--groups"), default=None,
+                   help="GroupNorm's group counts, each dividing 16 (group only; default: the "
+                   "preset's, 8)")
     g.add_argument("--lrs", type=_list(float, "--lrs"), default=None,
                    help="learning rates (default: the preset's)")
     g.add_argument("--seeds", type=_seeds, default=None,
@@ -201,8 +211,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 def preset_from_args(args: argparse.Namespace) -> Preset:
     """The preset with the flags' overrides, each value checked by TrialConfig."""
-    overrides = {k: getattr(args, k) for k in ("norms", "noises", "lrs", "seeds", "epochs",
-                                               "batch_size", "dataset", "subset", "noise_scope")
+    overrides = {k: getattr(args, k) for k in ("norms", "noises", "ps", "groups", "lrs", "seeds",
+                                               "epochs", "batch_size", "dataset", "subset",
+                                               "noise_scope")
                  if getattr(args, k) is not None}
     try:
         p = replace(PRESETS[args.preset], **overrides)
@@ -216,9 +227,11 @@ def preset_from_args(args: argparse.Namespace) -> Preset:
 def run(args: argparse.Namespace) -> int:
     """Check the command, plan it in its results folder, run it; the exit status."""
     p = preset_from_args(args)
-    if args.noises is not None and not set(p.norms) & NOISY_NORMS:
-        print(f"note: --noises has no effect: none of --norms ({', '.join(p.norms)}) is noisy "
-              f"({', '.join(sorted(NOISY_NORMS))})", file=sys.stderr)
+    for param, key in PARAM_LISTS.items():
+        owners = sorted(v.name for v in VARIANTS.values() if param in v.params)
+        if getattr(args, key) is not None and not set(p.norms) & set(owners):
+            print(f"note: --{key} has no effect: none of --norms ({', '.join(p.norms)}) takes "
+                  f"{param} ({', '.join(owners)})", file=sys.stderr)
     if args.probe_etas and not args.probe_every:
         print("note: --probe-etas has no effect without --probe-every", file=sys.stderr)
     if args.cuda_graph and not args.gpus:
@@ -239,7 +252,8 @@ def run(args: argparse.Namespace) -> int:
     repeated = sorted(tid for tid, n in Counter(c.trial_id for c in grid).items() if n > 1)
     if repeated:
         raise UsageError(f"the grid names {len(repeated)} trial(s) more than once ({first_few(repeated)}): "
-                         "a value repeats in --norms, --noises or --lrs (values equal to 6 significant "
+                         "a value repeats in --norms, --noises, --ps, --groups or --lrs (values equal "
+                         "to 6 significant "
                          "digits name the same trial)")
     resources = trial_resources(args.cpus_per_trial, args.gpus, args.trials_per_gpu)
 

@@ -178,7 +178,7 @@ def run_trial(
     }
 
     d = DeviceData.from_arrays(data, cfg, dev)
-    model = build_model(cfg.norm, cfg.noise, cfg.noise_scope).to(dev)
+    model = build_model(cfg.norm, cfg.noise, cfg.noise_scope, cfg.p, cfg.groups).to(dev)
     if dev.type == "cpu" and options.cpu_channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.set_noise_generator(gens["noise"])

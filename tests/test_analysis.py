@@ -160,7 +160,11 @@ def test_variant_labels():
     assert labels.variant_label("batch", 0.0) == "BN"
     assert labels.variant_label("noisy_batch", 1.0) == "noisy BN (noise 1)"
     assert labels.variant_label("noisy_batch", 0.5) == "noisy BN (noise 0.5)"
-    assert labels.variant_label("group", 0.0) == "group"
+    assert labels.variant_label("weight", 0.0) == "weight"  # a norm the registry does not know
+    assert labels.variant_label("lp_batch", 0.0, p=1.0) == "ℓ1 BN"
+    assert labels.variant_label("lp_batch", 0.0, p=float("inf")) == "ℓ∞ BN"
+    assert labels.variant_label("group", 0.0, float("nan"), 8.0) == "GN (8 groups)"
+    assert labels.variant_label("layer", 0.0, None, None) == "LN"
 
 
 # --------------------------------------------------------------------------- figures

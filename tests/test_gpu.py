@@ -23,6 +23,17 @@ pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a GPU machine: bash bench/gpu_check.sh)"
 )
 
+#: The variants of issue 23, by a name that sets them up (``settings``): the ℓp norms, GroupNorm,
+#: LayerNorm and noisy BN with the sample_channel scope.
+NEW_NORMS = ("lp_batch-p1", "lp_batch-pinf", "group", "layer", "noisy_batch-sample_channel")
+
+
+def settings(norm: str, noise: float) -> dict:
+    """TrialConfig's settings of a parametrized case (``NEW_NORMS`` or a plain norm and noise)."""
+    return {"lp_batch-p1": dict(norm="lp_batch", p=1.0), "lp_batch-pinf": dict(norm="lp_batch", p=math.inf),
+            "noisy_batch-sample_channel": dict(norm="noisy_batch", noise=1.0, noise_scope="sample_channel"),
+            }.get(norm, dict(norm=norm, noise=noise))
+
 
 @contextlib.contextmanager
 def syncs_are_errors(entered: list[int]):
@@ -49,7 +60,8 @@ def test_sync_debug_mode_turns_a_host_sync_into_an_error():
     # steps around them must still not wait. With CUDA graphs, probed steps run eagerly
     # between replays.
     [("none", 0.0, 0, False), ("batch", 0.0, 0, False), ("noisy_batch", 1.0, 0, False),
-     ("noisy_batch", 1.0, 4, False), ("batch", 0.0, 0, True), ("noisy_batch", 1.0, 4, True)],
+     ("noisy_batch", 1.0, 4, False), ("batch", 0.0, 0, True), ("noisy_batch", 1.0, 4, True)]
+    + [(norm, 0.0, 0, graph) for norm in NEW_NORMS for graph in (False, True)],
 )
 def test_step_loop_never_waits_for_the_device(norm, noise, probe_every, cuda_graph):
     from study.config import TrialConfig
@@ -59,9 +71,9 @@ def test_step_loop_never_waits_for_the_device(norm, noise, probe_every, cuda_gra
     entered: list[int] = []
     # 168 training images at batch 16: 11 steps, the last one short; histogram and gradient
     # norms every step, so every statistics path runs inside the checked loop
-    cfg = TrialConfig(norm=norm, noise=noise, lr=0.01, batch_size=16, epochs=2, seed=3,
+    cfg = TrialConfig(lr=0.01, batch_size=16, epochs=2, seed=3,
                       hist_every=1, grad_every=1, probe_every=probe_every,
-                      probe_etas=(0.5, 1.0, 2.0) if probe_every else ())
+                      probe_etas=(0.5, 1.0, 2.0) if probe_every else (), **settings(norm, noise))
     data = load_dataset("synthetic", subset=210, log=lambda s: None)
     records: list[dict] = []
     with no_capture_failure():
@@ -98,7 +110,8 @@ def _numbers(records: list[dict]) -> list:
              [(x["mean"], x["var"], x["hist"], x.get("weight_norm")) for x in r["layers"]]) for r in records]
 
 
-@pytest.mark.parametrize("norm,noise", [("none", 0.0), ("batch", 0.0), ("noisy_batch", 1.0)])
+@pytest.mark.parametrize("norm,noise", [("none", 0.0), ("batch", 0.0), ("noisy_batch", 1.0)]
+                         + [(norm, 0.0) for norm in NEW_NORMS])
 def test_cuda_graph_steps_give_the_eager_numbers(norm, noise):
     """The graphed step against the eager reference: every statistic to fp32 tolerance.
 
@@ -110,8 +123,8 @@ def test_cuda_graph_steps_give_the_eager_numbers(norm, noise):
     from study.data import load_dataset
     from study.train import RunOptions, run_trial
 
-    cfg = TrialConfig(norm=norm, noise=noise, lr=0.01, batch_size=16, epochs=2, seed=5,
-                      hist_every=3, grad_every=2)
+    cfg = TrialConfig(lr=0.01, batch_size=16, epochs=2, seed=5, hist_every=3, grad_every=2,
+                      **settings(norm, noise))
     data = load_dataset("synthetic", subset=213, log=lambda s: None)
 
     def run(cuda_graph: bool) -> list[dict]:

@@ -427,7 +427,9 @@ def test_refuses_to_mix_studies(tiny_reference):
 
 
 @pytest.mark.parametrize("flag,value,message", [
-    ("--norms", "group", "unknown norm"),
+    ("--norms", "groupnorm", "unknown norm"),
+    ("--ps", "0.5", "p must be >= 1 or inf"),
+    ("--groups", "3", "must divide every conv layer's channels"),
     ("--lrs", "-0.1", "learning rates must be > 0"),
     ("--lrs", "-1e-3,1e-2", "learning rates must be > 0"),  # a value, not an unknown flag
     ("--noises", "-1", "noise magnitudes must be >= 0"),

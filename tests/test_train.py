@@ -126,9 +126,11 @@ def test_epoch_record_is_complete_and_consistent():
     assert r["epoch"]["grad_norm_max"] >= r["epoch"]["grad_norm_mean"] > 0
 
 
-@pytest.mark.parametrize("bad", [dict(norm="group"), dict(lr=0), dict(lr=-1), dict(noise=-0.5),
+@pytest.mark.parametrize("bad", [dict(norm="groupnorm"), dict(lr=0), dict(lr=-1), dict(noise=-0.5),
                                  dict(epochs=0), dict(batch_size=0),
-                                 dict(norm="batch", noise=1.0)])
+                                 dict(norm="batch", noise=1.0), dict(norm="batch", p=1.0),
+                                 dict(norm="lp_batch", p=0.5), dict(norm="lp_batch", p=math.nan),
+                                 dict(norm="group", groups=3), dict(norm="layer", groups=8)])
 def test_bad_config_is_one_clear_error(bad):
     with pytest.raises(ConfigError) as e:
         TrialConfig(**bad)
