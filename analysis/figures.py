@@ -40,7 +40,7 @@ from analysis.comparisons import comparisons, run_values, write_comparisons  # n
 from analysis.fetch import FetchError, local_copy  # noqa: E402
 from analysis.folder import ResultsError  # noqa: E402
 from analysis.labels import format_number  # noqa: E402
-from analysis.load import Study, load_studies  # noqa: E402
+from analysis.load import Study, load_studies, select_norms  # noqa: E402
 from analysis.plots_activations import fig_activations, fig_histograms, fig_noisy_bn  # noqa: E402
 from analysis.plots_probes import fig_probes_ics, fig_probes_landscape  # noqa: E402
 from analysis.plots_training import (  # noqa: E402
@@ -181,7 +181,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="training steps START <= step < END that probe_window.csv's per-run medians are "
         "over; either end may be left out (default: every probed step)",
     )
+    p.add_argument(
+        "--norms",
+        type=_names,
+        default=None,
+        metavar="LIST",
+        help="draw only the trials of these norms, comma-separated (e.g. none,batch,lp_batch: "
+        "every setting of each), for a study with more variants than a figure shows legibly; "
+        "drawn into RESULTS/figures-NORM-NORM... unless --out is given (default: every norm)",
+    )
     return p
+
+
+def _names(text: str) -> tuple[str, ...]:
+    items = tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    if not items:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a comma-separated list of norms")
+    return items
 
 
 def _one_line(message: str) -> str:
@@ -220,6 +236,8 @@ def _main(argv: Sequence[str] | None, started: list[Path]) -> int:
                                "--out DIR: give it")
         local = [local_copy(r) if results.storage.is_uri(r) else r for r in args.results]
         study = load_studies(local, step_columns=STEP_PANELS)
+        if args.norms is not None:
+            study = select_norms(study, args.norms)
     except (ResultsError, FetchError) as exc:
         sys.stderr.write(f"{PROG}: error: {_one_line(str(exc))}\n")
         return 2
@@ -240,10 +258,13 @@ def _main(argv: Sequence[str] | None, started: list[Path]) -> int:
         lr, lr_is_default = match[0], False
     if args.out is not None:
         out = Path(args.out)
-    elif results.storage.is_uri(args.results[0]):  # drawn here, beside where the command runs
-        out = Path(f"{study.path.name}-figures").resolve()
     else:
-        out = study.path / "figures"
+        # a part of the study (--norms) gets its own folder beside the whole one's
+        folder = "figures" if args.norms is None else f"figures-{'-'.join(args.norms)}"
+        if results.storage.is_uri(args.results[0]):  # drawn here, beside where the command runs
+            out = Path(f"{study.path.name}-{folder}").resolve()
+        else:
+            out = study.path / folder
     opts = Options(
         results=study.path,
         out=out,

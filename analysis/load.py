@@ -10,7 +10,7 @@ what is missing said by ``analysis.notices``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +128,36 @@ def load_studies(paths: Sequence[str | Path], *, step_columns: Sequence[str] | N
         configs=tuple(f.config for f in folders),
         notices=notices,
     )
+
+
+def select_norms(study: Study, norms: Sequence[str]) -> Study:
+    """The part of ``study`` whose trials use one of ``norms`` (every parameter setting of
+    each), for figures that would otherwise draw more variants than a reader can tell apart.
+
+    Raises :class:`ResultsError` naming the study's norms where one of ``norms`` has no trial.
+    """
+    present = list(dict.fromkeys(study.trials["norm"].astype(str)))
+    missing = [n for n in norms if n not in present]
+    if missing:
+        raise ResultsError(f"--norms {','.join(missing)}: not in the study (its norms: "
+                           f"{', '.join(present)})")
+    keep = study.trials["norm"].isin(list(norms)).to_numpy()
+    trials = study.trials[keep].reset_index(drop=True)
+    trials["variant"] = trials["variant"].cat.remove_unused_categories()
+    ids = set(trials["trial_id"])
+
+    def part(df: pd.DataFrame | None) -> pd.DataFrame | None:
+        if df is None:
+            return None
+        df = df[df["trial_id"].astype(str).isin(ids)].reset_index(drop=True)
+        for col in df.columns:  # categories of the variants left out would still be drawn
+            if isinstance(df[col].dtype, pd.CategoricalDtype) and col != "trial_id":
+                df[col] = df[col].cat.remove_unused_categories()
+        return df
+
+    return replace(study, trials=trials, epochs=part(study.epochs), layers=part(study.layers),
+                   steps=part(study.steps), probes=part(study.probes),
+                   notices=[*study.notices, f"drawn: the trials of {', '.join(norms)} only (--norms)"])
 
 
 def _prepare_trials(trials: pd.DataFrame, notices: list[str]) -> pd.DataFrame:
