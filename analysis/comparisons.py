@@ -60,13 +60,15 @@ def run_values(study: Study, stability: tuple[pd.DataFrame, dict[int, int]] | No
     return values[values["status"] == "done"].reset_index(drop=True)
 
 
-def comparisons(values: pd.DataFrame, level: float) -> tuple[pd.DataFrame, list[str]]:
+def comparisons(values: pd.DataFrame, level: float,
+                metrics: Sequence[str] = tuple(METRICS)) -> tuple[pd.DataFrame, list[str]]:
     """Every pair of variants at the same (lr, epochs), every metric: the mean difference.
 
     Args:
       values: ``run_values``: one row per finished run, ``variant`` an ordered categorical
         (registry order), ``lr``, ``epochs``, ``seed`` and a column per compared metric.
       level: Coverage of each interval, in (0, 1).
+      metrics: The columns compared, where ``values`` has them (default: ``METRICS``).
 
     Returns:
       The long table (``COLUMNS``; ``mean``, ``lo``, ``hi``, ``n``, ``n_a``, ``n_b`` and
@@ -75,7 +77,7 @@ def comparisons(values: pd.DataFrame, level: float) -> tuple[pd.DataFrame, list[
       runs differ in length, each as words (``noisy BN (noise 1) − BN at lr 0.001 (2 vs 3
       epochs)``).
     """
-    metrics = [m for m in METRICS if m in values and values[m].notna().any()]
+    metrics = [m for m in metrics if m in values and values[m].notna().any()]
     order = [v for v in values["variant"].cat.categories if v in set(values["variant"])]
     groups = {key: g for key, g in values.groupby(["lr", "epochs"], observed=True, sort=True)}
     rows, refused = [], []

@@ -13,8 +13,10 @@ import numpy as np
 import pandas as pd
 
 from analysis import bands
+from analysis.comparisons import comparisons
 from analysis.labels import format_number
 from analysis.load import Study
+from analysis.paired import PAIRED
 from analysis.report import Options, Report, Skip, StepWindow
 from study import results
 
@@ -93,6 +95,33 @@ def probe_window_summary(medians: pd.DataFrame, level: float) -> pd.DataFrame:
     return out.assign(level=level, window=medians["window"].iloc[0] if len(medians) else "")
 
 
+def probe_comparisons(medians: pd.DataFrame, level: float) -> pd.DataFrame:
+    """Every pair of variants at the same (lr, epochs): the mean difference A − B of the
+    finished runs' window medians of each step quantity, paired on seed
+    (``analysis.comparisons.comparisons``: paired Student-t, Welch's where a seed lacks its
+    partner).
+
+    Args:
+      medians: ``probe_window_medians``.
+      level: Coverage of each interval, in (0, 1).
+
+    Returns:
+      The comparisons' long table (``analysis.comparisons.COLUMNS``), ``metric`` a step
+      quantity, with the window.
+    """
+    step = medians[(medians["layer"] == MODEL) & (medians["status"] == "done")]
+    if step.empty:
+        raise Skip("no finished run has probes in the window")
+    keys = ["variant", "lr", "epochs", "seed"]
+    wide = step.pivot_table(index=keys, columns="quantity", values="median", observed=True).reset_index()
+    wide["variant"] = pd.Categorical(wide["variant"].astype(str), dtype=medians["variant"].dtype) \
+        if isinstance(medians["variant"].dtype, pd.CategoricalDtype) else wide["variant"]
+    long, _ = comparisons(wide, level, metrics=list(STEP_QUANTITIES))
+    if long.empty:
+        raise Skip("no two variants have finished probed runs at the same learning rate and length")
+    return long.assign(window=medians["window"].iloc[0])
+
+
 def weight_norms(study: Study) -> pd.DataFrame:
     """Per run, weight layer and epoch, the weight's ℓ2 norm at the epoch's end (the layers
     table's ``weight`` rows)."""
@@ -128,6 +157,37 @@ def write_probe_window(study: Study, opts: Options, report: Report) -> None:
     report.tables.append(("Probes over a window of steps", "\n".join(lines) + "\n\n" + note + "\n",
                           ["probe_window.csv", "probe_window_summary.csv"]))
     print(f"wrote {opts.out / 'probe_window.csv'}, probe_window_summary.csv")
+    try:
+        pairs = probe_comparisons(medians, opts.level)
+    except Skip as why:
+        report.skipped("probe_comparisons", why)
+        return
+    pairs.to_csv(opts.out / "probe_comparisons.csv", index=False)
+    report.tables.append(("Probes compared between variants", _pairs_markdown(pairs, opts),
+                          ["probe_comparisons.csv"]))
+    print(f"wrote {opts.out / 'probe_comparisons.csv'}")
+
+
+def _pairs_markdown(pairs: pd.DataFrame, opts: Options) -> str:
+    """The index page's table of ``probe_comparisons``: a row per pair, lr and length, a
+    ``mean [lo, hi] (n)`` cell per shown quantity."""
+    header = ["A − B", "lr", "epochs", *(STEP_QUANTITIES[q] for q in SHOWN), "method"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (pair, lr, epochs), g in pairs.groupby(["pair", "lr", "epochs"], sort=False):
+        by_q = g.set_index("metric")
+        cells = []
+        for q in SHOWN:
+            r = by_q.loc[q] if q in by_q.index else None
+            if r is not None:
+                n = f"({int(r['n'])})" if r["method"] == PAIRED else f"({r['n_a']} vs {r['n_b']})"
+            cells.append("–" if r is None or not np.isfinite(r["mean"]) else
+                         f"{r['mean']:.4g} [{r['lo']:.4g}, {r['hi']:.4g}] {n}")
+        lines.append("| " + " | ".join([str(pair), format_number(lr), str(epochs), *cells,
+                                        " / ".join(dict.fromkeys(g["method"]))]) + " |")
+    return ("\n".join(lines) + f"\n\nPer run, the median of each quantity over its probed steps in "
+            f"{opts.window.words}; here the mean difference A − B of those medians [its {opts.level:.0%} "
+            "Student-t interval] (n): paired t over the seeds both variants ran, Welch t where a seed "
+            "lacks its partner. Every quantity: probe_comparisons.csv.\n")
 
 
 def write_weight_norms(study: Study, opts: Options, report: Report) -> None:

@@ -188,6 +188,7 @@ def test_every_figure_and_table_is_written(study):
         "comparisons.md",
         "probe_window.csv",
         "probe_window_summary.csv",
+        "probe_comparisons.csv",
         "weight_norms.csv",
         "batch_spread.csv",
         "index.md",
@@ -195,10 +196,10 @@ def test_every_figure_and_table_is_written(study):
     ):
         assert (out / name).is_file()
     # One progress line per figure, table (accuracy, stability, comparisons), summary (probe
-    # window, weight norms, batch spread), and the index at the end. The study's runs are 3
+    # window, probe comparisons, weight norms, batch spread), and the index at the end. The study's runs are 3
     # epochs long, the seed's 10: no seed comparison, and one line says why.
     lines = study["stdout"].splitlines()
-    assert sum(line.startswith("wrote ") for line in lines) == len(FIGURES) + 6
+    assert sum(line.startswith("wrote ") for line in lines) == len(FIGURES) + 7
     assert lines[-1].startswith("index: ")
     assert not list(out.glob("seed_comparison.*"))
     (why,) = [line for line in lines if line.startswith("notice: seed_comparison skipped: ")]

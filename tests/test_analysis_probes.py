@@ -88,6 +88,36 @@ def test_the_whole_run_is_the_default_window_and_an_empty_window_is_skipped(tiny
         probe_summary.probe_window_medians(study, StepWindow.parse("100:"))
 
 
+def test_probe_comparisons_are_paired_differences_of_the_window_medians(tmp_path):
+    folder = tmp_path / "pairs"
+    rng = np.random.default_rng(3)
+    betas = {}
+    for norm in ("none", "batch"):
+        for seed in (0, 1, 2):  # seed 2 of BN diverged: BN − no BN falls back to Welch's interval
+            tid = _trial(folder, norm, seed, "diverged" if (norm, seed) == ("batch", 2) else "done")
+            beta = rng.uniform(1, 9, size=5)
+            betas[norm, seed] = beta
+            _probes(folder, tid, [(10 * k, 1.0, 1.5, 0.0, 0.1, b, 1.0) for k, b in enumerate(beta)])
+    study = load.load_study(folder)
+    medians = probe_summary.probe_window_medians(study, StepWindow.parse("10:50"))
+    pairs = probe_summary.probe_comparisons(medians, 0.9).set_index("metric")
+    row = pairs.loc["beta_smooth"]
+    assert row["pair"] == "BN − no BN" and row["window"] == "10:50"
+    a = [np.median(betas["batch", s][1:]) for s in (0, 1)]  # steps 10..40
+    b = [np.median(betas["none", s][1:]) for s in (0, 1, 2)]
+    welch = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.9)
+    assert row["method"] == "Welch t" and (row["n_a"], row["n_b"]) == (2, 3)
+    assert row["mean"] == pytest.approx(np.mean(a) - np.mean(b), rel=1e-12)
+    assert (row["lo"], row["hi"]) == pytest.approx((welch.low, welch.high), rel=1e-9)
+
+    medians = medians[medians["seed"] < 2]  # seeds 0 and 1 of both: paired on seed
+    row = probe_summary.probe_comparisons(medians, 0.9).set_index("metric").loc["beta_smooth"]
+    d = np.array(a) - np.array([np.median(betas["none", s][1:]) for s in (0, 1)])
+    lo, hi = stats.t.interval(0.9, df=1, loc=d.mean(), scale=d.std(ddof=1) / math.sqrt(2))
+    assert row["method"] == "paired t" and row["n"] == 2
+    assert (row["mean"], row["lo"], row["hi"]) == pytest.approx((d.mean(), lo, hi), rel=1e-9)
+
+
 @pytest.mark.parametrize("text, start, end", [("10:30", 10, 30), ("10:", 10, None), (":30", 0, 30),
                                                (":", 0, None)])
 def test_a_step_window_is_start_inclusive_end_exclusive(text, start, end):
