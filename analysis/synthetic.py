@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis.roles import BASELINE_NORM
-from study import results
+from study import results, trial_files
 
 #: The seed study's variants: the references (no BN, BN) at noise 0, the noisy ones at 0.5
 #: and 1. Others (ℓp, GN, LN) are written when named, at their parameters' defaults.
@@ -39,6 +39,7 @@ def write_synthetic_study(
     probe_every: int = 0,
     outcome: Mapping[str, tuple[str, int]] | None = None,
     per_epoch: bool = True,
+    compact: bool = True,
     dataset: str = "synthetic",
     noise_scope: str = "channel",
     study_json: bool = True,
@@ -48,8 +49,10 @@ def write_synthetic_study(
 
     ``outcome`` maps a trial id to (status, epochs written) for trials that did not finish
     (``diverged``: the last written epoch has a non-finite loss; ``running``: fewer epochs;
-    ``error``). ``per_epoch`` writes each epoch with its own upsert, as training does; without
-    it every table is written once per trial (faster, for the benchmark).
+    ``error``). ``per_epoch`` writes each epoch into its own files, as training does; without
+    it every table is written once per trial, compacted (faster, for the benchmark).
+    ``compact``: compact each trial's per-epoch files at its end, as the writer does for a
+    trial that has ended (without it the study is left as a running one leaves it).
     """
     out = Path(path)
     rng = np.random.default_rng(random_state)
@@ -77,6 +80,7 @@ def write_synthetic_study(
                         hist_bins,
                         probe_every,
                         per_epoch,
+                        compact,
                         dataset,
                         noise_scope,
                     )
@@ -117,6 +121,7 @@ def _write_trial(
     hist_bins: int,
     probe_every: int,
     per_epoch: bool,
+    compact: bool,
     dataset: str,
     noise_scope: str,
 ) -> dict:
@@ -129,9 +134,11 @@ def _write_trial(
         step_cols.append(cols)
         probe_rows.extend(probes)
         if per_epoch:
-            _upsert(out, tid, [row], layers, [cols], probes, epoch)
+            _write(out, tid, [row], layers, [cols], probes, trial_files.write_epoch_rows)
     if not per_epoch and n_epochs:
-        _upsert(out, tid, epoch_rows, layer_rows, step_cols, probe_rows, None)
+        _write(out, tid, epoch_rows, layer_rows, step_cols, probe_rows, _write_compacted)
+    if compact:
+        trial_files.compact_trial(out, tid)
     last = epoch_rows[-1] if epoch_rows else {}
     row = dict(
         trial_id=tid,
@@ -310,15 +317,20 @@ def _params(norm: str) -> tuple[str, ...]:
     return results.VARIANTS[norm].params if norm in results.VARIANTS else ()
 
 
-def _upsert(out, tid, epoch_rows, layer_rows, step_cols, probe_rows, epoch) -> None:
-    results.upsert_epoch_rows(out, "epochs", tid, results.to_arrow("epochs", epoch_rows))
-    results.upsert_epoch_rows(out, "layers", tid, results.to_arrow("layers", layer_rows))
+def _write(out, tid, epoch_rows, layer_rows, step_cols, probe_rows, write) -> None:
+    if probe_rows:
+        write(out, "probes", tid, results.to_arrow("probes", probe_rows))
     steps = {k: np.concatenate([c[k] for c in step_cols]) for k in step_cols[0]}
     steps["trial_id"] = [tid] * len(steps["step"])
-    results.upsert_epoch_rows(out, "steps", tid, results.to_arrow("steps", steps))
-    probes = [r for r in probe_rows if epoch is None or r["epoch"] == epoch]
-    if probes:
-        results.upsert_epoch_rows(out, "probes", tid, results.to_arrow("probes", probes))
+    write(out, "steps", tid, results.to_arrow("steps", steps))
+    write(out, "layers", tid, results.to_arrow("layers", layer_rows))
+    write(out, "epochs", tid, results.to_arrow("epochs", epoch_rows))
+
+
+def _write_compacted(out, table: str, tid: str, rows) -> None:
+    """A whole trial's rows of ``table`` as the compacted file (what compact_trial writes)."""
+    results.write_atomic(trial_files.sort_rows(table, rows),
+                         results.table_path(out, table, tid))
 
 
 def _histogram(mean: float, var: float, count: int, bins: int) -> list[int]:

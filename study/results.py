@@ -2,13 +2,16 @@
 
 Layout of a results folder (docs/design.md, "Results layout")::
 
-    RESULTS/study.json                 the study's grid and settings (written by the sweep)
-    RESULTS/<table>/<trial_id>.parquet one file per trial per table
+    RESULTS/study.json                             the study's grid and settings (written by the sweep)
+    RESULTS/trials/<trial_id>.parquet              one row per trial, rewritten whole
+    RESULTS/<table>/<trial_id>/epoch=NNNN.parquet  an epoch's rows, while the trial runs
+    RESULTS/<table>/<trial_id>.parquet             the trial's rows, compacted when it ended
 
 Every non-``trials`` table has an ``epoch`` column, and writing rows for an epoch
-*replaces* the rows of that epoch already in the trial's file, so a retried or
-resumed trial never duplicates rows. Files are written to a temporary name and
-renamed, so a crash never leaves a half-written file under a real name.
+*replaces* the rows of that epoch already written, so a retried or resumed trial never
+duplicates rows (``study.trial_files``: the per-epoch files, compaction, reading both layouts,
+whether a trial's results are whole). Files are written to a temporary name and renamed, so
+a crash never leaves a half-written file under a real name.
 
 Conventions the analysis relies on: accuracies are fractions in [0, 1]; epochs count from 1;
 ``step`` is the trial's global step from 0; in ``probes``, the landscape columns (loss_min,
@@ -31,7 +34,6 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 # So is where results live (a local folder or a URI such as s3://bucket/prefix).
@@ -258,21 +260,6 @@ def write_atomic(table: pa.Table, path: str | os.PathLike) -> None:
         pq.write_table(table, tmp)
 
 
-def upsert_epoch_rows(out_dir: str | os.PathLike, table: str, trial_id: str, new: pa.Table) -> None:
-    """Write ``new`` into the trial's file, replacing rows of the epochs ``new`` covers."""
-    path = table_path(out_dir, table, trial_id)
-    exists = storage.exists(path)
-    if exists and new.num_rows:
-        old = conform(table, read_table_file(path))
-        epochs = pa.array(sorted(set(new.column("epoch").to_pylist())), type=_i64)
-        keep = pc.invert(pc.is_in(old.column("epoch"), value_set=epochs))
-        new = pa.concat_tables([old.filter(keep), new])
-        new = new.sort_by([(k, "ascending") for k in _sort_keys(table)])
-    elif exists:
-        return
-    write_atomic(new, path)
-
-
 def write_trial_row(out_dir: str | os.PathLike, row: Mapping) -> None:
     """Write (replace) the one-row ``trials`` file of a trial."""
     write_atomic(to_arrow("trials", [row]), table_path(out_dir, "trials", row["trial_id"]))
@@ -280,49 +267,3 @@ def write_trial_row(out_dir: str | os.PathLike, row: Mapping) -> None:
 
 class DamagedFileError(ValueError):
     """A trial's results file that cannot be read."""
-
-
-def trial_finished(out_dir: str | os.PathLike, trial_id: str) -> bool:
-    """Whether the results folder records the trial as done or diverged (an end, not a fault)
-    and still holds the rows of every epoch it ran."""
-    return trial_gap(out_dir, trial_id) is None
-
-
-def trial_gap(out_dir: str | os.PathLike, trial_id: str) -> str | None:
-    """Why the trial must run (again), or None if its results are whole: no end recorded, or
-    an end whose epoch, layer or step rows are gone (a file moved away, a copy cut short).
-    Raises DamagedFileError for a trials or epochs file that cannot be read."""
-    path = table_path(out_dir, "trials", trial_id)
-    name = f"{trial_id}.parquet"
-    if not storage.exists(path):
-        return "not run"
-    row = _read_rows(path, ["status", "epochs_done"])[0]
-    if row["status"] not in ("done", "diverged"):
-        return row["status"]
-    for table in ("epochs", "layers", "steps"):
-        part = table_path(out_dir, table, trial_id)
-        if not storage.exists(part):
-            return f"trials/{name} records it {row['status']}, but {table}/{name} is missing"
-    epochs = {r["epoch"] for r in _read_rows(table_path(out_dir, "epochs", trial_id), ["epoch"])}
-    if epochs != set(range(1, row["epochs_done"] + 1)):
-        return (f"trials/{name} records {row['epochs_done']} epochs, but epochs/{name} "
-                f"holds {len(epochs)}")
-    return None
-
-
-def _read_rows(path: Location, columns: list[str]) -> list[dict]:
-    try:
-        return read_table_file(path, columns=columns).to_pylist()
-    except Exception as e:  # noqa: BLE001 -- whatever is wrong with it, the user gets one line
-        raise DamagedFileError(f"{path} is unreadable ({type(e).__name__}: {e}); move it away and "
-                               "that trial runs again") from None
-
-
-def _sort_keys(table: str) -> list[str]:
-    return {
-        "epochs": ["epoch"],
-        "layers": ["epoch", "layer", "site"],
-        "steps": ["step"],
-        "probes": ["step", "layer"],
-    }[table]
-
