@@ -231,12 +231,12 @@ def check_version(path: str | os.PathLike, metadata: Mapping[bytes, bytes] | Non
 
 def read_table_file(path: str | os.PathLike, columns: Sequence[str] | None = None) -> pa.Table:
     """Read one results file (or some of its columns), checking its schema version."""
-    if storage.is_uri(path):  # one request for the whole (small) file, not one per footer read
-        file = pq.ParquetFile(io.BytesIO(storage.read_bytes(path)))
-        check_version(path, file.schema_arrow.metadata)
-        return file.read(columns=columns)
-    check_version(path, pq.read_schema(path).metadata)
-    return pq.read_table(path, columns=columns)
+    # a URI: one request for the whole (small) file, not one per footer read; locally the file
+    # opened once (read_schema and read_table open it twice: a trial's compaction reads many)
+    source = io.BytesIO(storage.read_bytes(path)) if storage.is_uri(path) else os.fspath(path)
+    file = pq.ParquetFile(source)
+    check_version(path, file.schema_arrow.metadata)
+    return file.read(columns=columns)
 
 
 def conform(table: str, data: pa.Table) -> pa.Table:

@@ -201,13 +201,15 @@ class ParquetWriterCallback(tune.Callback):
         """Whether the folder already holds the trial's whole results. Tune saves its experiment
         after the rows are written, so a study stopped in between restores a trial that has
         finished and runs its last epoch again: that run must not replace what is written.
-        The folder is looked at once per trial and driver; after that this writer knows."""
+        A trial this writer is writing is not looked up again (a report must read no file);
+        one recorded as ended is, since its rows may have gone since (moved away)."""
         tid = cfg.trial_id
-        if tid not in self._ended:
-            try:
-                self._ended[tid] = trial_files.trial_finished(self.out_dir, tid)
-            except results.DamagedFileError:  # damaged since the sweep checked the folder: write as before
-                self._ended[tid] = False
+        if self._ended.get(tid) is False:
+            return False
+        try:
+            self._ended[tid] = trial_files.trial_finished(self.out_dir, tid)
+        except results.DamagedFileError:  # damaged since the sweep checked the folder: write as before
+            self._ended[tid] = False
         return self._ended[tid]
 
     def _history(self, tid: str) -> dict[int, dict]:
@@ -246,12 +248,13 @@ class ParquetWriterCallback(tune.Callback):
         trial_files.write_epoch_rows(out, "epochs", tid, results.to_arrow("epochs", [
             dict(record["epoch"], trial_id=tid)]))
         self._history(tid)[epoch] = dict(record["epoch"], trial_id=tid)
+        ended = record["status"] in ("done", "diverged")
+        if ended:  # few files for readers; before the row that records the end, so that a
+            trial_files.compact_trial(out, tid)  # trial recorded as ended is compacted
         results.write_trial_row(out, self._trial_row(
             cfg, record["status"], self._rows_so_far(tid), host=result.get("hostname"),
             device=result.get("device")))
-        if record["status"] in ("done", "diverged"):  # the trial has ended: few files for readers
-            trial_files.compact_trial(out, tid)
-            self._ended[tid] = True
+        self._ended[tid] = ended
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         cfg = TrialConfig.from_dict(trial.config["trial"])
@@ -262,8 +265,8 @@ class ParquetWriterCallback(tune.Callback):
             err = Path(trial.error_file).read_text(errors="replace")[-4000:]
         tid = cfg.trial_id
         history = self._rows_so_far(tid)
-        results.write_trial_row(self.out_dir, self._trial_row(cfg, "error", history, error=err))
         trial_files.compact_trial(self.out_dir, tid)  # out of retries: it has ended too
+        results.write_trial_row(self.out_dir, self._trial_row(cfg, "error", history, error=err))
 
     def on_experiment_end(self, trials, **info) -> None:
         """Compact every trial this driver wrote rows of: those still running when the study

@@ -883,3 +883,18 @@ def test_a_study_left_in_per_epoch_files_reads_and_tables_as_its_compacted_copy(
     expected = _tables_of(tmp_path / "compacted", tmp_path / "out-compacted")
     for name in ("parts", "resumed"):
         assert _tables_of(tmp_path / name, tmp_path / f"out-{name}") == expected
+
+
+def test_two_folders_of_one_study_left_in_per_epoch_files_read_as_their_compacted_copies(tmp_path):
+    """Seeds run apart, both still in per-epoch files (each trial's parts share their names
+    with every other trial's): one study, as their compacted copies read."""
+    kw = dict(variants=(("none", 0.0), ("batch", 0.0)), lrs=(1e-2,), epochs=2, steps_per_epoch=20,
+              hist_bins=8)
+    for kind, compact in (("parts", False), ("compacted", True)):
+        write_synthetic_study(tmp_path / kind / "a", seeds=(0, 1), compact=compact, **kw)
+        write_synthetic_study(tmp_path / kind / "b", seeds=(2,), compact=compact, random_state=1, **kw)
+    got = load.load_studies([tmp_path / "parts" / "a", tmp_path / "parts" / "b"])
+    reference = load.load_studies([tmp_path / "compacted" / "a", tmp_path / "compacted" / "b"])
+    assert sorted(got.trials["seed"].unique()) == [0, 1, 2]
+    for table in ("trials", "epochs", "layers", "steps"):
+        pd.testing.assert_frame_equal(getattr(got, table), getattr(reference, table), check_exact=True)

@@ -303,3 +303,25 @@ def test_a_killed_writer_leaves_every_table_readable_with_whole_epochs_only(tmp_
             files = analysis_folder.table_files(out / table)
             read = analysis_folder.read_table(files, table).to_pandas()
             assert len(read) == len(held[table])
+
+
+def test_whether_a_trial_is_whole_is_read_from_either_layout(tmp_path):
+    """trial_gap on a finished trial left in per-epoch files (a driver killed before it
+    compacted), and on its compacted copy with a newer part on top: whole; without its steps
+    rows, or without an epoch's row, it must run again, and the reason says which."""
+    kw = dict(variants=(("batch", 0.0),), lrs=(0.01,), seeds=(0,), epochs=3, steps_per_epoch=20,
+              hist_bins=8)
+    tid = results.trial_id("batch", 0.0, 0.01, 0)
+    write_synthetic_study(tmp_path / "parts", compact=False, **kw)
+    write_synthetic_study(tmp_path / "compacted", **kw)
+    trial_files.write_epoch_rows(tmp_path / "compacted", "epochs", tid, trial_files.read_trial_table(
+        tmp_path / "parts", "epochs", tid).slice(2, 1))
+    for out in (tmp_path / "parts", tmp_path / "compacted"):
+        assert trial_files.trial_gap(out, tid) is None
+    (tmp_path / "parts" / "epochs" / tid / "epoch=0002.parquet").unlink()
+    assert trial_files.trial_gap(tmp_path / "parts", tid) == (
+        f"trials/{tid}.parquet records 3 epochs, but epochs/{tid}.parquet holds 2")
+    for path in (tmp_path / "parts" / "steps" / tid).iterdir():
+        path.unlink()
+    assert trial_files.trial_gap(tmp_path / "parts", tid) == (
+        f"trials/{tid}.parquet records it done, but steps/{tid}.parquet is missing")

@@ -37,7 +37,8 @@ def test_a_study_on_s3_killed_and_resumed_gives_the_local_runs_tables(s3, tiny_r
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 180
-        while not storage.file_names(f"{out}/epochs", ".parquet"):
+        # an epoch's rows: a running trial's part (epochs/TRIAL/epoch=0001.parquet) or a compacted file
+        while not (storage.folder_names(f"{out}/epochs") or storage.file_names(f"{out}/epochs", ".parquet")):
             assert proc.poll() is None and time.time() < deadline, "no epoch reached S3"
             time.sleep(0.5)
         os.kill(proc.pid, signal.SIGKILL)
