@@ -146,8 +146,8 @@ def read_table(paths: list[Path], table: str, columns: Sequence[str] | None = No
 def _read_trial(paths: list[Path], table: str, wanted: list[str]) -> pa.Table:
     """One trial's rows of ``table`` from its compacted file, its parts or both."""
     new_parts = [p for p in paths if trial_files.part_epoch(p.name) is not None]
-    if not new_parts:
-        return _read_file(paths[0], table, wanted)
+    if not new_parts:  # one compacted file (several only where folders overlap: refused elsewhere)
+        return pa.concat_tables([_read_file(p, table, wanted) for p in paths], promote_options="permissive")
     if table == "trials":
         raise ResultsError(f"{new_parts[0]}: the trials table has no per-epoch parts")
     keyed = list(dict.fromkeys([*wanted, *trial_files.SORT_KEYS[table]]))
