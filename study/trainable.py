@@ -241,7 +241,7 @@ class ParquetWriterCallback(tune.Callback):
                 dict(r, trial_id=tid) for r in record["probes"]]))
         steps = dict(record["steps"])
         steps["trial_id"] = [tid] * len(steps["step"])
-        trial_files.write_epoch_rows(out, "steps", tid, results.to_arrow("steps", steps))
+        trial_files.write_epoch_rows(out, "steps", tid, results.to_arrow("steps", steps), epoch)
         trial_files.write_epoch_rows(out, "layers", tid, results.to_arrow("layers", [
             dict(r, trial_id=tid, epoch=epoch) for r in record["layers"]]))
         # the epochs row last: where it is written, the epoch's other rows are too

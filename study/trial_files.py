@@ -67,7 +67,8 @@ def parts(out_dir: str | os.PathLike, table: str, trial_id: str) -> dict[int, Lo
     return {e: found[e] for e in sorted(e for e in found if e is not None)}
 
 
-def write_epoch_rows(out_dir: str | os.PathLike, table: str, trial_id: str, new: pa.Table) -> None:
+def write_epoch_rows(out_dir: str | os.PathLike, table: str, trial_id: str, new: pa.Table,
+                     epoch: int | None = None) -> None:
     """Write ``new`` (rows of ``table``), one part per epoch it covers, each replacing the
     part of its epoch if there is one. Neither reads nor rewrites any other epoch.
 
@@ -76,8 +77,13 @@ def write_epoch_rows(out_dir: str | os.PathLike, table: str, trial_id: str, new:
         table: one of ``EPOCH_TABLES``.
         trial_id: the trial the rows belong to.
         new: the rows, in ``results.TABLES[table]``'s schema.
+        epoch: the epoch ``new`` is of, where it may have no rows (an epoch without a recorded
+            step, when ``grad_every`` exceeds its steps): its part is then written empty, so
+            that the table is not missing from a trial that ran.
     """
     epochs = sorted(set(new.column("epoch").to_pylist()))
+    if not epochs and epoch is not None:
+        results.write_atomic(new, part_path(out_dir, table, trial_id, epoch))
     for epoch in epochs:  # a trial reports one epoch at a time: one part, nothing filtered
         rows = new if len(epochs) == 1 else new.filter(pc.equal(new.column("epoch"), epoch))
         results.write_atomic(sort_rows(table, rows), part_path(out_dir, table, trial_id, epoch))

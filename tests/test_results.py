@@ -325,3 +325,15 @@ def test_whether_a_trial_is_whole_is_read_from_either_layout(tmp_path):
         path.unlink()
     assert trial_files.trial_gap(tmp_path / "parts", tid) == (
         f"trials/{tid}.parquet records it done, but steps/{tid}.parquet is missing")
+
+
+def test_an_epoch_without_a_recorded_step_still_leaves_the_trial_whole(tmp_path):
+    """grad_every beyond an epoch's steps records no step row: the steps table is written
+    empty, not left missing (which would make a finished trial run again forever)."""
+    cfg = TrialConfig(norm="batch", lr=0.01, epochs=2)
+    records, writer = _made_up(2), _writer(tmp_path)
+    for record in records:
+        record["steps"] = {k: v[:0] for k, v in record["steps"].items()}
+        _report(writer, cfg, record)
+    assert results.read_table_file(results.table_path(tmp_path, "steps", cfg.trial_id)).num_rows == 0
+    assert trial_files.trial_gap(tmp_path, cfg.trial_id) is None
