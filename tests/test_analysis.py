@@ -33,7 +33,7 @@ from analysis import (
     tables,
 )
 from analysis.synthetic import write_synthetic_study
-from study import results, trial_files
+from study import results
 from study.results import trial_id
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -684,7 +684,7 @@ def test_folder_without_results_is_refused(tmp_path, kind):
         (folder / "epochs").mkdir()
         (folder / "epochs" / ".a.tmp").write_bytes(b"x")
     if kind == "trials_missing":
-        trial_files.write_epoch_rows(
+        results.write_epoch_rows(
             folder, "epochs", "t1", results.to_arrow("epochs", [{"trial_id": "t1", "epoch": 1}])
         )
     code, _, err = run_main([str(folder)])
@@ -865,9 +865,9 @@ def test_a_study_left_in_per_epoch_files_reads_and_tables_as_its_compacted_copy(
     write_synthetic_study(tmp_path / "parts", compact=False, **kw)
     shutil.copytree(tmp_path / "compacted", tmp_path / "resumed")
     tid = trial_id("batch", 0.0, 1e-3, 0)
-    for table in trial_files.EPOCH_TABLES:  # its last epoch again, now as a part
+    for table in results.EPOCH_TABLES:  # its last epoch again, now as a part
         rows = results.read_table_file(results.table_path(tmp_path / "resumed", table, tid))
-        trial_files.write_epoch_rows(tmp_path / "resumed", table, tid,
+        results.write_epoch_rows(tmp_path / "resumed", table, tid,
                                      rows.filter(pa.compute.equal(rows["epoch"], 3)))
     assert not list((tmp_path / "parts" / "steps").glob("*.parquet"))
     assert not [p for p in (tmp_path / "compacted" / "steps").iterdir() if p.is_dir()]

@@ -88,7 +88,7 @@ def test_per_epoch_files_on_s3_are_compacted_and_leave_no_prefix_behind(s3):
     folders): an epoch written again replaces its object, compaction leaves one object per
     table and nothing under the trial's prefix, and a second compaction changes nothing."""
 
-    from study import results, trial_files
+    from study import results
 
     out, tid = f"s3://{s3.bucket}/parts", "t"
 
@@ -96,14 +96,14 @@ def test_per_epoch_files_on_s3_are_compacted_and_leave_no_prefix_behind(s3):
         return results.to_arrow("epochs", [dict(trial_id=tid, epoch=e, train_loss=v) for e, v in rows])
 
     for rows in ([(1, 1.0)], [(2, 2.0)], [(2, 0.5)]):
-        trial_files.write_epoch_rows(out, "epochs", tid, epochs(*rows))
-    assert sorted(trial_files.parts(out, "epochs", tid)) == [1, 2]
+        results.write_epoch_rows(out, "epochs", tid, epochs(*rows))
+    assert sorted(results.parts(out, "epochs", tid)) == [1, 2]
     assert storage.folder_names(f"{out}/epochs") == [tid]
     expected = epochs((1, 1.0), (2, 0.5))
-    assert trial_files.read_trial_table(out, "epochs", tid).equals(expected)
-    trial_files.compact_trial(out, tid)
-    assert storage.folder_names(f"{out}/epochs") == [] and not trial_files.parts(out, "epochs", tid)
+    assert results.read_trial_table(out, "epochs", tid).equals(expected)
+    results.compact_trial(out, tid)
+    assert storage.folder_names(f"{out}/epochs") == [] and not results.parts(out, "epochs", tid)
     data = storage.read_bytes(f"{out}/epochs/{tid}.parquet")
     assert results.read_table_file(f"{out}/epochs/{tid}.parquet").equals(expected)
-    trial_files.compact_trial(out, tid)
+    results.compact_trial(out, tid)
     assert storage.read_bytes(f"{out}/epochs/{tid}.parquet") == data
