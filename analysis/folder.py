@@ -70,17 +70,23 @@ def read_folder(root: Path, notices: list[str], prefix: str) -> Folder:
 
 
 def table_files(folder: Path) -> list[Path]:
-    """The Parquet files of one table's folder, without hidden and half-written ones."""
+    """The Parquet files of one table's folder: each trial's compacted file and the per-epoch
+    parts in its subfolder (``study.results``), without hidden and half-written ones."""
     if not folder.is_dir():
         return []
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.suffix == ".parquet"
-        and not p.name.startswith(".")
-        and not p.name.endswith(results.TMP_SUFFIX)
-        and p.is_file()
-    )
+    found = []
+    for p in folder.iterdir():
+        if p.is_dir() and not p.name.startswith("."):  # a trial's parts (temporary names excluded)
+            found.extend(q for q in p.iterdir() if results.part_epoch(q.name) is not None and q.is_file())
+        elif (p.suffix == ".parquet" and not p.name.startswith(".")
+              and not p.name.endswith(results.TMP_SUFFIX) and p.is_file()):
+            found.append(p)
+    return sorted(found)
+
+
+def trial_of(path: Path) -> str:
+    """The trial a table file holds rows of: a part's folder's name, else the file's stem."""
+    return path.parent.name if results.part_epoch(path.name) is not None else path.stem
 
 
 def _planned_ids(config: dict) -> set[str] | None:
@@ -96,10 +102,10 @@ def _only_planned(
 ) -> dict[str, list[Path]]:
     """Drop the files of trials study.json does not list (another grid run or copied into the
     folder), so that they are neither mixed into the study nor able to block it; say so once."""
-    kept = {name: [p for p in paths if p.stem in planned] for name, paths in files.items()}
-    other = [p for name, paths in files.items() for p in paths if p.stem not in planned]
+    kept = {name: [p for p in paths if trial_of(p) in planned] for name, paths in files.items()}
+    other = [p for name, paths in files.items() for p in paths if trial_of(p) not in planned]
     if other:
-        ids = sorted({p.stem for p in other})
+        ids = sorted({trial_of(p) for p in other})
         notices.append(
             f"{prefix}{len(other)} file(s) of {len(ids)} trial(s) not in study.json's trial_ids were "
             f"left out: {first_few(ids)}"
@@ -114,13 +120,18 @@ def _only_planned(
 
 def read_table(paths: list[Path], table: str, columns: Sequence[str] | None = None) -> pa.Table:
     """``paths`` (files of ``table``) as one Arrow table of ``columns`` (default: all), with
-    ``trial_id`` dictionary-encoded; a column a file lacks is null there."""
+    ``trial_id`` dictionary-encoded; a column a file lacks is null there. A trial whose rows
+    are (also) in per-epoch parts is read as ``study.results`` merges them: a part's rows
+    replace its epoch's rows of the compacted file, in the compacted file's row order."""
     schema = results.TABLES[table]
     wanted = list(schema.names) if columns is None else list(dict.fromkeys(columns))
     unknown = [c for c in wanted if c not in schema.names]
     if unknown:
         raise ValueError(f"unknown columns for table {table!r}: {unknown}")
-    parts = [_read_file(p, table, wanted) for p in paths]
+    by_trial: dict[str, list[Path]] = {}  # in the order given: sorted paths order trials as before
+    for p in paths:
+        by_trial.setdefault(trial_of(p), []).append(p)
+    parts = [_read_trial(found, table, wanted) for found in by_trial.values()]
     fields = [schema.field(c) for c in wanted]
     fields = [f.with_type(_ID_TYPE) if f.name == "trial_id" else f for f in fields]
     empty = pa.schema(fields).empty_table()
@@ -130,6 +141,20 @@ def read_table(paths: list[Path], table: str, columns: Sequence[str] | None = No
     except pa.ArrowException as exc:
         raise ResultsError(f"{paths[0].parent}: files do not share one schema ({exc})") from exc
     return merged.select(wanted)
+
+
+def _read_trial(paths: list[Path], table: str, wanted: list[str]) -> pa.Table:
+    """One trial's rows of ``table`` from its compacted file, its parts or both."""
+    new_parts = [p for p in paths if results.part_epoch(p.name) is not None]
+    if not new_parts:  # one compacted file (several only where folders overlap: refused elsewhere)
+        return pa.concat_tables([_read_file(p, table, wanted) for p in paths], promote_options="permissive")
+    if table == "trials":
+        raise ResultsError(f"{new_parts[0]}: the trials table has no per-epoch parts")
+    keyed = list(dict.fromkeys([*wanted, *results.SORT_KEYS[table]]))
+    compacted = [_read_file(p, table, keyed) for p in paths if p not in new_parts]
+    merged = results.merge(table, compacted[0] if compacted else None,
+                               [_read_file(p, table, keyed) for p in new_parts])
+    return merged.select([c for c in wanted if c in merged.column_names])
 
 
 def _read_file(path: Path, table: str, columns: list[str]) -> pa.Table:

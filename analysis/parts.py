@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.folder import Folder, ResultsError
+from analysis.folder import Folder, ResultsError, trial_of
 from study import results
 
 #: The keys of a trial's config that place it in the grid (its norm at its parameters, lr,
@@ -36,7 +36,7 @@ def check_parts(folders: list[Folder]) -> None:
     """Several folders are one study only if no trial is in two and their settings agree."""
     where: dict[str, Path] = {}
     for f in folders:
-        ids = [*f.trials["trial_id"].astype(str), *(p.stem for paths in f.files.values() for p in paths)]
+        ids = [*f.trials["trial_id"].astype(str), *(trial_of(p) for paths in f.files.values() for p in paths)]
         for tid in dict.fromkeys(ids):
             if tid in where:
                 raise ResultsError(

@@ -15,8 +15,8 @@ from study import storage
 from study.config import TrialConfig
 from study.grid import GRID_KEYS, PARAM_LISTS, TRIAL_GRID_KEYS, Preset
 from study.object_lock import object_lock
-from study.results import trial_gap
 from study.storage import Location
+from study.trial_files import trial_gap
 from study.variants import VARIANTS
 
 
@@ -74,8 +74,9 @@ def plan_run(out: Location, name: str, grid: list[TrialConfig], record: dict, re
     another study, other settings, an unfinished study to extend, a finished one to rerun."""
     study_file = storage.join(out, "study.json")
     if not storage.exists(study_file):
-        held = {f for table in ("trials", "epochs", "layers", "steps")
-                for f in storage.file_names(storage.join(out, table), ".parquet")}
+        held = {f.removesuffix(".parquet") for table in ("trials", "epochs", "layers", "steps")
+                for f in [*storage.file_names(storage.join(out, table), ".parquet"),
+                          *storage.folder_names(storage.join(out, table))]}  # a running trial's parts
         if held:
             raise UsageError(f"{out} holds results of {len(held)} trial(s) but no "
                              "study.json to say which study they belong to; use another --out, or "

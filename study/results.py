@@ -2,13 +2,20 @@
 
 Layout of a results folder (docs/design.md, "Results layout")::
 
-    RESULTS/study.json                 the study's grid and settings (written by the sweep)
-    RESULTS/<table>/<trial_id>.parquet one file per trial per table
+    RESULTS/study.json                             the study's grid and settings (written by the sweep)
+    RESULTS/trials/<trial_id>.parquet              one row per trial, rewritten whole
+    RESULTS/<table>/<trial_id>/epoch=NNNN.parquet  an epoch's rows, while the trial runs
+    RESULTS/<table>/<trial_id>.parquet             the trial's rows, compacted when it ended
 
 Every non-``trials`` table has an ``epoch`` column, and writing rows for an epoch
-*replaces* the rows of that epoch already in the trial's file, so a retried or
-resumed trial never duplicates rows. Files are written to a temporary name and
-renamed, so a crash never leaves a half-written file under a real name.
+*replaces* the rows of that epoch already written, so a retried or resumed trial never
+duplicates rows. Files are written to a temporary name and renamed, so a crash never leaves a
+half-written file under a real name. An epoch is written into its own files, without reading
+or rewriting the others, so a report costs the same at any epoch; a trial that ends is
+compacted (the merged file written first, then the parts removed, so compacting again gives
+the same file); where an epoch has a part, its rows replace that epoch's rows of the compacted
+file (parts are newer: a trial resumed after it was compacted appends parts on top). Whether a
+trial's results are whole is ``study.trial_files``'.
 
 Conventions the analysis relies on: accuracies are fractions in [0, 1]; epochs count from 1;
 ``step`` is the trial's global step from 0; in ``probes``, the landscape columns (loss_min,
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 
 import pyarrow as pa
@@ -229,12 +237,12 @@ def check_version(path: str | os.PathLike, metadata: Mapping[bytes, bytes] | Non
 
 def read_table_file(path: str | os.PathLike, columns: Sequence[str] | None = None) -> pa.Table:
     """Read one results file (or some of its columns), checking its schema version."""
-    if storage.is_uri(path):  # one request for the whole (small) file, not one per footer read
-        file = pq.ParquetFile(io.BytesIO(storage.read_bytes(path)))
-        check_version(path, file.schema_arrow.metadata)
-        return file.read(columns=columns)
-    check_version(path, pq.read_schema(path).metadata)
-    return pq.read_table(path, columns=columns)
+    # a URI: one request for the whole (small) file, not one per footer read; locally the file
+    # opened once (read_schema and read_table open it twice: a trial's compaction reads many)
+    source = io.BytesIO(storage.read_bytes(path)) if storage.is_uri(path) else os.fspath(path)
+    file = pq.ParquetFile(source)
+    check_version(path, file.schema_arrow.metadata)
+    return file.read(columns=columns)
 
 
 def conform(table: str, data: pa.Table) -> pa.Table:
@@ -258,21 +266,6 @@ def write_atomic(table: pa.Table, path: str | os.PathLike) -> None:
         pq.write_table(table, tmp)
 
 
-def upsert_epoch_rows(out_dir: str | os.PathLike, table: str, trial_id: str, new: pa.Table) -> None:
-    """Write ``new`` into the trial's file, replacing rows of the epochs ``new`` covers."""
-    path = table_path(out_dir, table, trial_id)
-    exists = storage.exists(path)
-    if exists and new.num_rows:
-        old = conform(table, read_table_file(path))
-        epochs = pa.array(sorted(set(new.column("epoch").to_pylist())), type=_i64)
-        keep = pc.invert(pc.is_in(old.column("epoch"), value_set=epochs))
-        new = pa.concat_tables([old.filter(keep), new])
-        new = new.sort_by([(k, "ascending") for k in _sort_keys(table)])
-    elif exists:
-        return
-    write_atomic(new, path)
-
-
 def write_trial_row(out_dir: str | os.PathLike, row: Mapping) -> None:
     """Write (replace) the one-row ``trials`` file of a trial."""
     write_atomic(to_arrow("trials", [row]), table_path(out_dir, "trials", row["trial_id"]))
@@ -282,47 +275,124 @@ class DamagedFileError(ValueError):
     """A trial's results file that cannot be read."""
 
 
-def trial_finished(out_dir: str | os.PathLike, trial_id: str) -> bool:
-    """Whether the results folder records the trial as done or diverged (an end, not a fault)
-    and still holds the rows of every epoch it ran."""
-    return trial_gap(out_dir, trial_id) is None
+# --- a trial's per-epoch files and their compaction (docs/design.md, "Results layout") ---
+
+#: The tables written an epoch at a time (``trials`` is one row per trial, rewritten whole).
+EPOCH_TABLES: tuple[str, ...] = ("epochs", "layers", "steps", "probes")
+_PART = re.compile(r"^epoch=(\d+)\.parquet$")
+
+#: Each table's row order, in a compacted file and in a merged read.
+SORT_KEYS: dict[str, tuple[str, ...]] = {
+    "epochs": ("epoch",),
+    "layers": ("epoch", "layer", "site"),
+    "steps": ("step",),
+    "probes": ("step", "layer"),
+}
 
 
-def trial_gap(out_dir: str | os.PathLike, trial_id: str) -> str | None:
-    """Why the trial must run (again), or None if its results are whole: no end recorded, or
-    an end whose epoch, layer or step rows are gone (a file moved away, a copy cut short).
-    Raises DamagedFileError for a trials or epochs file that cannot be read."""
-    path = table_path(out_dir, "trials", trial_id)
-    name = f"{trial_id}.parquet"
-    if not storage.exists(path):
-        return "not run"
-    row = _read_rows(path, ["status", "epochs_done"])[0]
-    if row["status"] not in ("done", "diverged"):
-        return row["status"]
-    for table in ("epochs", "layers", "steps"):
-        part = table_path(out_dir, table, trial_id)
-        if not storage.exists(part):
-            return f"trials/{name} records it {row['status']}, but {table}/{name} is missing"
-    epochs = {r["epoch"] for r in _read_rows(table_path(out_dir, "epochs", trial_id), ["epoch"])}
-    if epochs != set(range(1, row["epochs_done"] + 1)):
-        return (f"trials/{name} records {row['epochs_done']} epochs, but epochs/{name} "
-                f"holds {len(epochs)}")
-    return None
+def part_folder(out_dir: str | os.PathLike, table: str, trial_id: str) -> Location:
+    """The folder of the trial's per-epoch parts of ``table``."""
+    return storage.join(_root(out_dir), table, trial_id)
 
 
-def _read_rows(path: Location, columns: list[str]) -> list[dict]:
-    try:
-        return read_table_file(path, columns=columns).to_pylist()
-    except Exception as e:  # noqa: BLE001 -- whatever is wrong with it, the user gets one line
-        raise DamagedFileError(f"{path} is unreadable ({type(e).__name__}: {e}); move it away and "
-                               "that trial runs again") from None
+def part_path(out_dir: str | os.PathLike, table: str, trial_id: str, epoch: int) -> Location:
+    """Where epoch ``epoch``'s rows of ``table`` live until the trial is compacted."""
+    return storage.join(part_folder(out_dir, table, trial_id), f"epoch={int(epoch):04d}.parquet")
 
 
-def _sort_keys(table: str) -> list[str]:
-    return {
-        "epochs": ["epoch"],
-        "layers": ["epoch", "layer", "site"],
-        "steps": ["step"],
-        "probes": ["step", "layer"],
-    }[table]
+def part_epoch(name: str) -> int | None:
+    """The epoch a part file's name holds, or None where ``name`` is not a part's."""
+    found = _PART.match(name)
+    return int(found.group(1)) if found else None
 
+
+def parts(out_dir: str | os.PathLike, table: str, trial_id: str) -> dict[int, Location]:
+    """The trial's parts of ``table`` by epoch, in epoch order (none once it is compacted).
+    One listing; files still being written (temporary names) are not parts."""
+    folder = part_folder(out_dir, table, trial_id)
+    found = {part_epoch(n): storage.join(folder, n) for n in storage.file_names(folder, ".parquet")}
+    return {e: found[e] for e in sorted(e for e in found if e is not None)}
+
+
+def write_epoch_rows(out_dir: str | os.PathLike, table: str, trial_id: str, new: pa.Table,
+                     epoch: int | None = None) -> None:
+    """Write ``new`` (rows of ``table``), one part per epoch it covers, each replacing the
+    part of its epoch if there is one. Neither reads nor rewrites any other epoch.
+
+    Args:
+        out_dir: the results folder (a local path or a URI).
+        table: one of ``EPOCH_TABLES``.
+        trial_id: the trial the rows belong to.
+        new: the rows, in ``TABLES[table]``'s schema.
+        epoch: the epoch ``new`` is of, where it may have no rows (an epoch without a recorded
+            step, when ``grad_every`` exceeds its steps): its part is then written empty, so
+            that the table is not missing from a trial that ran.
+    """
+    epochs = sorted(set(new.column("epoch").to_pylist()))
+    if not epochs and epoch is not None:
+        write_atomic(new, part_path(out_dir, table, trial_id, epoch))
+    for epoch in epochs:  # a trial reports one epoch at a time: one part, nothing filtered
+        rows = new if len(epochs) == 1 else new.filter(pc.equal(new.column("epoch"), epoch))
+        write_atomic(sort_rows(table, rows), part_path(out_dir, table, trial_id, epoch))
+
+
+def merge(table: str, compacted: pa.Table | None, new_parts: Sequence[pa.Table]) -> pa.Table | None:
+    """One trial's rows of ``table`` from its compacted file (or None) and its parts: the
+    parts' rows replace the compacted file's rows of their epochs; sorted by ``SORT_KEYS``.
+    The tables must share their columns, which must include the sort keys.
+
+    Returns:
+        The merged rows, or None where there are none of either.
+    """
+    if not new_parts:
+        return compacted
+    pieces = list(new_parts)
+    if compacted is not None:
+        covered = pa.array(sorted({e for p in pieces for e in p.column("epoch").to_pylist()}),
+                           type=compacted.schema.field("epoch").type)
+        keep = pc.invert(pc.is_in(compacted.column("epoch"), value_set=covered))
+        pieces.insert(0, compacted.filter(keep))
+    if len(pieces) == 1:
+        return sort_rows(table, pieces[0])
+    return sort_rows(table, pa.concat_tables(pieces, promote_options="permissive"))
+
+
+def read_trial_table(out_dir: str | os.PathLike, table: str, trial_id: str,
+                     columns: Sequence[str] | None = None) -> pa.Table | None:
+    """The trial's rows of ``table`` in the current schema, whichever layout holds them, or
+    None where it has none. ``columns``: only these (with the sort keys, while merging)."""
+    wanted = None if columns is None else list(dict.fromkeys([*columns, *SORT_KEYS[table]]))
+    path = table_path(out_dir, table, trial_id)
+    compacted = (conform(table, read_table_file(path)) if storage.exists(path)
+                 else None)
+    found = [conform(table, read_table_file(p))
+             for p in parts(out_dir, table, trial_id).values()]
+    if wanted is not None:
+        compacted = None if compacted is None else compacted.select(wanted)
+        found = [p.select(wanted) for p in found]
+    merged = merge(table, compacted, found)
+    return merged if merged is None or columns is None else merged.select(list(columns))
+
+
+def compact_trial(out_dir: str | os.PathLike, trial_id: str) -> None:
+    """Merge the trial's parts of every per-epoch table into its one file per table, then
+    remove the parts. Idempotent: a trial without parts is left as it is, and a compaction
+    stopped between the write and the removals is finished by the next (same rows)."""
+    for table in EPOCH_TABLES:
+        found = parts(out_dir, table, trial_id)
+        if not found:
+            continue
+        merged = read_trial_table(out_dir, table, trial_id)
+        write_atomic(merged, table_path(out_dir, table, trial_id))
+        for path in found.values():
+            storage.delete(path)
+        storage.delete_folder(part_folder(out_dir, table, trial_id))
+
+
+def sort_rows(table: str, rows: pa.Table) -> pa.Table:
+    """``rows`` of ``table`` in its files' order (``SORT_KEYS``; a stable sort)."""
+    return rows.sort_by([(k, "ascending") for k in SORT_KEYS[table]])
+
+
+def _root(out_dir: str | os.PathLike) -> Location:
+    return out_dir if storage.is_uri(out_dir) else os.fspath(out_dir)

@@ -109,6 +109,31 @@ def delete(where: Location) -> None:
         pass
 
 
+def folder_names(folder: Location) -> list[str]:
+    """The names of the folders (on an object store: the prefixes) directly in ``folder``,
+    sorted; none where it does not exist."""
+    fs, path = resolve(folder)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
+def delete_folder(where: Location) -> None:
+    """Remove the folder at ``where``: locally only if it is empty (a stray temporary file
+    keeps it, and nothing is lost); on an object store the prefix, with whatever marker the
+    store keeps for it."""
+    if not is_uri(where):
+        try:
+            os.rmdir(where)
+        except OSError:
+            pass
+        return
+    fs, path = resolve(where)
+    try:
+        fs.delete_dir(path)
+    except (FileNotFoundError, OSError):
+        pass
+
+
 class atomic_local_file:
     """``with atomic_local_file(path) as tmp:`` write ``tmp``; on success it becomes ``path``
     (a rename), on an exception it is removed."""

@@ -25,7 +25,7 @@ import ray
 import torch
 from ray import tune
 
-from study import results
+from study import results, trial_files
 from study.cluster import mps_missing, mps_note
 from study.config import TrialConfig
 from study.data import DataArrays
@@ -146,8 +146,10 @@ class MpsNote(tune.Callback):
 class ParquetWriterCallback(tune.Callback):
     """Writes every reported epoch to the results folder, on the driver.
 
-    Rows of an epoch replace rows of the same epoch already written, so a trial
-    retried from its checkpoint or a restored study never duplicates rows.
+    Each epoch's rows go into their own files (``results.write_epoch_rows``), replacing those
+    of the same epoch already written, so a trial retried from its checkpoint or a restored
+    study never duplicates rows, and a report costs the same at any epoch; a trial that ends
+    (done, diverged, out of retries) is compacted into one file per table.
 
     Tune pickles its callbacks into the experiment and ``Tuner.restore`` brings them back as
     they were, so a restored study would write to the folder it was started in, even after
@@ -159,6 +161,9 @@ class ParquetWriterCallback(tune.Callback):
 
     def __init__(self, out_dir: str, study: str, dataset: str, sizes: dict[str, int]):
         self.out_dir, self.study, self.dataset, self.sizes = str(out_dir), study, dataset, sizes
+        # per trial, what this driver has learnt or written (not pickled: see __reduce__)
+        self._ended: dict[str, bool] = {}
+        self._histories: dict[str, dict[int, dict]] = {}
 
     @classmethod
     @contextlib.contextmanager
@@ -195,11 +200,29 @@ class ParquetWriterCallback(tune.Callback):
     def _finished(self, cfg: TrialConfig) -> bool:
         """Whether the folder already holds the trial's whole results. Tune saves its experiment
         after the rows are written, so a study stopped in between restores a trial that has
-        finished and runs its last epoch again: that run must not replace what is written."""
-        try:
-            return results.trial_finished(self.out_dir, cfg.trial_id)
-        except results.DamagedFileError:  # damaged since the sweep checked the folder: write as before
+        finished and runs its last epoch again: that run must not replace what is written.
+        A trial this writer is writing is not looked up again (a report must read no file);
+        one recorded as ended is, since its rows may have gone since (moved away)."""
+        tid = cfg.trial_id
+        if self._ended.get(tid) is False:
             return False
+        try:
+            self._ended[tid] = trial_files.trial_finished(self.out_dir, tid)
+        except results.DamagedFileError:  # damaged since the sweep checked the folder: write as before
+            self._ended[tid] = False
+        return self._ended[tid]
+
+    def _history(self, tid: str) -> dict[int, dict]:
+        """The trial's epochs rows by epoch, kept here so that its trials row never re-reads
+        its epochs table: read once, where this driver meets a trial that ran before it."""
+        if tid not in self._histories:
+            held = results.read_trial_table(self.out_dir, "epochs", tid)
+            self._histories[tid] = {r["epoch"]: r for r in (held.to_pylist() if held else [])}
+        return self._histories[tid]
+
+    def _rows_so_far(self, tid: str) -> list[dict]:
+        history = self._history(tid)
+        return [history[e] for e in sorted(history)]
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         blob = result.pop(ROWS_KEY, None)
@@ -213,20 +236,25 @@ class ParquetWriterCallback(tune.Callback):
         record = pickle.loads(blob)
         tid, epoch = cfg.trial_id, record["epoch"]["epoch"]
         out = self.out_dir
-        results.upsert_epoch_rows(out, "epochs", tid, results.to_arrow("epochs", [
-            dict(record["epoch"], trial_id=tid)]))
-        results.upsert_epoch_rows(out, "layers", tid, results.to_arrow("layers", [
-            dict(r, trial_id=tid, epoch=epoch) for r in record["layers"]]))
+        if record.get("probes"):
+            results.write_epoch_rows(out, "probes", tid, results.to_arrow("probes", [
+                dict(r, trial_id=tid) for r in record["probes"]]))
         steps = dict(record["steps"])
         steps["trial_id"] = [tid] * len(steps["step"])
-        results.upsert_epoch_rows(out, "steps", tid, results.to_arrow("steps", steps))
-        if record.get("probes"):
-            results.upsert_epoch_rows(out, "probes", tid, results.to_arrow("probes", [
-                dict(r, trial_id=tid) for r in record["probes"]]))
-        history = results.read_table_file(results.table_path(out, "epochs", tid)).to_pylist()
+        results.write_epoch_rows(out, "steps", tid, results.to_arrow("steps", steps), epoch)
+        results.write_epoch_rows(out, "layers", tid, results.to_arrow("layers", [
+            dict(r, trial_id=tid, epoch=epoch) for r in record["layers"]]))
+        # the epochs row last: where it is written, the epoch's other rows are too
+        results.write_epoch_rows(out, "epochs", tid, results.to_arrow("epochs", [
+            dict(record["epoch"], trial_id=tid)]))
+        self._history(tid)[epoch] = dict(record["epoch"], trial_id=tid)
+        ended = record["status"] in ("done", "diverged")
+        if ended:  # few files for readers; before the row that records the end, so that a
+            results.compact_trial(out, tid)  # trial recorded as ended is compacted
         results.write_trial_row(out, self._trial_row(
-            cfg, record["status"], history, host=result.get("hostname"),
+            cfg, record["status"], self._rows_so_far(tid), host=result.get("hostname"),
             device=result.get("device")))
+        self._ended[tid] = ended
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         cfg = TrialConfig.from_dict(trial.config["trial"])
@@ -235,9 +263,16 @@ class ParquetWriterCallback(tune.Callback):
         err = ""
         if trial.error_file and os.path.exists(trial.error_file):
             err = Path(trial.error_file).read_text(errors="replace")[-4000:]
-        path = results.table_path(self.out_dir, "epochs", cfg.trial_id)
-        history = results.read_table_file(path).to_pylist() if path.exists() else []
+        tid = cfg.trial_id
+        history = self._rows_so_far(tid)
+        results.compact_trial(self.out_dir, tid)  # out of retries: it has ended too
         results.write_trial_row(self.out_dir, self._trial_row(cfg, "error", history, error=err))
+
+    def on_experiment_end(self, trials, **info) -> None:
+        """Compact every trial this driver wrote rows of: those still running when the study
+        stopped (a resumed one appends parts on top of its compacted files)."""
+        for tid in self._histories:
+            results.compact_trial(self.out_dir, tid)
 
 
 def _unpickle_writer(out_dir: str, study: str, dataset: str, sizes: dict[str, int]) -> ParquetWriterCallback:

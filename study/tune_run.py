@@ -19,8 +19,8 @@ from study.cluster_room import check_cluster
 from study.config import TrialConfig
 from study.data import split_sizes
 from study.grid import Preset
-from study.results import trial_finished
 from study.storage import Location
+from study.trial_files import trial_finished
 
 
 @dataclass(frozen=True)

@@ -685,7 +685,7 @@ def test_folder_without_results_is_refused(tmp_path, kind):
         (folder / "epochs").mkdir()
         (folder / "epochs" / ".a.tmp").write_bytes(b"x")
     if kind == "trials_missing":
-        results.upsert_epoch_rows(
+        results.write_epoch_rows(
             folder, "epochs", "t1", results.to_arrow("epochs", [{"trial_id": "t1", "epoch": 1}])
         )
     code, _, err = run_main([str(folder)])
@@ -837,3 +837,65 @@ def test_log_axes_draw_over_any_range(lo, hi):
     labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
     assert labels and all(float(x) > 0 for x in labels)
     plt.close(fig)
+
+
+def _tables_of(folder: Path, out: Path) -> dict[str, bytes]:
+    """accuracy_table.csv, gradient_stability.csv and comparisons.csv of ``folder``, as
+    ``python -m analysis.figures`` writes them (its ``run`` without the figures)."""
+    study = load.load_study(folder)
+    opts = report.Options(results=folder, out=out)
+    out.mkdir()
+    rep = report.Report()
+    figures.write_accuracy_table(figures.accuracy_table(study, opts), study, opts, rep)
+    stability = figures.stability_runs(study)
+    figures.write_stability_table(*figures.stability_table(study, opts, stability), study, opts, rep)
+    figures.write_comparisons(*figures.comparisons(figures.run_values(study, stability), opts.level),
+                              study, opts, rep, stability[1])
+    return {n: (out / n).read_bytes()
+            for n in ("accuracy_table.csv", "gradient_stability.csv", "comparisons.csv")}
+
+
+def test_a_study_left_in_per_epoch_files_reads_and_tables_as_its_compacted_copy(tmp_path):
+    """The same study written by the writer as a running study leaves it (one file per trial,
+    table and epoch), compacted (one file per trial and table), and compacted with a resumed
+    trial's newer epochs on top: the same tables read, the same bytes written."""
+    kw = dict(variants=(("none", 0.0), ("batch", 0.0), ("noisy_batch", 1.0)), lrs=(1e-3, 1e-2),
+              seeds=(0, 1, 2), epochs=3, steps_per_epoch=30, hist_bins=8, probe_every=10,
+              outcome={DIVERGED: ("diverged", 2), RUNNING: ("running", 2), FAILED: ("error", 1)})
+    write_synthetic_study(tmp_path / "compacted", **kw)
+    write_synthetic_study(tmp_path / "parts", compact=False, **kw)
+    shutil.copytree(tmp_path / "compacted", tmp_path / "resumed")
+    tid = trial_id("batch", 0.0, 1e-3, 0)
+    for table in results.EPOCH_TABLES:  # its last epoch again, now as a part
+        rows = results.read_table_file(results.table_path(tmp_path / "resumed", table, tid))
+        results.write_epoch_rows(tmp_path / "resumed", table, tid,
+                                     rows.filter(pa.compute.equal(rows["epoch"], 3)))
+    assert not list((tmp_path / "parts" / "steps").glob("*.parquet"))
+    assert not [p for p in (tmp_path / "compacted" / "steps").iterdir() if p.is_dir()]
+
+    reference = load.load_study(tmp_path / "compacted")
+    assert len(reference.steps) and len(reference.probes)
+    for name in ("parts", "resumed"):
+        got = load.load_study(tmp_path / name)
+        for table in ("trials", "epochs", "layers", "steps", "probes"):
+            pd.testing.assert_frame_equal(getattr(got, table), getattr(reference, table),
+                                          check_exact=True, obj=f"{name}: {table}")
+        assert got.notices == reference.notices
+    expected = _tables_of(tmp_path / "compacted", tmp_path / "out-compacted")
+    for name in ("parts", "resumed"):
+        assert _tables_of(tmp_path / name, tmp_path / f"out-{name}") == expected
+
+
+def test_two_folders_of_one_study_left_in_per_epoch_files_read_as_their_compacted_copies(tmp_path):
+    """Seeds run apart, both still in per-epoch files (each trial's parts share their names
+    with every other trial's): one study, as their compacted copies read."""
+    kw = dict(variants=(("none", 0.0), ("batch", 0.0)), lrs=(1e-2,), epochs=2, steps_per_epoch=20,
+              hist_bins=8)
+    for kind, compact in (("parts", False), ("compacted", True)):
+        write_synthetic_study(tmp_path / kind / "a", seeds=(0, 1), compact=compact, **kw)
+        write_synthetic_study(tmp_path / kind / "b", seeds=(2,), compact=compact, random_state=1, **kw)
+    got = load.load_studies([tmp_path / "parts" / "a", tmp_path / "parts" / "b"])
+    reference = load.load_studies([tmp_path / "compacted" / "a", tmp_path / "compacted" / "b"])
+    assert sorted(got.trials["seed"].unique()) == [0, 1, 2]
+    for table in ("trials", "epochs", "layers", "steps"):
+        pd.testing.assert_frame_equal(getattr(got, table), getattr(reference, table), check_exact=True)

@@ -36,7 +36,7 @@ def _probes(folder, tid: str, rows: list[tuple]) -> None:
                             ics_cos=0.5, loss_min=lmin, loss_max=lmax, loss_dev_min=dmin,
                             loss_dev_max=dmax, grad_pred=2 * beta, beta_smooth=beta,
                             weight_norm=wn if layer == "conv1" else 1.0))
-    results.upsert_epoch_rows(folder, "probes", tid, results.to_arrow("probes", out))
+    results.write_epoch_rows(folder, "probes", tid, results.to_arrow("probes", out))
 
 
 @pytest.fixture

@@ -109,7 +109,7 @@ def test_killed_driver_resumes_in_a_moved_folder_without_loss_or_duplicates(tmp_
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        wait_for(lambda: len(list((out / "epochs").glob("*.parquet"))) >= 1, 180,
+        wait_for(lambda: len(list((out / "epochs").rglob("*.parquet"))) >= 1, 180,
                  "the first epoch in the Parquet files")
         time.sleep(1.0)
         os.kill(proc.pid, signal.SIGKILL)
@@ -120,7 +120,7 @@ def test_killed_driver_resumes_in_a_moved_folder_without_loss_or_duplicates(tmp_
     # study was; results must go where --out says now
     moved = tmp_path / "moved"
     out.rename(moved)
-    before = {f.relative_to(moved): f.read_bytes() for f in moved.glob("epochs/*.parquet")}
+    before = {f.relative_to(moved): f.read_bytes() for f in moved.glob("epochs/**/*.parquet")}
     before_rows = pd.concat([pd.read_parquet(moved / f) for f in before]).drop(
         columns=["wall_s", "images_per_s"])
     proc = run_sweep(*FAULT, "--out", str(moved), "--resume")
@@ -217,7 +217,7 @@ def test_stray_temporary_parquet_file_is_ignored(tmp_path):
     row = dict(trial_id="batch-lr0.01-seed0", study="t", norm="batch", noise=0.0, lr=0.01,
                seed=0, epochs=1, dataset="synthetic", status="done", epochs_done=1)
     results.write_trial_row(out, row)
-    results.upsert_epoch_rows(out, "epochs", row["trial_id"], results.to_arrow("epochs", [
+    results.write_epoch_rows(out, "epochs", row["trial_id"], results.to_arrow("epochs", [
         dict(trial_id=row["trial_id"], epoch=1, train_acc=0.5, test_acc=0.5, val_acc=0.5)]))
     (out / "epochs" / ".batch-lr0.01-seed0.abc123.tmp").write_bytes(b"PAR1 half a file")
     study = load_study(out)

@@ -37,7 +37,8 @@ def test_a_study_on_s3_killed_and_resumed_gives_the_local_runs_tables(s3, tiny_r
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 180
-        while not storage.file_names(f"{out}/epochs", ".parquet"):
+        # an epoch's rows: a running trial's part (epochs/TRIAL/epoch=0001.parquet) or a compacted file
+        while not (storage.folder_names(f"{out}/epochs") or storage.file_names(f"{out}/epochs", ".parquet")):
             assert proc.poll() is None and time.time() < deadline, "no epoch reached S3"
             time.sleep(0.5)
         os.kill(proc.pid, signal.SIGKILL)
@@ -80,3 +81,29 @@ def test_an_unwritable_bucket_is_refused_in_one_line(s3):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("study.sweep: error: --out: cannot write to s3://no-such-bucket/x")
     assert proc.stderr.count("\n") == 1
+
+
+def test_per_epoch_files_on_s3_are_compacted_and_leave_no_prefix_behind(s3):
+    """The writer's per-epoch objects and their compaction on an object store (no rename, no
+    folders): an epoch written again replaces its object, compaction leaves one object per
+    table and nothing under the trial's prefix, and a second compaction changes nothing."""
+
+    from study import results
+
+    out, tid = f"s3://{s3.bucket}/parts", "t"
+
+    def epochs(*rows):
+        return results.to_arrow("epochs", [dict(trial_id=tid, epoch=e, train_loss=v) for e, v in rows])
+
+    for rows in ([(1, 1.0)], [(2, 2.0)], [(2, 0.5)]):
+        results.write_epoch_rows(out, "epochs", tid, epochs(*rows))
+    assert sorted(results.parts(out, "epochs", tid)) == [1, 2]
+    assert storage.folder_names(f"{out}/epochs") == [tid]
+    expected = epochs((1, 1.0), (2, 0.5))
+    assert results.read_trial_table(out, "epochs", tid).equals(expected)
+    results.compact_trial(out, tid)
+    assert storage.folder_names(f"{out}/epochs") == [] and not results.parts(out, "epochs", tid)
+    data = storage.read_bytes(f"{out}/epochs/{tid}.parquet")
+    assert results.read_table_file(f"{out}/epochs/{tid}.parquet").equals(expected)
+    results.compact_trial(out, tid)
+    assert storage.read_bytes(f"{out}/epochs/{tid}.parquet") == data

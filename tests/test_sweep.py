@@ -516,7 +516,7 @@ def test_a_gpu_share_on_a_node_without_cuda_stops_the_study_in_one_line(tmp_path
             lines = (out / "tune" / "full" / tid / "result.json").read_text().splitlines()
             reported = json.loads(lines[-1])
             assert reported["node_id"] == gpu_node.node_id and reported["gpus"] == 0.5
-        assert not list((out / "epochs").glob("*.parquet")), "no trial trained on the CPU"
+        assert not list((out / "epochs").rglob("*.parquet")), "no trial trained on the CPU"
     finally:
         if ray.is_initialized():
             ray.shutdown()
