@@ -279,12 +279,16 @@ def test_a_killed_writer_leaves_every_table_readable_with_whole_epochs_only(tmp_
 
     tid = TrialConfig(norm="batch", lr=0.01, epochs=200).trial_id
     context = multiprocessing.get_context("fork")  # the child needs nothing the parent lacks
-    for n, delay in enumerate((0.3, 0.77, 1.31)):
+    for n, (after, delay) in enumerate(((1, 0.0), (5, 0.003), (12, 0.007))):
         out = tmp_path / f"killed{n}"
         ready = context.Event()
         child = context.Process(target=_write_until_killed, args=(str(out), ready))
         child.start()
         assert ready.wait(60)
+        # kill once `after` epochs are written, then a moment later: mid-epoch, at any speed
+        deadline = time.monotonic() + 60
+        while len(results.parts(out, "epochs", tid)) < after and time.monotonic() < deadline:
+            time.sleep(0.001)
         time.sleep(delay)
         os.kill(child.pid, signal.SIGKILL)
         child.join()
