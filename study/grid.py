@@ -111,7 +111,7 @@ def dry_run_text(name: str, p: Preset, grid: list[TrialConfig], resources: dict)
     """--dry-run's description of the study: its trials, their resources, work and time."""
     n_train, n_test = NOMINAL_SIZES.get(p.dataset.split(":")[0], (50_000, 10_000))
     if p.dataset.startswith("imagefolder:"):
-        from study.data import imagefolder_sizes
+        from study.imagefolder import imagefolder_sizes
 
         n_train, n_test = imagefolder_sizes(p.dataset.split(":", 1)[1])
     if p.subset:

@@ -18,15 +18,16 @@ import torchvision
 from PIL import Image
 
 from study import data as data_mod
+from study import imagefolder
 from study.data import (
     DataArrays,
     DataError,
-    imagefolder_sizes,
     load_dataset,
     make_synthetic,
     resolve_dataset_spec,
     train_val_split,
 )
+from study.imagefolder import imagefolder_sizes
 
 CIFAR10_JPEG = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10_jpeg.tar.gz"
 CIFAR10_CLASSES = (
@@ -192,8 +193,8 @@ def test_imagefolder_corrupt_image(tree, tmp_path) -> None:
 def test_imagefolder_process_pool_gives_the_same_arrays(tree, tmp_path, monkeypatch) -> None:
     root, _ = tree
     serial = load_dataset(f"imagefolder:{root}", data_dir=tmp_path / "a", log=lambda m: None)
-    monkeypatch.setattr(data_mod, "_DECODE_CHUNK", 3)
-    monkeypatch.setattr(data_mod, "_workers", lambda n: 2)
+    monkeypatch.setattr(imagefolder, "_DECODE_CHUNK", 3)
+    monkeypatch.setattr(imagefolder, "_workers", lambda n: 2)
     pooled = load_dataset(f"imagefolder:{root}", data_dir=tmp_path / "b", log=lambda m: None)
     for f in ("train_x", "train_y", "test_x", "test_y"):
         np.testing.assert_array_equal(getattr(serial, f), getattr(pooled, f))
