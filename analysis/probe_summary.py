@@ -31,6 +31,7 @@ STEP_QUANTITIES: dict[str, str] = {
     "loss_dev_max": "loss change beyond first order, max over η",
     "grad_pred": "gradient predictiveness",
     "beta_smooth": "effective β-smoothness",
+    "first_order_share": "share of the raw loss range the first-order term explains",
 }
 #: Probe quantities of each layer.
 LAYER_QUANTITIES: tuple[str, ...] = ("ics_l2", "ics_cos", "weight_norm")
@@ -55,6 +56,8 @@ def _long_probes(study: Study) -> pd.DataFrame:
     p = _with_run_columns(study, study.probes)
     p = p.assign(loss_range=p["loss_max"] - p["loss_min"],
                  loss_dev_range=p["loss_dev_max"] - p["loss_dev_min"])
+    # 1 when the loss along −g is all first-order decrease η‖g‖² (the raw range restates ‖g‖)
+    p = p.assign(first_order_share=1 - p["loss_dev_range"] / p["loss_range"])
     keys = ["trial_id", *RUN_KEYS, "status", "step"]
     per_step = p.groupby(keys, observed=True, sort=False)[list(STEP_QUANTITIES)].first().reset_index()
     step_long = per_step.melt(keys, var_name="quantity", value_name="value").assign(layer=MODEL)

@@ -67,6 +67,11 @@ def test_window_medians_and_their_mean_over_seeds_by_hand(tiny):
     assert got.loc[(1, "model", "loss_dev_range"), "median"] == pytest.approx(0.03, rel=1e-12)
     assert got.loc[(1, "model", "loss_dev_range"), "n_steps"] == 2
     assert got.loc[(1, "model", "beta_smooth"), "median"] == pytest.approx(6.0, rel=1e-12)
+    # share of the raw range the first-order term explains, 1 − dev ÷ raw per step, then median
+    assert got.loc[(0, "model", "first_order_share"), "median"] == pytest.approx(
+        np.median([1 - 0.01 / 0.5, 1 - 0.03 / 0.2]), rel=1e-9)
+    assert got.loc[(1, "model", "first_order_share"), "median"] == pytest.approx(
+        np.median([1 - 0.04 / 0.4, 1 - 0.02 / 0.6]), rel=1e-9)
     assert set(medians["window"]) == {"10:30"} and set(medians["epochs"]) == {2}
     assert set(medians["status"]) == {"done", "diverged"}  # every run, with its status
 
