@@ -40,7 +40,9 @@ METRICS: dict[str, tuple[str, int]] = {
     **{m: (header, 3) for m, (header, _) in STABILITY_METRICS.items()},
 }
 #: The long table's columns: one row per pair, lr, run length and metric.
-COLUMNS = ["pair", "lr", "epochs", "metric", "mean", "lo", "hi", "n", "method", "a", "b", "n_a", "n_b"]
+#: ``welch_lo``, ``welch_hi``: the same runs' unpaired (Welch) interval, to show what pairing buys.
+COLUMNS = ["pair", "lr", "epochs", "metric", "mean", "lo", "hi", "n", "method", "a", "b", "n_a", "n_b",
+           "welch_lo", "welch_hi"]
 MINUS = " − "
 
 
@@ -150,7 +152,8 @@ def write_comparisons(long: pd.DataFrame, refused: Sequence[str], study: Study, 
         "rate and length (epochs): runs of different lengths are never set side by side"
         + (f"; not compared for that reason: {'; '.join(refused)}." if refused else "."),
         f"{datasets_words(study.datasets)} Every pair, lr, length and metric, with n_A and "
-        "n_B: comparisons.csv (its n: the pairs, or for Welch t the smaller sample).",
+        "n_B: comparisons.csv (its n: the pairs, or for Welch t the smaller sample; welch_lo and "
+        "welch_hi: Welch's interval of the same runs unpaired, what the paired one is narrower than).",
     ]
     header = ["A − B", "lr", "epochs", *headers.values(), "method"]
     def cells(group: pd.DataFrame, tex: bool) -> list[str]:

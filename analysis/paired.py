@@ -33,18 +33,23 @@ def paired_difference(
       ``mean`` (mean difference a − b), ``lo``, ``hi`` (interval bounds), ``n`` (pairs, or
       runs of the smaller sample for Welch), ``n_a``, ``n_b`` and ``method``: ``paired t``
       where every finite run has a partner of the same seed, ``Welch t`` otherwise. With
-      n = 1 pair lo = hi = mean; with no data every number is NaN and n = 0.
+      n = 1 pair lo = hi = mean; with no data every number is NaN and n = 0. Also
+      ``welch_lo``, ``welch_hi``: Welch's interval of the same runs taken unpaired, so that
+      what pairing buys is (hi − lo) ÷ (welch_hi − welch_lo).
     """
     a = {k: float(v) for k, v in a.items() if np.isfinite(v)}
     b = {k: float(v) for k, v in b.items() if np.isfinite(v)}
+    _, welch_lo, welch_hi = welch_interval(np.array(list(a.values())), np.array(list(b.values())),
+                                           confidence_interval_size)
     if set(a) == set(b):
         diffs = np.array([a[k] - b[k] for k in sorted(a)])
         mean, lo, hi = _t_interval_of_mean(diffs, confidence_interval_size)
-        return dict(mean=mean, lo=lo, hi=hi, n=diffs.size, n_a=len(a), n_b=len(b), method=PAIRED)
+        return dict(mean=mean, lo=lo, hi=hi, n=diffs.size, n_a=len(a), n_b=len(b), method=PAIRED,
+                    welch_lo=welch_lo, welch_hi=welch_hi)
     mean, lo, hi = welch_interval(np.array(list(a.values())), np.array(list(b.values())),
                                   confidence_interval_size)
     return dict(mean=mean, lo=lo, hi=hi, n=min(len(a), len(b)), n_a=len(a), n_b=len(b),
-                method=WELCH)
+                method=WELCH, welch_lo=welch_lo, welch_hi=welch_hi)
 
 
 def paired_curves(frame: pd.DataFrame, value: str, x: str, reference: str,

@@ -18,6 +18,9 @@ def test_paired_interval_equals_scipys_paired_t_test():
     assert got["method"] == PAIRED and got["n"] == 5
     assert got["mean"] == pytest.approx(np.mean([a[k] - b[k] for k in a]), abs=1e-12)
     assert (got["lo"], got["hi"]) == pytest.approx((ref.low, ref.high), abs=1e-12)
+    # the same runs unpaired, for what pairing buys: Welch's interval as scipy computes it
+    unpaired = stats.ttest_ind(list(a.values()), list(b.values()), equal_var=False).confidence_interval(0.95)
+    assert (got["welch_lo"], got["welch_hi"]) == pytest.approx((unpaired.low, unpaired.high), abs=1e-12)
 
 
 def test_pairs_are_matched_by_seed_not_by_order():
