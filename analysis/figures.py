@@ -49,6 +49,7 @@ from analysis.plots_training import (  # noqa: E402
     fig_gradients,
     fig_lr_sensitivity,
 )
+from analysis.noise_eval_summary import write_noise_eval_summary  # noqa: E402
 from analysis.probe_summary import write_probe_window, write_weight_norms  # noqa: E402
 from analysis.report import FORMATS, Options, Report, Skip, StepWindow, write_index  # noqa: E402
 from analysis.seed_comparison import seed_comparison, write_seed_comparison  # noqa: E402
@@ -308,7 +309,8 @@ def run(study: Study, opts: Options) -> Report:
                           stability[1] if stability is not None else None)
     except Skip as why:
         report.skipped("comparisons", why)
-    for name, write in (("probe_window", write_probe_window), ("weight_norms", write_weight_norms)):
+    for name, write in (("probe_window", write_probe_window), ("weight_norms", write_weight_norms),
+                        ("noise_eval_summary", write_noise_eval_summary)):
         try:
             write(study, opts, report)
         except Skip as why:

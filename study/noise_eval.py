@@ -10,14 +10,16 @@ the network's expected training-time forward pass, as inverted dropout does for 
     python -m study.noise_eval results/noise                  # the study in results/noise
     python -m study.noise_eval results/noise --data-dir DIR   # where its dataset is
 
-It reads the checkpoints Tune kept under ``--storage`` (default RESULTS/tune) and the dataset
-named in RESULTS/study.json; it changes nothing in the study.
+It writes each trial's two accuracies to RESULTS/noise_eval.csv, which ``analysis.figures``
+summarises over seeds. It reads the checkpoints Tune kept under ``--storage`` (default RESULTS/tune) and the dataset
+named in RESULTS/study.json; it changes nothing else in the study.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import json
 import sys
 from collections.abc import Iterator
@@ -134,10 +136,18 @@ def run(args: argparse.Namespace) -> int:
     test_x = torch.from_numpy(data.test_x).to(device)
     test_y = torch.from_numpy(data.test_y).long().to(device)
     print(f"{'trial':<40}{'epoch':>6}{'E[s]':>7}{'as is':>9}{'mean-scaled':>13}")
+    rows = []
     for trial, state in sorted(states.items()):
         cfg, plain, scaled = evaluate_both(state, test_x, test_y)
+        rows.append((trial, state["epoch"], expected_scale(cfg.noise), 100 * plain, 100 * scaled))
         print(f"{trial:<40}{state['epoch']:>6}{expected_scale(cfg.noise):>7.3f}"
               f"{100 * plain:>8.2f}%{100 * scaled:>12.2f}%", flush=True)
+    path = out / results.NOISE_EVAL_FILE
+    tmp = path.with_name(path.name + results.TMP_SUFFIX)  # whole or not at all
+    with tmp.open("w", newline="") as f:
+        csv.writer(f).writerows([results.NOISE_EVAL_COLUMNS, *rows])
+    tmp.replace(path)
+    print(f"wrote {path}")
     return 0
 
 

@@ -72,6 +72,9 @@ WEIGHT_SITE = "weight"
 #: Probe layers (weights whose gradient the ICS probe compares).
 PROBE_LAYERS: tuple[str, ...] = GRAD_LAYERS
 STATUSES: tuple[str, ...] = ("running", "done", "diverged", "error")
+#: ``python -m study.noise_eval``'s per-trial test accuracies, in the results folder (percent).
+NOISE_EVAL_FILE = "noise_eval.csv"
+NOISE_EVAL_COLUMNS = ("trial_id", "epoch", "expected_scale", "test_acc", "test_acc_mean_scaled")
 
 _f64, _f32, _i64, _str, _bool = pa.float64(), pa.float32(), pa.int64(), pa.string(), pa.bool_()
 

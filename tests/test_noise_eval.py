@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 
+import pytest
 import torch
 from torch import nn
 
-from study import noise_eval
+from study import noise_eval, results
 from study.config import TrialConfig
 from study.data import load_dataset
 from study.model import NoisyBatchNorm2d, build_model, expected_scale
@@ -85,6 +87,12 @@ def test_cli_reports_each_noisy_trial_as_trained_and_mean_scaled(tmp_path, capsy
     with torch.no_grad():
         acc = (model(x).argmax(1) == torch.from_numpy(data.test_y)).double().mean().item()
     assert float(scaled) == round(100 * acc, 2)
+    # the same numbers, at full precision, in the file the analysis summarises
+    with (out / results.NOISE_EVAL_FILE).open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["trial_id"] == "noisy_batch-trial" and float(row["expected_scale"]) == 1.5
+    assert float(row["test_acc"]) == pytest.approx(100 * recorded["noisy_batch-trial"], abs=1e-9)
+    assert float(row["test_acc_mean_scaled"]) == pytest.approx(100 * acc, abs=1e-9)
 
 
 def test_cli_refuses_a_folder_without_a_study_or_noisy_checkpoints(tmp_path, capsys):
