@@ -41,6 +41,7 @@ from analysis.fetch import FetchError, local_copy  # noqa: E402
 from analysis.folder import ResultsError  # noqa: E402
 from analysis.labels import format_number  # noqa: E402
 from analysis.load import Study, load_studies, select_norms  # noqa: E402
+from analysis.noise_eval_summary import write_noise_eval_summary  # noqa: E402
 from analysis.plots_activations import fig_activations, fig_histograms, fig_noisy_bn  # noqa: E402
 from analysis.plots_probes import fig_probes_ics, fig_probes_landscape  # noqa: E402
 from analysis.plots_training import (  # noqa: E402
@@ -49,7 +50,6 @@ from analysis.plots_training import (  # noqa: E402
     fig_gradients,
     fig_lr_sensitivity,
 )
-from analysis.noise_eval_summary import write_noise_eval_summary  # noqa: E402
 from analysis.probe_summary import write_probe_window, write_weight_norms  # noqa: E402
 from analysis.report import FORMATS, Options, Report, Skip, StepWindow, write_index  # noqa: E402
 from analysis.seed_comparison import seed_comparison, write_seed_comparison  # noqa: E402

@@ -11,8 +11,8 @@ the network's expected training-time forward pass, as inverted dropout does for 
     python -m study.noise_eval results/noise --data-dir DIR   # where its dataset is
 
 It writes each trial's two accuracies to RESULTS/noise_eval.csv, which ``analysis.figures``
-summarises over seeds. It reads the checkpoints Tune kept under ``--storage`` (default RESULTS/tune) and the dataset
-named in RESULTS/study.json; it changes nothing else in the study.
+summarises over seeds. It reads the checkpoints Tune kept under ``--storage`` (default
+RESULTS/tune) and the dataset named in RESULTS/study.json; it changes nothing else in the study.
 """
 
 from __future__ import annotations
