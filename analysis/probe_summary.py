@@ -193,10 +193,22 @@ def _pairs_markdown(pairs: pd.DataFrame, opts: Options) -> str:
             "lacks its partner. Every quantity: probe_comparisons.csv.\n")
 
 
+def weight_norms_summary(runs: pd.DataFrame, level: float) -> pd.DataFrame:
+    """Per variant, lr, noise, run length, layer and epoch: the mean of ``runs``' weight norms
+    (``weight_norms``) over the finished runs, its Student-t interval at ``level`` and n."""
+    done = runs[runs["status"] == "done"]
+    return bands.get_interval_estimates(done, ["variant", "lr", "noise", "epochs", "layer"], "epoch",
+                                        "weight_norm", confidence_interval_size=level).assign(level=level)
+
+
 def write_weight_norms(study: Study, opts: Options, report: Report) -> None:
-    """weight_norms.csv: every run's weight norms per layer and epoch."""
+    """weight_norms.csv: every run's weight norms per layer and epoch; weight_norms_summary.csv:
+    their mean over seeds."""
     table = weight_norms(study)
     table.to_csv(opts.out / "weight_norms.csv", index=False)
+    weight_norms_summary(table, opts.level).to_csv(opts.out / "weight_norms_summary.csv", index=False)
     report.tables.append(("Weight norms", "Per run, weight layer (conv1–3, fc1, fc2) and epoch: the "
-                          "ℓ2 norm of the layer's weight at the epoch's end.\n", ["weight_norms.csv"]))
-    print(f"wrote {opts.out / 'weight_norms.csv'}")
+                          "ℓ2 norm of the layer's weight at the epoch's end; over the finished runs, "
+                          "mean, Student-t interval and n: weight_norms_summary.csv.\n",
+                          ["weight_norms.csv", "weight_norms_summary.csv"]))
+    print(f"wrote {opts.out / 'weight_norms.csv'}, weight_norms_summary.csv")

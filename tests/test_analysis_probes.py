@@ -188,3 +188,9 @@ def test_weight_norms_csv_is_the_layers_tables_weight_rows(tmp_path):
         assert r.weight_norm == raw[(tid, r.layer, r.epoch)]
     assert list(table.columns) == ["variant", "lr", "noise", "epochs", "seed", "status", "layer",
                                    "epoch", "weight_norm"]
+    # over the seeds: the mean of the two runs' norms and scipy's t interval
+    summary = probe_summary.weight_norms_summary(table, 0.9).set_index(["variant", "layer", "epoch"])
+    x = np.array([raw[(trial_id("batch", 0.0, 0.01, s), "conv2", 2)] for s in (0, 1)])
+    lo, hi = stats.t.interval(0.9, 1, loc=x.mean(), scale=stats.sem(x))
+    row = summary.loc[("BN", "conv2", 2)]
+    assert (row["mean"], row["lo"], row["hi"], row["n"]) == pytest.approx((x.mean(), lo, hi, 2), rel=1e-9)

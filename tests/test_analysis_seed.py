@@ -151,6 +151,23 @@ def test_batch_spread_csv_equals_the_layers_files(seed_study):
     assert "[batch_spread.csv](batch_spread.csv)" in (seed_study["out"] / "index.md").read_text()
 
 
+def test_batch_spread_summary_is_scipys_t_interval_over_the_finished_runs(seed_study):
+    """Each (variant, layer, site, quantity, epoch) over the seeds: noisy BN's seed 3 still
+    runs, so its 3 finished seeds only."""
+    runs = pd.read_csv(seed_study["out"] / "batch_spread.csv")
+    got = pd.read_csv(seed_study["out"] / "batch_spread_summary.csv")
+    noisy = next(v for v in set(got["variant"]) if v.startswith("noisy BN"))
+    for name, n in (("BN", 4), (noisy, 3)):
+        for quantity in ("var", "batch_mean_std"):
+            x = runs[(runs["variant"] == name) & (runs["status"] == "done") & (runs["layer"] == "conv2")
+                     & (runs["site"] == "conv") & (runs["epoch"] == 5)][quantity].to_numpy()
+            row = got[(got["variant"] == name) & (got["layer"] == "conv2") & (got["site"] == "conv")
+                      & (got["quantity"] == quantity) & (got["epoch"] == 5)].iloc[0]
+            lo, hi = stats.t.interval(0.95, n - 1, loc=x.mean(), scale=stats.sem(x))
+            assert len(x) == row["n"] == n
+            assert (row["mean"], row["lo"], row["hi"]) == pytest.approx((x.mean(), lo, hi), rel=1e-12)
+
+
 # --------------------------------------------------------------------------- differences
 
 
