@@ -25,7 +25,7 @@ import ray
 import torch
 from ray import tune
 
-from study import results, trial_files
+from study import epoch_parts, results, trial_files
 from study.cluster import mps_missing, mps_note
 from study.config import TrialConfig
 from study.data import DataArrays
@@ -146,7 +146,7 @@ class MpsNote(tune.Callback):
 class ParquetWriterCallback(tune.Callback):
     """Writes every reported epoch to the results folder, on the driver.
 
-    Each epoch's rows go into their own files (``results.write_epoch_rows``), replacing those
+    Each epoch's rows go into their own files (``epoch_parts.write_epoch_rows``), replacing those
     of the same epoch already written, so a trial retried from its checkpoint or a restored
     study never duplicates rows, and a report costs the same at any epoch; a trial that ends
     (done, diverged, out of retries) is compacted into one file per table.
@@ -216,7 +216,7 @@ class ParquetWriterCallback(tune.Callback):
         """The trial's epochs rows by epoch, kept here so that its trials row never re-reads
         its epochs table: read once, where this driver meets a trial that ran before it."""
         if tid not in self._histories:
-            held = results.read_trial_table(self.out_dir, "epochs", tid)
+            held = epoch_parts.read_trial_table(self.out_dir, "epochs", tid)
             self._histories[tid] = {r["epoch"]: r for r in (held.to_pylist() if held else [])}
         return self._histories[tid]
 
@@ -237,20 +237,20 @@ class ParquetWriterCallback(tune.Callback):
         tid, epoch = cfg.trial_id, record["epoch"]["epoch"]
         out = self.out_dir
         if record.get("probes"):
-            results.write_epoch_rows(out, "probes", tid, results.to_arrow("probes", [
+            epoch_parts.write_epoch_rows(out, "probes", tid, results.to_arrow("probes", [
                 dict(r, trial_id=tid) for r in record["probes"]]))
         steps = dict(record["steps"])
         steps["trial_id"] = [tid] * len(steps["step"])
-        results.write_epoch_rows(out, "steps", tid, results.to_arrow("steps", steps), epoch)
-        results.write_epoch_rows(out, "layers", tid, results.to_arrow("layers", [
+        epoch_parts.write_epoch_rows(out, "steps", tid, results.to_arrow("steps", steps), epoch)
+        epoch_parts.write_epoch_rows(out, "layers", tid, results.to_arrow("layers", [
             dict(r, trial_id=tid, epoch=epoch) for r in record["layers"]]))
         # the epochs row last: where it is written, the epoch's other rows are too
-        results.write_epoch_rows(out, "epochs", tid, results.to_arrow("epochs", [
+        epoch_parts.write_epoch_rows(out, "epochs", tid, results.to_arrow("epochs", [
             dict(record["epoch"], trial_id=tid)]))
         self._history(tid)[epoch] = dict(record["epoch"], trial_id=tid)
         ended = record["status"] in ("done", "diverged")
         if ended:  # few files for readers; before the row that records the end, so that a
-            results.compact_trial(out, tid)  # trial recorded as ended is compacted
+            epoch_parts.compact_trial(out, tid)  # trial recorded as ended is compacted
         results.write_trial_row(out, self._trial_row(
             cfg, record["status"], self._rows_so_far(tid), host=result.get("hostname"),
             device=result.get("device")))
@@ -265,14 +265,14 @@ class ParquetWriterCallback(tune.Callback):
             err = Path(trial.error_file).read_text(errors="replace")[-4000:]
         tid = cfg.trial_id
         history = self._rows_so_far(tid)
-        results.compact_trial(self.out_dir, tid)  # out of retries: it has ended too
+        epoch_parts.compact_trial(self.out_dir, tid)  # out of retries: it has ended too
         results.write_trial_row(self.out_dir, self._trial_row(cfg, "error", history, error=err))
 
     def on_experiment_end(self, trials, **info) -> None:
         """Compact every trial this driver wrote rows of: those still running when the study
         stopped (a resumed one appends parts on top of its compacted files)."""
         for tid in self._histories:
-            results.compact_trial(self.out_dir, tid)
+            epoch_parts.compact_trial(self.out_dir, tid)
 
 
 def _unpickle_writer(out_dir: str, study: str, dataset: str, sizes: dict[str, int]) -> ParquetWriterCallback:

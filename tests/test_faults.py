@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from study import results
+from study import epoch_parts, results
 from tests.conftest import ROOT, assert_tables_equal, read_tables, run_sweep, sweep_cmd, sweep_env
 
 #: Long enough epochs (50 steps) that a kill lands mid-trial, short enough for CI.
@@ -217,7 +217,7 @@ def test_stray_temporary_parquet_file_is_ignored(tmp_path):
     row = dict(trial_id="batch-lr0.01-seed0", study="t", norm="batch", noise=0.0, lr=0.01,
                seed=0, epochs=1, dataset="synthetic", status="done", epochs_done=1)
     results.write_trial_row(out, row)
-    results.write_epoch_rows(out, "epochs", row["trial_id"], results.to_arrow("epochs", [
+    epoch_parts.write_epoch_rows(out, "epochs", row["trial_id"], results.to_arrow("epochs", [
         dict(trial_id=row["trial_id"], epoch=1, train_acc=0.5, test_acc=0.5, val_acc=0.5)]))
     (out / "epochs" / ".batch-lr0.01-seed0.abc123.tmp").write_bytes(b"PAR1 half a file")
     study = load_study(out)

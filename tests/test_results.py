@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from analysis.synthetic import trial_records, write_synthetic_study
-from study import results, trial_files
+from study import epoch_parts, results, trial_files
 from study.config import TrialConfig
 from study.trainable import ROWS_KEY, ParquetWriterCallback
 from tests.conftest import tiny_data
@@ -32,14 +32,14 @@ def _epochs(tid: str, rows: list[tuple[int, float]]):
 
 
 def test_an_epoch_written_again_replaces_its_rows(tmp_path):
-    results.write_epoch_rows(tmp_path, "epochs", "t", _epochs("t", [(1, 1.0)]))
-    results.write_epoch_rows(tmp_path, "epochs", "t", _epochs("t", [(1, 0.5)]))
-    results.write_epoch_rows(tmp_path, "epochs", "t", _epochs("t", [(2, 0.25)]))
+    epoch_parts.write_epoch_rows(tmp_path, "epochs", "t", _epochs("t", [(1, 1.0)]))
+    epoch_parts.write_epoch_rows(tmp_path, "epochs", "t", _epochs("t", [(1, 0.5)]))
+    epoch_parts.write_epoch_rows(tmp_path, "epochs", "t", _epochs("t", [(2, 0.25)]))
     assert sorted(p.name for p in (tmp_path / "epochs" / "t").iterdir()) == [
         "epoch=0001.parquet", "epoch=0002.parquet"]
-    got = results.read_trial_table(tmp_path, "epochs", "t").to_pandas()
+    got = epoch_parts.read_trial_table(tmp_path, "epochs", "t").to_pandas()
     assert got[["epoch", "train_loss"]].values.tolist() == [[1, 0.5], [2, 0.25]]
-    results.compact_trial(tmp_path, "t")
+    epoch_parts.compact_trial(tmp_path, "t")
     assert not (tmp_path / "epochs" / "t").exists()
     got = results.read_table_file(results.table_path(tmp_path, "epochs", "t")).to_pandas()
     assert got[["epoch", "train_loss"]].values.tolist() == [[1, 0.5], [2, 0.25]]
@@ -57,8 +57,8 @@ def test_a_file_written_before_a_column_was_added_takes_new_rows(tmp_path):
     pq.write_table(old, path)
     new = results.to_arrow("layers", [dict(trial_id="t", epoch=2, layer="conv1", site="weight",
                                            weight_norm=3.0)])
-    results.write_epoch_rows(tmp_path, "layers", "t", new)
-    results.compact_trial(tmp_path, "t")
+    epoch_parts.write_epoch_rows(tmp_path, "layers", "t", new)
+    epoch_parts.compact_trial(tmp_path, "t")
     got = results.read_table_file(path).to_pylist()
     assert [(r["epoch"], r["site"], r["mean"], r["weight_norm"]) for r in got] == [
         (1, "conv", 0.5, None), (2, "weight", None, 3.0)]
@@ -112,10 +112,10 @@ def test_results_files_are_readable_as_the_umask_allows_not_only_by_their_owner(
 
     old = os.umask(0o027)
     try:
-        results.write_epoch_rows(tmp_path, "epochs", "t", _epochs("t", [(1, 1.0)]))
+        epoch_parts.write_epoch_rows(tmp_path, "epochs", "t", _epochs("t", [(1, 1.0)]))
         results.write_trial_row(tmp_path, dict(trial_id="t", status="running"))
-        part = stat.S_IMODE(os.stat(results.part_path(tmp_path, "epochs", "t", 1)).st_mode)
-        results.compact_trial(tmp_path, "t")
+        part = stat.S_IMODE(os.stat(epoch_parts.part_path(tmp_path, "epochs", "t", 1)).st_mode)
+        epoch_parts.compact_trial(tmp_path, "t")
     finally:
         os.umask(old)
     assert part == 0o640, oct(part)
@@ -163,7 +163,7 @@ def _expected(table: str, tid: str, records_by_epoch: dict[int, dict]) -> pd.Dat
 
 
 def _held(out, table: str, tid: str) -> pd.DataFrame:
-    return results.read_trial_table(out, table, tid).to_pandas()
+    return epoch_parts.read_trial_table(out, table, tid).to_pandas()
 
 
 def test_a_report_neither_reads_nor_rewrites_the_earlier_epochs(tmp_path, monkeypatch):
@@ -201,7 +201,7 @@ def test_compaction_is_idempotent_and_a_stopped_one_is_finished_by_the_next(tmp_
                 .sort_values(list(results.SORT_KEYS[t]), kind="stable").reset_index(drop=True)
                 for t in tables}
 
-    results.compact_trial(out, tid)
+    epoch_parts.compact_trial(out, tid)
     compacted = {t: results.table_path(out, t, tid) for t in tables}
     first = {t: p.read_bytes() for t, p in compacted.items()}
     for t in tables:
@@ -209,7 +209,7 @@ def test_compaction_is_idempotent_and_a_stopped_one_is_finished_by_the_next(tmp_
         pd.testing.assert_frame_equal(pq.read_table(compacted[t]).to_pandas(), expected[t], check_exact=True)
 
     stamps = {t: p.stat().st_mtime_ns for t, p in compacted.items()}
-    results.compact_trial(out, tid)  # nothing left to merge: nothing is written
+    epoch_parts.compact_trial(out, tid)  # nothing left to merge: nothing is written
     assert {t: p.stat().st_mtime_ns for t, p in compacted.items()} == stamps
 
     for path, data in saved.items():  # stopped after writing the compacted files, parts not yet removed
@@ -217,7 +217,7 @@ def test_compaction_is_idempotent_and_a_stopped_one_is_finished_by_the_next(tmp_
         path.write_bytes(data)
     for t in tables:
         pd.testing.assert_frame_equal(_held(out, t, tid), expected[t], check_exact=True)
-    results.compact_trial(out, tid)
+    epoch_parts.compact_trial(out, tid)
     assert {t: p.read_bytes() for t, p in compacted.items()} == first
     assert not any((out / t / tid).exists() for t in tables)
 
@@ -242,7 +242,7 @@ def test_a_trial_resumed_after_compaction_appends_and_replaces_its_own_epochs(tm
         _report(resumed, cfg, record)
     mixed = {1: first[0], 2: second[1], 3: second[2]}
     for table in ("epochs", "layers", "steps"):
-        assert sorted(results.parts(tmp_path, table, tid)) == [2, 3]
+        assert sorted(epoch_parts.parts(tmp_path, table, tid)) == [2, 3]
         pd.testing.assert_frame_equal(_held(tmp_path, table, tid), _expected(table, tid, mixed))
     row = results.read_table_file(results.table_path(tmp_path, "trials", tid)).to_pylist()[0]
     assert (row["status"], row["epochs_done"]) == ("running", 3)
@@ -287,7 +287,7 @@ def test_a_killed_writer_leaves_every_table_readable_with_whole_epochs_only(tmp_
         assert ready.wait(60)
         # kill once `after` epochs are written, then a moment later: mid-epoch, at any speed
         deadline = time.monotonic() + 60
-        while len(results.parts(out, "epochs", tid)) < after and time.monotonic() < deadline:
+        while len(epoch_parts.parts(out, "epochs", tid)) < after and time.monotonic() < deadline:
             time.sleep(0.001)
         time.sleep(delay)
         os.kill(child.pid, signal.SIGKILL)
@@ -318,7 +318,7 @@ def test_whether_a_trial_is_whole_is_read_from_either_layout(tmp_path):
     tid = results.trial_id("batch", 0.0, 0.01, 0)
     write_synthetic_study(tmp_path / "parts", compact=False, **kw)
     write_synthetic_study(tmp_path / "compacted", **kw)
-    results.write_epoch_rows(tmp_path / "compacted", "epochs", tid, results.read_trial_table(
+    epoch_parts.write_epoch_rows(tmp_path / "compacted", "epochs", tid, epoch_parts.read_trial_table(
         tmp_path / "parts", "epochs", tid).slice(2, 1))
     for out in (tmp_path / "parts", tmp_path / "compacted"):
         assert trial_files.trial_gap(out, tid) is None
