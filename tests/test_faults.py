@@ -84,6 +84,19 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path, fault_refe
     assert len({r["pid"] for r in killed}) == 2  # it really ran in a second process
 
 
+def test_a_killed_trial_that_writes_its_own_rows_is_retried_with_whole_epochs_only(tmp_path, fault_reference):
+    """--shared-out: the trial writes its rows itself, so the kill may land between its writes
+    of an epoch; the retry from its checkpoint replaces that epoch's parts and the study equals
+    the reference (rows through the driver), with no epoch twice and nothing left in parts."""
+    out = tmp_path / "results"
+    code, output, first = sweep_killing_a_worker([*FAULT, "--shared-out"], out)
+    assert code == 0, output[-3000:]
+    assert_tables_equal(fault_reference, read_tables(out))
+    killed = [r for r in reported(out) if r["trial_id"] == first["trial_id"]]
+    assert len({r["pid"] for r in killed}) == 2
+    assert not [p for p in (out / "steps").iterdir() if p.is_dir()]
+
+
 def test_a_trial_out_of_retries_errors_and_resume_retries_it_from_its_checkpoint(tmp_path,
                                                                                 fault_reference):
     """--max-failures 0 and a killed worker: the trial errors, the sweep exits 1 and says how to

@@ -18,11 +18,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from analysis.synthetic import trial_records, write_synthetic_study
 from study import epoch_parts, results, trial_files
 from study.config import TrialConfig
-from study.trainable import ROWS_KEY, ParquetWriterCallback
+from study.results_writer import ROWS_KEY, ParquetWriterCallback, status_record, write_epoch_record
 from tests.conftest import tiny_data
 from tests.test_train import collect
 
@@ -260,21 +261,26 @@ def test_a_trial_resumed_after_compaction_appends_and_replaces_its_own_epochs(tm
     assert trial_files.trial_finished(tmp_path, tid)
 
 
-def _write_until_killed(out: str, ready) -> None:
-    """A driver process writing a long trial's epochs, full-size, until it is killed."""
+def _write_until_killed(out: str, ready, writes: str) -> None:
+    """A process writing a long trial's epochs, full-size, until it is killed: a driver
+    (``writes="driver"``: through the callback) or the trial itself (``"trial"``)."""
     cfg = TrialConfig(norm="batch", lr=0.01, epochs=200)
     records = trial_records("batch", 0.0, 0.01, 0, epochs=200, rng=np.random.default_rng(0),
                             steps_per_epoch=2500, hist_bins=128)
     writer = _writer(out)
     ready.set()
     for record in records:
-        _report(writer, cfg, record)
+        if writes == "trial":
+            write_epoch_record(out, cfg.trial_id, record)
+        else:
+            _report(writer, cfg, record)
 
 
-def test_a_killed_writer_leaves_every_table_readable_with_whole_epochs_only(tmp_path):
-    """SIGKILL at three moments in a writing driver: every table reads, through the writer's
-    reader and the analysis', and holds each epoch it holds whole, the epochs table no epoch
-    the other tables lack (its row is written last)."""
+@pytest.mark.parametrize("writes", ["driver", "trial"])
+def test_a_killed_writer_leaves_every_table_readable_with_whole_epochs_only(tmp_path, writes):
+    """SIGKILL at three moments in a writing driver, or in a trial that writes its own rows:
+    every table reads, through the writer's reader and the analysis', and holds each epoch it
+    holds whole, the epochs table no epoch the other tables lack (its row is written last)."""
     from analysis import folder as analysis_folder
 
     tid = TrialConfig(norm="batch", lr=0.01, epochs=200).trial_id
@@ -282,7 +288,7 @@ def test_a_killed_writer_leaves_every_table_readable_with_whole_epochs_only(tmp_
     for n, (after, delay) in enumerate(((1, 0.0), (5, 0.003), (12, 0.007))):
         out = tmp_path / f"killed{n}"
         ready = context.Event()
-        child = context.Process(target=_write_until_killed, args=(str(out), ready))
+        child = context.Process(target=_write_until_killed, args=(str(out), ready, writes))
         child.start()
         assert ready.wait(60)
         # kill once `after` epochs are written, then a moment later: mid-epoch, at any speed
@@ -341,3 +347,59 @@ def test_an_epoch_without_a_recorded_step_still_leaves_the_trial_whole(tmp_path)
         _report(writer, cfg, record)
     assert results.read_table_file(results.table_path(tmp_path, "steps", cfg.trial_id)).num_rows == 0
     assert trial_files.trial_gap(tmp_path, cfg.trial_id) is None
+
+
+def _compacted(out, tid: str, tables=("trials", *results.EPOCH_TABLES)) -> dict[str, pd.DataFrame]:
+    return {t: results.read_table_file(results.table_path(out, t, tid)).to_pandas() for t in tables}
+
+
+def test_a_trial_that_writes_its_own_rows_leaves_the_driver_only_its_trials_row(tmp_path, monkeypatch):
+    """The trial writes each epoch (and compacts at its end) and sends its status record; the
+    driver writes no epoch rows and compacts nothing, and the files equal those of the same
+    records sent whole through the driver, trials row included."""
+    cfg = TrialConfig(norm="batch", lr=0.01, epochs=3)
+    tid, records = cfg.trial_id, trial_records("batch", 0.0, 0.01, 0, epochs=3, rng=np.random.default_rng(0),
+                                               steps_per_epoch=STEPS, hist_bins=8, probe_every=7)
+    through = _writer(tmp_path / "driver")
+    for record in records:
+        _report(through, cfg, record)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the driver wrote or compacted a trial's epoch rows")
+
+    driver = _writer(tmp_path / "trial")
+    for record in records:
+        write_epoch_record(str(tmp_path / "trial"), tid, record)
+        if record["status"] == "done":
+            epoch_parts.compact_trial(str(tmp_path / "trial"), tid)
+        with monkeypatch.context() as m:
+            m.setattr(epoch_parts, "write_epoch_rows", forbidden)
+            m.setattr(epoch_parts, "compact_trial", forbidden)
+            _report(driver, cfg, status_record(record))
+    expected, got = _compacted(tmp_path / "driver", tid), _compacted(tmp_path / "trial", tid)
+    assert len(got["probes"])
+    for table in expected:
+        pd.testing.assert_frame_equal(got[table], expected[table], check_exact=True, obj=table)
+
+
+def test_compaction_off_the_drivers_thread_gives_the_same_files(tmp_path):
+    """compact_in_background: the ended trials' compactions and final trials rows run on the
+    writer's worker thread; after flush the files equal those written inline."""
+    trials = [TrialConfig(norm="batch", lr=0.01, epochs=3, seed=s) for s in (0, 1)]
+    writers = {"inline": _writer(tmp_path / "inline"),
+               "background": ParquetWriterCallback(str(tmp_path / "background"), "s", "synthetic",
+                                                   dict(train=256, val=64, test=64),
+                                                   compact_in_background=True)}
+    for seed, cfg in enumerate(trials):
+        for record in _made_up(3, seed=seed):
+            for writer in writers.values():
+                _report(writer, cfg, record)
+    writers["background"].flush()
+    for cfg in trials:
+        tables = ("trials", "epochs", "layers", "steps")  # made-up trials without probes
+        expected = _compacted(tmp_path / "inline", cfg.trial_id, tables)
+        got = _compacted(tmp_path / "background", cfg.trial_id, tables)
+        assert got["trials"]["status"].tolist() == ["done"]
+        assert not (tmp_path / "background" / "steps" / cfg.trial_id).exists()
+        for table in tables:
+            pd.testing.assert_frame_equal(got[table], expected[table], check_exact=True, obj=table)
