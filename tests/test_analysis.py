@@ -33,7 +33,7 @@ from analysis import (
     tables,
 )
 from analysis.synthetic import write_synthetic_study
-from study import results
+from study import epoch_parts, results
 from study.results import trial_id
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -685,7 +685,7 @@ def test_folder_without_results_is_refused(tmp_path, kind):
         (folder / "epochs").mkdir()
         (folder / "epochs" / ".a.tmp").write_bytes(b"x")
     if kind == "trials_missing":
-        results.write_epoch_rows(
+        epoch_parts.write_epoch_rows(
             folder, "epochs", "t1", results.to_arrow("epochs", [{"trial_id": "t1", "epoch": 1}])
         )
     code, _, err = run_main([str(folder)])
@@ -868,7 +868,7 @@ def test_a_study_left_in_per_epoch_files_reads_and_tables_as_its_compacted_copy(
     tid = trial_id("batch", 0.0, 1e-3, 0)
     for table in results.EPOCH_TABLES:  # its last epoch again, now as a part
         rows = results.read_table_file(results.table_path(tmp_path / "resumed", table, tid))
-        results.write_epoch_rows(tmp_path / "resumed", table, tid,
+        epoch_parts.write_epoch_rows(tmp_path / "resumed", table, tid,
                                      rows.filter(pa.compute.equal(rows["epoch"], 3)))
     assert not list((tmp_path / "parts" / "steps").glob("*.parquet"))
     assert not [p for p in (tmp_path / "compacted" / "steps").iterdir() if p.is_dir()]
