@@ -150,7 +150,8 @@ def _read_trial(paths: list[Path], table: str, wanted: list[str]) -> pa.Table:
         return pa.concat_tables([_read_file(p, table, wanted) for p in paths], promote_options="permissive")
     if table == "trials":
         raise ResultsError(f"{new_parts[0]}: the trials table has no per-epoch parts")
-    keyed = list(dict.fromkeys([*wanted, *results.SORT_KEYS[table]]))
+    # merge needs each row's epoch (which parts replace) besides the sort keys
+    keyed = list(dict.fromkeys([*wanted, *results.SORT_KEYS[table], "epoch"]))
     compacted = [_read_file(p, table, keyed) for p in paths if p not in new_parts]
     merged = epoch_parts.merge(table, compacted[0] if compacted else None,
                                [_read_file(p, table, keyed) for p in new_parts])

@@ -22,8 +22,12 @@ pickles them and handed to ``ParquetWriterCallback.on_trial_result``, as Tune's 
   extrapolations.
 
 One run each: the numbers move with other load on the machine (the load average is printed).
+``--reuse`` analyses the studies already kept in ``--keep DIR`` again instead of writing them
+(a 1,500-trial study takes ~10 minutes to write); ``--baseline CHECKOUT`` also analyses each
+study with the analysis of another checkout (e.g. the commit before a change), in the same run.
 
-    python bench/scale.py [--trials 75,300] [--writer-epochs 100] [--keep DIR] [--no-analysis]
+    python bench/scale.py [--trials 75,300] [--writer-epochs 100] [--keep DIR [--reuse]]
+                          [--baseline CHECKOUT] [--no-analysis]
 """
 
 from __future__ import annotations
@@ -153,13 +157,14 @@ def write_study(folder: Path, reports: list[tuple[TrialConfig, dict]], rows_by: 
                 trial_ms=1000 * trial_s / len(blobs))
 
 
-def analyse(folder: Path, out: Path) -> tuple[float, float]:
-    """``python -m analysis.figures folder`` in a child process: (wall seconds, peak RSS in MB)."""
+def analyse(folder: Path, out: Path, code: Path = ROOT) -> tuple[float, float]:
+    """``python -m analysis.figures folder`` in a child process, with the analysis of the
+    checkout ``code``: (wall seconds, peak RSS in MB)."""
     log = out.with_suffix(".log")
     with open(log, "w") as sink:
         t0 = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "analysis.figures", str(folder), "--out", str(out)],
-                                cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
+                                cwd=code, stdout=sink, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not every child's
         seconds = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
@@ -177,57 +182,74 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", default="75,300", help="study sizes, comma-separated (default 75,300)")
     parser.add_argument("--writer-epochs", type=int, default=100,
-                        help="the writer trials' length before their last report (default 100)")
+                        help="the writer trials' length before their last report; 0: no writer "
+                        "trials (default 100)")
     parser.add_argument("--keep", type=Path, default=None,
                         help="write the studies here and keep them (default: a temporary folder)")
     parser.add_argument("--no-analysis", dest="analysis", action="store_false",
                         help="measure the writer and the driver only (the analysis columns read 0)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="analyse a study already in --keep DIR again instead of writing it "
+                        "(no reports/s for it)")
+    parser.add_argument("--baseline", type=Path, default=None, metavar="CHECKOUT",
+                        help="also analyse each study with this checkout's analysis (before a change)")
     args = parser.parse_args(argv)
+    if args.reuse and args.keep is None:
+        parser.error("--reuse needs --keep DIR")
     ns = sorted({int(x) for x in args.trials.split(",")})
     marks = [m for m in MARKS if m <= args.writer_epochs]
     print(f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, load average at start "
           f"{os.getloadavg()[0]:.2f}", flush=True)
     with tempfile.TemporaryDirectory(prefix="scale-", dir="/tmp") as tmp:
         base = args.keep or Path(tmp)
-        curve = writer_curve(base / "writer", args.writer_epochs)
-        ms = {m: 1000 * curve["per_epoch"][m] for m in marks}
-        print("\nwriter, ms per epoch report (median of "
-              f"{WRITER_TRIALS} trials of {args.writer_epochs + 1} epochs):")
-        print("| " + " | ".join(f"epoch {m}" for m in marks) + " | last report (ends the trial) "
-              f"| epoch {marks[-1]} ÷ epoch 1 | reports/s over the trials |")
-        print("| " + " | ".join("---" for _ in range(len(marks) + 3)) + " |")
-        print("| " + " | ".join(f"{ms[m]:.1f}" for m in marks) + f" | {1000 * curve['last']:.1f} "
-              f"| {ms[marks[-1]] / ms[1]:.2f} | {curve['rate']:.1f} |", flush=True)
+        if marks:
+            curve = writer_curve(base / "writer", args.writer_epochs)
+            ms = {m: 1000 * curve["per_epoch"][m] for m in marks}
+            print("\nwriter, ms per epoch report (median of "
+                  f"{WRITER_TRIALS} trials of {args.writer_epochs + 1} epochs):")
+            print("| " + " | ".join(f"epoch {m}" for m in marks) + " | last report (ends the trial) "
+                  f"| epoch {marks[-1]} ÷ epoch 1 | reports/s over the trials |")
+            print("| " + " | ".join("---" for _ in range(len(marks) + 3)) + " |")
+            print("| " + " | ".join(f"{ms[m]:.1f}" for m in marks) + f" | {1000 * curve['last']:.1f} "
+                  f"| {ms[marks[-1]] / ms[1]:.2f} | {curve['rate']:.1f} |", flush=True)
 
         rows = []
         for n in ns:
-            reports = study_reports(n)
-            drivers = {}
-            for rows_by in ROWS_BY:  # one study each way, in the same run: their ratios are the numbers
-                folder = base / f"study-{n}-{rows_by}"
-                drivers[rows_by] = write_study(folder, reports, rows_by)
-                print(f"  {n} trials, rows by {rows_by}: {drivers[rows_by]['rate']:.1f} reports/s "
-                      f"({drivers[rows_by]['driver_s']:.1f} s in the driver)", flush=True)
-                if rows_by != ROWS_BY[0] and args.keep is None:
-                    subprocess.run(["rm", "-rf", str(folder)], check=True)
             folder = base / f"study-{n}-{ROWS_BY[0]}"
+            drivers = None
+            if not (args.reuse and (folder / "study.json").exists()):
+                reports = study_reports(n)
+                drivers = {}
+                for rows_by in ROWS_BY:  # one study each way, in the same run: their ratios are the numbers
+                    written = base / f"study-{n}-{rows_by}"
+                    drivers[rows_by] = write_study(written, reports, rows_by)
+                    print(f"  {n} trials, rows by {rows_by}: {drivers[rows_by]['rate']:.1f} reports/s "
+                          f"({drivers[rows_by]['driver_s']:.1f} s in the driver)", flush=True)
+                    if rows_by != ROWS_BY[0] and args.keep is None:
+                        subprocess.run(["rm", "-rf", str(written)], check=True)
+            before = (analyse(folder, base / f"figures-{n}-baseline", args.baseline)
+                      if args.analysis and args.baseline is not None else None)
             seconds, rss = analyse(folder, base / f"figures-{n}") if args.analysis else (0.0, 0.0)
-            rows.append((n, drivers, seconds, rss))
-            print(f"  {n} trials: analysed in {seconds:.1f} s", flush=True)
+            rows.append((n, drivers, seconds, rss, before))
+            print(f"  {n} trials: analysed in {seconds:.1f} s"
+                  + (f" (baseline {before[0]:.1f} s)" if before else ""), flush=True)
             if args.keep is None:
                 subprocess.run(["rm", "-rf", str(folder)], check=True)
         print(f"\nstudies of {STUDY_EPOCHS}-epoch trials, reports back to back; reports/s one driver "
               "absorbs (wall seconds, waiting for background compactions included) with the rows "
               "through it (compaction on its thread | on a worker thread) and with trials writing "
               "their own rows; analysis = python -m analysis.figures:")
+        extra = " | baseline analysis s | baseline peak RSS MB" if args.baseline else ""
         print("| trials | rows through the driver | the same, compaction off its thread | rows written "
               "by the trials | trial-written ÷ through the driver | a trial's ms per epoch writing its "
-              "rows | analysis s | analysis peak RSS MB |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        for n, d, seconds, rss in rows:
-            print(f"| {n:,} | {d['driver']['rate']:.1f} | {d['driver-bg']['rate']:.1f} "
-                  f"| {d['trial']['rate']:.1f} | {d['trial']['rate'] / d['driver']['rate']:.1f} "
-                  f"| {d['trial']['trial_ms']:.1f} | {seconds:.1f} | {rss:,.0f} |")
+              f"rows | analysis s | analysis peak RSS MB{extra} |")
+        print("| --- " * (10 if args.baseline else 8) + "|")
+        for n, d, seconds, rss, before in rows:
+            writer = (f"{d['driver']['rate']:.1f} | {d['driver-bg']['rate']:.1f} | {d['trial']['rate']:.1f} "
+                      f"| {d['trial']['rate'] / d['driver']['rate']:.1f} | {d['trial']['trial_ms']:.1f}"
+                      if d else "(reused) | | | |")
+            also = f" | {before[0]:.1f} | {before[1]:,.0f}" if before else ""
+            print(f"| {n:,} | {writer} | {seconds:.1f} | {rss:,.0f}{also} |")
         if len(rows) >= 2 and args.analysis:
             measured = [r[0] for r in rows]
             for at in [a for a in (1500, 10000) if a not in measured]:
@@ -238,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {at:,} (extrapolated) | | | | | | {shown} | {m:,.0f} |")
             print(f"\npeak RSS slope: {np.polyfit(measured, [r[3] for r in rows], 1)[0]:.2f} MB per trial "
                   "(extrapolations: a straight line through the measured sizes)")
+            print(f"peak RSS at {rows[-1][0]:,} trials ÷ at {rows[0][0]:,}: {rows[-1][3] / rows[0][3]:.2f}"
+                  + (f" (baseline {rows[-1][4][1] / rows[0][4][1]:.2f})" if args.baseline else ""))
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     return 0
 
