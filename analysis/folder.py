@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.cli import first_few
-from study import results
+from study import epoch_parts, results
 
 #: The tables a study may hold; ``probes`` is optional, the others may be empty while running.
 TABLE_NAMES: tuple[str, ...] = ("trials", "epochs", "layers", "steps", "probes")
@@ -77,7 +77,7 @@ def table_files(folder: Path) -> list[Path]:
     found = []
     for p in folder.iterdir():
         if p.is_dir() and not p.name.startswith("."):  # a trial's parts (temporary names excluded)
-            found.extend(q for q in p.iterdir() if results.part_epoch(q.name) is not None and q.is_file())
+            found.extend(q for q in p.iterdir() if epoch_parts.part_epoch(q.name) is not None and q.is_file())
         elif (p.suffix == ".parquet" and not p.name.startswith(".")
               and not p.name.endswith(results.TMP_SUFFIX) and p.is_file()):
             found.append(p)
@@ -86,7 +86,7 @@ def table_files(folder: Path) -> list[Path]:
 
 def trial_of(path: Path) -> str:
     """The trial a table file holds rows of: a part's folder's name, else the file's stem."""
-    return path.parent.name if results.part_epoch(path.name) is not None else path.stem
+    return path.parent.name if epoch_parts.part_epoch(path.name) is not None else path.stem
 
 
 def _planned_ids(config: dict) -> set[str] | None:
@@ -145,14 +145,15 @@ def read_table(paths: list[Path], table: str, columns: Sequence[str] | None = No
 
 def _read_trial(paths: list[Path], table: str, wanted: list[str]) -> pa.Table:
     """One trial's rows of ``table`` from its compacted file, its parts or both."""
-    new_parts = [p for p in paths if results.part_epoch(p.name) is not None]
+    new_parts = [p for p in paths if epoch_parts.part_epoch(p.name) is not None]
     if not new_parts:  # one compacted file (several only where folders overlap: refused elsewhere)
         return pa.concat_tables([_read_file(p, table, wanted) for p in paths], promote_options="permissive")
     if table == "trials":
         raise ResultsError(f"{new_parts[0]}: the trials table has no per-epoch parts")
-    keyed = list(dict.fromkeys([*wanted, *results.SORT_KEYS[table]]))
+    # merge needs each row's epoch (which parts replace) besides the sort keys
+    keyed = list(dict.fromkeys([*wanted, *results.SORT_KEYS[table], "epoch"]))
     compacted = [_read_file(p, table, keyed) for p in paths if p not in new_parts]
-    merged = results.merge(table, compacted[0] if compacted else None,
+    merged = epoch_parts.merge(table, compacted[0] if compacted else None,
                                [_read_file(p, table, keyed) for p in new_parts])
     return merged.select([c for c in wanted if c in merged.column_names])
 

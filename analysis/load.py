@@ -4,7 +4,8 @@ hold its parts, into tidy pandas DataFrames joined with the trial configs.
 Every per-trial table gets the trial's ``variant``, ``norm``, ``noise``, ``lr``, ``seed``,
 ``dataset`` and ``status`` columns, so a figure can group by them without another join.
 The files are found and read by ``analysis.folder``, parts checked by ``analysis.parts``,
-what is missing said by ``analysis.notices``.
+what is missing said by ``analysis.notices``; the trial columns are joined by
+``analysis.join``. The steps table is read a trial at a time when used (``analysis.steps``).
 """
 
 from __future__ import annotations
@@ -13,18 +14,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from analysis.folder import ResultsError, read_folder, read_table, to_pandas
+from analysis.join import JOIN_COLUMNS, attach  # noqa: F401 (JOIN_COLUMNS: where it was)
 from analysis.labels import variant_label, variant_sort_key
 from analysis.notices import note_incomplete, note_not_started
 from analysis.parts import check_distinct, check_parts
-from common.cli import first_few
+from analysis.steps import StepTable, read_steps
 from study import results
-
-#: Trial columns copied onto every row of the per-trial tables.
-JOIN_COLUMNS: tuple[str, ...] = ("variant", "norm", "noise", "lr", "seed", "dataset", "status")
 
 
 @dataclass
@@ -36,7 +34,7 @@ class Study:
     trials: pd.DataFrame
     epochs: pd.DataFrame
     layers: pd.DataFrame
-    steps: pd.DataFrame
+    steps: StepTable  # read a trial at a time (``analysis.steps``): too large to hold whole
     probes: pd.DataFrame | None
     configs: tuple[dict, ...] = ()  # each folder's study.json ({} where it has none)
     notices: list[str] = field(default_factory=list)
@@ -78,8 +76,9 @@ class Study:
 def load_study(path: str | Path, *, step_columns: Sequence[str] | None = None) -> Study:
     """Read ``path`` (a results folder) into a :class:`Study`.
 
-    ``step_columns`` limits the ``steps`` columns read (besides trial_id, step and epoch), since
-    a full study has millions of step rows. Where study.json lists ``trial_ids``, only those
+    ``step_columns`` limits the ``steps`` columns read (besides trial_id, step and epoch). The
+    steps table is not read whole (a full study has millions of step rows): ``Study.steps``
+    reads it a trial at a time (``analysis.steps``). Where study.json lists ``trial_ids``, only those
     trials' files are read, so other runs left in the folder cannot skew the study. Raises
     :class:`ResultsError` for a missing folder, a folder without results, an unreadable file or
     an unknown schema version.
@@ -108,11 +107,11 @@ def load_studies(paths: Sequence[str | Path], *, step_columns: Sequence[str] | N
 
     frames: dict[str, pd.DataFrame] = {}
     for name in ("epochs", "layers", "steps", "probes"):
-        columns = None
-        if name == "steps" and step_columns is not None:
-            columns = ["trial_id", "step", "epoch", *step_columns]
-        arrow = read_table([p for f in folders for p in f.files[name]], name, columns)
-        frames[name] = _attach(to_pandas(arrow), trials, name, notices)
+        paths = [p for f in folders for p in f.files[name]]
+        if name == "steps":  # its notices in the same order as when it was read whole
+            steps = read_steps(paths, trials, step_columns, notices)
+            continue
+        frames[name] = attach(to_pandas(read_table(paths, name)), trials, name, notices)
 
     note_incomplete(trials, frames["epochs"], notices)
     for f in folders:
@@ -123,7 +122,7 @@ def load_studies(paths: Sequence[str | Path], *, step_columns: Sequence[str] | N
         trials=trials,
         epochs=frames["epochs"],
         layers=frames["layers"],
-        steps=frames["steps"],
+        steps=steps,
         probes=frames["probes"] if has_probes else None,
         configs=tuple(f.config for f in folders),
         notices=notices,
@@ -156,7 +155,7 @@ def select_norms(study: Study, norms: Sequence[str]) -> Study:
         return df
 
     return replace(study, trials=trials, epochs=part(study.epochs), layers=part(study.layers),
-                   steps=part(study.steps), probes=part(study.probes),
+                   steps=replace(study.steps.select(ids), trials=trials), probes=part(study.probes),
                    notices=[*study.notices, f"drawn: the trials of {', '.join(norms)} only (--norms)"])
 
 
@@ -189,31 +188,3 @@ def _prepare_trials(trials: pd.DataFrame, notices: list[str]) -> pd.DataFrame:
     )
     order = ["variant", "lr", "seed", "trial_id"]
     return trials.sort_values(order, kind="stable").reset_index(drop=True)
-
-
-def _attach(df: pd.DataFrame, trials: pd.DataFrame, table: str, notices: list[str]) -> pd.DataFrame:
-    """Copy the trial columns onto ``df`` through the trial_id codes (no row-wise merge)."""
-    ids = df["trial_id"].cat
-    pos = np.append(pd.Index(trials["trial_id"]).get_indexer(ids.categories), -1)
-    row_pos = pos[ids.codes.to_numpy()]
-    orphan = row_pos < 0
-    if orphan.any():
-        missing = sorted(set(df["trial_id"][orphan].astype(str)))
-        notices.append(
-            f"{table}: {int(orphan.sum())} rows of {len(missing)} trial(s) without a trials row "
-            f"were ignored ({first_few(missing, 5)})"
-        )
-        df = df[~orphan]
-        row_pos = row_pos[~orphan]
-    df = df.reset_index(drop=True)
-    for col in JOIN_COLUMNS:
-        source = trials[col]
-        if isinstance(source.dtype, pd.CategoricalDtype):
-            df[col] = pd.Categorical.from_codes(
-                source.cat.codes.to_numpy()[row_pos], dtype=source.dtype
-            )
-        else:
-            df[col] = source.to_numpy()[row_pos]
-    for col in ("status", "norm", "dataset"):
-        df[col] = df[col].astype("category")
-    return df

@@ -28,13 +28,20 @@ STEP_PANELS = ("grad_norm", *(f"grad_norm_{name}" for name in results.GRAD_LAYER
 
 def fig_gradients(study: Study, opts: Options, styles, report: Report) -> None:
     """Figure 3: global and per-layer gradient norm over iterations, smoothed, with bands."""
-    require(study.steps, "the steps table is empty (no per-step gradient norms recorded)")
-    sel = require(at_lr(study.steps, opts.lr), f"no per-step gradient norms at lr {format_number(opts.lr)}")
-    drawn = require(drawable(sel), "no finished or running runs to draw (all diverged or failed)")
-    drawn = drawn.assign(trial_id=drawn["trial_id"].cat.remove_unused_categories())
-    panels = [c for c in STEP_PANELS if drawn[c].notna().any()]
-    grad_every = study.trials.set_index("trial_id")["grad_every"]
-    curves = smoothed_step_curves(drawn, panels, opts.smooth, grad_every)
+    if study.steps.empty:
+        raise Skip("the steps table is empty (no per-step gradient norms recorded)")
+    with_rows = set(study.steps.trial_ids)
+    trials = at_lr(study.trials, opts.lr)
+    trials = trials[trials["trial_id"].isin(with_rows)]
+    require(trials, f"no per-step gradient norms at lr {format_number(opts.lr)}")
+    ids = set(require(drawable(trials), "no finished or running runs to draw (all diverged or "
+                      "failed)")["trial_id"])
+    columns = [c for c in STEP_PANELS if c in study.steps]
+    present: dict[str, bool] = {}
+    # read a trial at a time: the steps table of a large study does not fit in memory
+    curves = smoothed_step_curves(lambda cols: study.steps.frames(ids, cols), columns, opts.smooth,
+                                  study.trials.set_index("trial_id")["grad_every"], present=present)
+    panels = [c for c in columns if present[c]]
     ncols = 3
     nrows = math.ceil(len(panels) / ncols)
     sheet = Sheet(study, opts, styles, report, nrows, ncols, 13, 3.3 * nrows + 0.4, sharex=True)
@@ -58,7 +65,7 @@ def fig_gradients(study: Study, opts: Options, styles, report: Report) -> None:
         "half the smallest mean, those at or below zero included, drawn there).",
         lr_words(opts),
         excluded_words(study, opts),
-        legend=sheet.legend(drawn, markers=False),
+        legend=sheet.legend(curves, markers=False),
     )
 
 

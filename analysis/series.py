@@ -3,7 +3,7 @@ runs that can be drawn, trailing moving averages, step bins and histogram densit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -30,67 +30,87 @@ def variants_in(frame: pd.DataFrame) -> list[str]:
     return [v for v in frame["variant"].cat.categories if v in present]
 
 
-def moving_average(values: np.ndarray, group_start: np.ndarray, window: np.ndarray) -> np.ndarray:
-    """Trailing mean over the last ``window`` rows of each row's group, skipping non-finite values.
-
-    Rows are sorted by group; ``group_start[i]`` is the first row of row i's group. Cumulative
-    sums make it one pass over millions of rows.
-    """
-    v = np.asarray(values, dtype=np.float64)
-    finite = np.isfinite(v)
-    csum = np.concatenate([[0.0], np.cumsum(np.where(finite, v, 0.0))])
-    ccount = np.concatenate([[0], np.cumsum(finite)])
-    i = np.arange(len(v))
-    start = np.maximum(group_start, i - window + 1)
-    total, count = csum[i + 1] - csum[start], ccount[i + 1] - ccount[start]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
-
-
 def smoothed_step_curves(
-    steps: pd.DataFrame,
+    steps: pd.DataFrame | Callable[[Sequence[str]], Iterable[pd.DataFrame]],
     columns: Sequence[str],
     smooth: int,
     grad_every: pd.Series | None = None,
     max_points: int = MAX_POINTS,
+    present: dict[str, bool] | None = None,
 ) -> pd.DataFrame:
     """Per trial: moving average over ``smooth`` training steps, then averaged into ≤ max_points
     step bins, so that bands across seeds are computed at few positions. One row per (trial, bin)
     with ``step`` (mean step of the bin), the trial columns and the smoothed ``columns``.
+
+    ``steps``: every trial's rows, or a function giving each trial's rows of the steps columns
+    it is passed (one DataFrame a trial, in the same order every call), so that a study too large
+    to hold is read a trial at a time: twice, the first time its ``step`` column only (the bins
+    are shared by all trials). ``present`` gets, per column, whether any row has a value.
     """
-    codes = steps["trial_id"].cat.codes.to_numpy()
-    step = steps["step"].to_numpy()
-    order = np.lexsort((step, codes))
-    codes, step = codes[order], step[order]
-    n = len(codes)
-    new_group = np.ones(n, dtype=bool)
-    new_group[1:] = codes[1:] != codes[:-1]
-    group_start = np.maximum.accumulate(np.where(new_group, np.arange(n), 0))
-    every = np.ones(len(steps["trial_id"].cat.categories))
-    if grad_every is not None:
-        every = (
-            grad_every.reindex(steps["trial_id"].cat.categories).fillna(1).clip(lower=1).to_numpy()
-        )
-    window = np.maximum(1, np.round(smooth / every[codes])).astype(np.int64)
-    lo, hi = int(step.min()), int(step.max())
-    nbins = int(min(max_points, len(np.unique(step))))
-    bins = np.minimum((step - lo) * nbins // max(hi - lo + 1, 1), nbins - 1)
-    data = {"code": codes, "bin": bins, "step": step.astype(np.float64)}
-    for col in columns:
-        data[col] = moving_average(steps[col].to_numpy()[order], group_start, window)
-    binned = pd.DataFrame(data).groupby(["code", "bin"], sort=False).mean().reset_index()
-    bin_step = pd.Series(step.astype(np.float64)).groupby(bins).mean()
-    binned["step"] = bin_step.reindex(binned["bin"]).to_numpy()
-    first = np.flatnonzero(new_group)
-    lookup = steps.iloc[order[first]].set_index(pd.Index(codes[first]))
-    for col in ("trial_id", "variant", "seed", "lr", "status"):
-        values = lookup[col].reindex(binned["code"])
-        binned[col] = (
-            values.to_numpy()
-            if col != "variant"
-            else pd.Categorical(values.astype(str), dtype=steps["variant"].dtype)
-        )
-    return binned.drop(columns="code")
+    trials = steps if callable(steps) else _trial_frames(steps)
+    unique = np.empty(0, dtype=np.int64)
+    for part in trials(()):
+        unique = np.union1d(unique, part["step"].to_numpy())
+    lo, hi = int(unique[0]), int(unique[-1])
+    nbins = int(min(max_points, len(unique)))
+    bin_sum, bin_n = np.zeros(nbins), np.zeros(nbins, dtype=np.int64)
+    # each column's running sum continues over the trials before, as when one cumulative sum ran
+    # over every trial at once: the curves stay the same to the last bit
+    carry = dict.fromkeys(columns, 0.0)
+    seen = dict.fromkeys(columns, False)
+    parts = []
+    for part in trials(columns):
+        order = np.argsort(part["step"].to_numpy(), kind="stable")
+        step = part["step"].to_numpy()[order]
+        every = np.ones(1)
+        if grad_every is not None:
+            tid = str(part["trial_id"].iloc[0])
+            every = grad_every.reindex([tid]).fillna(1).clip(lower=1).to_numpy()
+        window = int(np.maximum(1, np.round(smooth / every)).astype(np.int64)[0])
+        bins = np.minimum((step - lo) * nbins // max(hi - lo + 1, 1), nbins - 1)
+        data = {"bin": bins, "step": step.astype(np.float64)}
+        for col in columns:
+            values = part[col].to_numpy()[order]
+            seen[col] |= bool(part[col].notna().any())
+            data[col], carry[col] = trailing_mean(values, window, carry[col])
+        binned = pd.DataFrame(data).groupby("bin", sort=False).mean().reset_index()
+        bin_sum += np.bincount(bins, weights=step.astype(np.float64), minlength=nbins)
+        bin_n += np.bincount(bins, minlength=nbins)
+        first = part.iloc[order[:1]]
+        for col in ("trial_id", "variant", "seed", "lr", "status"):
+            value = first[col].astype(str) if col == "variant" else first[col]
+            binned[col] = np.repeat(value.to_numpy(), len(binned))
+        binned["variant"] = pd.Categorical(binned["variant"], dtype=part["variant"].dtype)
+        parts.append(binned)
+    out = pd.concat(parts, ignore_index=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["step"] = (bin_sum / bin_n)[out["bin"].to_numpy()]
+    if present is not None:
+        present.update(seen)
+    return out
+
+
+def _trial_frames(steps: pd.DataFrame) -> Callable[[Sequence[str]], Iterator[pd.DataFrame]]:
+    """``steps``' rows per trial, in the order of its ``trial_id`` categories."""
+    def frames(columns: Sequence[str]) -> Iterator[pd.DataFrame]:
+        for _, part in steps.groupby("trial_id", observed=True, sort=True):
+            yield part
+    return frames
+
+
+def trailing_mean(values: np.ndarray, window: int, carry: float) -> tuple[np.ndarray, float]:
+    """Trailing mean over the last ``window`` of one trial's ``values``, skipping non-finite
+    ones, from cumulative sums (one pass over a long run) that start at ``carry`` (the sum of
+    the trials before); returns it and the sum to carry on."""
+    v = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(v)
+    csum = np.cumsum(np.concatenate([[carry], np.where(finite, v, 0.0)]))
+    ccount = np.concatenate([[0], np.cumsum(finite)])
+    i = np.arange(len(v))
+    start = np.maximum(0, i - window + 1)
+    total, count = csum[i + 1] - csum[start], ccount[i + 1] - ccount[start]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan), float(csum[-1])
 
 
 def bin_steps(frame: pd.DataFrame, max_points: int = MAX_POINTS) -> pd.DataFrame:

@@ -43,13 +43,25 @@ def gradient_stability(steps: pd.DataFrame, skip_epochs: int = 1,
     over its steps-table rows whose ``epoch`` is past ``skip_epochs``, ``steps`` (how many
     rows that was), and the same of each of ``layers``' norms (``grad_norm_<layer>``) as
     ``<metric>_<layer>``."""
-    sources = {"": "grad_norm", **{f"_{layer}": f"grad_norm_{layer}" for layer in layers}}
-    rows = []
-    for trial_id, run in steps.groupby("trial_id", observed=True, sort=True):
-        used = run[run["epoch"] > skip_epochs].sort_values("step")
-        row = {"trial_id": str(trial_id), "steps": len(used)}
-        for suffix, column in sources.items():
-            row |= {f"{k}{suffix}": v for k, v in run_stability(used[column].to_numpy()).items()}
-        rows.append(row)
-    columns = ["trial_id", "steps", *(f"{m}{suffix}" for suffix in sources for m in STABILITY_METRICS)]
-    return pd.DataFrame(rows, columns=columns)
+    return stability_frame([stability_row(run, skip_epochs, layers)
+                            for _, run in steps.groupby("trial_id", observed=True, sort=True)], layers)
+
+
+def stability_row(run: pd.DataFrame, skip_epochs: int, layers: tuple[str, ...]) -> dict:
+    """``gradient_stability``'s row of one run, from its steps-table rows ``run``."""
+    used = run[run["epoch"] > skip_epochs].sort_values("step")
+    row = {"trial_id": str(run["trial_id"].iloc[0]), "steps": len(used)}
+    for suffix, column in _sources(layers).items():
+        row |= {f"{k}{suffix}": v for k, v in run_stability(used[column].to_numpy()).items()}
+    return row
+
+
+def stability_frame(rows: list[dict], layers: tuple[str, ...]) -> pd.DataFrame:
+    """``gradient_stability``'s table of the runs' ``stability_row`` rows."""
+    metrics = [f"{m}{suffix}" for suffix in _sources(layers) for m in STABILITY_METRICS]
+    return pd.DataFrame(rows, columns=["trial_id", "steps", *metrics])
+
+
+def _sources(layers: tuple[str, ...]) -> dict[str, str]:
+    """Column-name suffix -> the steps column it is of."""
+    return {"": "grad_norm", **{f"_{layer}": f"grad_norm_{layer}" for layer in layers}}

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis.roles import BASELINE_NORM
-from study import results
+from study import epoch_parts, results
 
 #: The seed study's variants: the references (no BN, BN) at noise 0, the noisy ones at 0.5
 #: and 1. Others (ℓp, GN, LN) are written when named, at their parameters' defaults.
@@ -134,11 +134,11 @@ def _write_trial(
         step_cols.append(cols)
         probe_rows.extend(probes)
         if per_epoch:
-            _write(out, tid, [row], layers, [cols], probes, results.write_epoch_rows)
+            _write(out, tid, [row], layers, [cols], probes, epoch_parts.write_epoch_rows)
     if not per_epoch and n_epochs:
         _write(out, tid, epoch_rows, layer_rows, step_cols, probe_rows, _write_compacted)
     if compact:
-        results.compact_trial(out, tid)
+        epoch_parts.compact_trial(out, tid)
     last = epoch_rows[-1] if epoch_rows else {}
     row = dict(
         trial_id=tid,

@@ -13,7 +13,7 @@ from analysis import bands
 from analysis.labels import datasets_words, format_number, percent_scale
 from analysis.load import Study
 from analysis.report import Options, Report, Skip
-from analysis.stability import STABILITY_METRICS, gradient_stability
+from analysis.stability import STABILITY_METRICS, stability_frame, stability_row
 from study import results
 
 
@@ -191,13 +191,13 @@ def stability_runs(study: Study) -> tuple[pd.DataFrame, dict[int, int]]:
     trials = trials[["trial_id", "variant", "norm", "noise", "lr", "epochs", "seed", "status"]]
     lengths = sorted(int(x) for x in trials["epochs"].unique())
     skips = {length: skipped_epochs(length) for length in lengths}
-    parts = []
-    for length in lengths:
-        steps = study.steps
-        if len(lengths) > 1:
-            ids = trials.loc[trials["epochs"] == length, "trial_id"]
-            steps = steps[steps["trial_id"].astype(str).isin(ids)]
-        parts.append(gradient_stability(steps, skips[length], layers))
+    length_of = {t: int(n) for t, n in zip(trials["trial_id"], trials["epochs"], strict=True)}
+    rows: dict[int, list[dict]] = {length: [] for length in lengths}
+    # one trial's steps at a time: a large study's steps table does not fit in memory
+    for run in study.steps.frames(columns=["grad_norm", *(f"grad_norm_{name}" for name in layers)]):
+        length = length_of[str(run["trial_id"].iloc[0])]
+        rows[length].append(stability_row(run, skips[length], layers))
+    parts = [stability_frame(rows[length], layers) for length in lengths]
     return trials.merge(pd.concat(parts, ignore_index=True), on="trial_id"), skips
 
 

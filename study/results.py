@@ -1,4 +1,4 @@
-"""The Parquet results schema and writer: the one contract between training and analysis.
+"""The Parquet results schema and its files: the one contract between training and analysis.
 
 Layout of a results folder (docs/design.md, "Results layout")::
 
@@ -9,13 +9,9 @@ Layout of a results folder (docs/design.md, "Results layout")::
 
 Every non-``trials`` table has an ``epoch`` column, and writing rows for an epoch
 *replaces* the rows of that epoch already written, so a retried or resumed trial never
-duplicates rows. Files are written to a temporary name and renamed, so a crash never leaves a
-half-written file under a real name. An epoch is written into its own files, without reading
-or rewriting the others, so a report costs the same at any epoch; a trial that ends is
-compacted (the merged file written first, then the parts removed, so compacting again gives
-the same file); where an epoch has a part, its rows replace that epoch's rows of the compacted
-file (parts are newer: a trial resumed after it was compacted appends parts on top). Whether a
-trial's results are whole is ``study.trial_files``'.
+duplicates rows; the per-epoch files and their compaction are ``study.epoch_parts``'. Files are
+written to a temporary name and renamed (``write_atomic``), so a crash never leaves a
+half-written file under a real name.
 
 Conventions the analysis relies on: accuracies are fractions in [0, 1]; epochs count from 1;
 ``step`` is the trial's global step from 0; in ``probes``, the landscape columns (loss_min,
@@ -35,11 +31,9 @@ from __future__ import annotations
 
 import io
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 # So is where results live (a local folder or a URI such as s3://bucket/prefix).
@@ -278,11 +272,10 @@ class DamagedFileError(ValueError):
     """A trial's results file that cannot be read."""
 
 
-# --- a trial's per-epoch files and their compaction (docs/design.md, "Results layout") ---
+# --- the tables written an epoch at a time (their files: study/epoch_parts.py) ---
 
 #: The tables written an epoch at a time (``trials`` is one row per trial, rewritten whole).
 EPOCH_TABLES: tuple[str, ...] = ("epochs", "layers", "steps", "probes")
-_PART = re.compile(r"^epoch=(\d+)\.parquet$")
 
 #: Each table's row order, in a compacted file and in a merged read.
 SORT_KEYS: dict[str, tuple[str, ...]] = {
@@ -293,109 +286,6 @@ SORT_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-def part_folder(out_dir: str | os.PathLike, table: str, trial_id: str) -> Location:
-    """The folder of the trial's per-epoch parts of ``table``."""
-    return storage.join(_root(out_dir), table, trial_id)
-
-
-def part_path(out_dir: str | os.PathLike, table: str, trial_id: str, epoch: int) -> Location:
-    """Where epoch ``epoch``'s rows of ``table`` live until the trial is compacted."""
-    return storage.join(part_folder(out_dir, table, trial_id), f"epoch={int(epoch):04d}.parquet")
-
-
-def part_epoch(name: str) -> int | None:
-    """The epoch a part file's name holds, or None where ``name`` is not a part's."""
-    found = _PART.match(name)
-    return int(found.group(1)) if found else None
-
-
-def parts(out_dir: str | os.PathLike, table: str, trial_id: str) -> dict[int, Location]:
-    """The trial's parts of ``table`` by epoch, in epoch order (none once it is compacted).
-    One listing; files still being written (temporary names) are not parts."""
-    folder = part_folder(out_dir, table, trial_id)
-    found = {part_epoch(n): storage.join(folder, n) for n in storage.file_names(folder, ".parquet")}
-    return {e: found[e] for e in sorted(e for e in found if e is not None)}
-
-
-def write_epoch_rows(out_dir: str | os.PathLike, table: str, trial_id: str, new: pa.Table,
-                     epoch: int | None = None) -> None:
-    """Write ``new`` (rows of ``table``), one part per epoch it covers, each replacing the
-    part of its epoch if there is one. Neither reads nor rewrites any other epoch.
-
-    Args:
-        out_dir: the results folder (a local path or a URI).
-        table: one of ``EPOCH_TABLES``.
-        trial_id: the trial the rows belong to.
-        new: the rows, in ``TABLES[table]``'s schema.
-        epoch: the epoch ``new`` is of, where it may have no rows (an epoch without a recorded
-            step, when ``grad_every`` exceeds its steps): its part is then written empty, so
-            that the table is not missing from a trial that ran.
-    """
-    epochs = sorted(set(new.column("epoch").to_pylist()))
-    if not epochs and epoch is not None:
-        write_atomic(new, part_path(out_dir, table, trial_id, epoch))
-    for epoch in epochs:  # a trial reports one epoch at a time: one part, nothing filtered
-        rows = new if len(epochs) == 1 else new.filter(pc.equal(new.column("epoch"), epoch))
-        write_atomic(sort_rows(table, rows), part_path(out_dir, table, trial_id, epoch))
-
-
-def merge(table: str, compacted: pa.Table | None, new_parts: Sequence[pa.Table]) -> pa.Table | None:
-    """One trial's rows of ``table`` from its compacted file (or None) and its parts: the
-    parts' rows replace the compacted file's rows of their epochs; sorted by ``SORT_KEYS``.
-    The tables must share their columns, which must include the sort keys.
-
-    Returns:
-        The merged rows, or None where there are none of either.
-    """
-    if not new_parts:
-        return compacted
-    pieces = list(new_parts)
-    if compacted is not None:
-        covered = pa.array(sorted({e for p in pieces for e in p.column("epoch").to_pylist()}),
-                           type=compacted.schema.field("epoch").type)
-        keep = pc.invert(pc.is_in(compacted.column("epoch"), value_set=covered))
-        pieces.insert(0, compacted.filter(keep))
-    if len(pieces) == 1:
-        return sort_rows(table, pieces[0])
-    return sort_rows(table, pa.concat_tables(pieces, promote_options="permissive"))
-
-
-def read_trial_table(out_dir: str | os.PathLike, table: str, trial_id: str,
-                     columns: Sequence[str] | None = None) -> pa.Table | None:
-    """The trial's rows of ``table`` in the current schema, whichever layout holds them, or
-    None where it has none. ``columns``: only these (with the sort keys, while merging)."""
-    wanted = None if columns is None else list(dict.fromkeys([*columns, *SORT_KEYS[table]]))
-    path = table_path(out_dir, table, trial_id)
-    compacted = (conform(table, read_table_file(path)) if storage.exists(path)
-                 else None)
-    found = [conform(table, read_table_file(p))
-             for p in parts(out_dir, table, trial_id).values()]
-    if wanted is not None:
-        compacted = None if compacted is None else compacted.select(wanted)
-        found = [p.select(wanted) for p in found]
-    merged = merge(table, compacted, found)
-    return merged if merged is None or columns is None else merged.select(list(columns))
-
-
-def compact_trial(out_dir: str | os.PathLike, trial_id: str) -> None:
-    """Merge the trial's parts of every per-epoch table into its one file per table, then
-    remove the parts. Idempotent: a trial without parts is left as it is, and a compaction
-    stopped between the write and the removals is finished by the next (same rows)."""
-    for table in EPOCH_TABLES:
-        found = parts(out_dir, table, trial_id)
-        if not found:
-            continue
-        merged = read_trial_table(out_dir, table, trial_id)
-        write_atomic(merged, table_path(out_dir, table, trial_id))
-        for path in found.values():
-            storage.delete(path)
-        storage.delete_folder(part_folder(out_dir, table, trial_id))
-
-
 def sort_rows(table: str, rows: pa.Table) -> pa.Table:
     """``rows`` of ``table`` in its files' order (``SORT_KEYS``; a stable sort)."""
     return rows.sort_by([(k, "ascending") for k in SORT_KEYS[table]])
-
-
-def _root(out_dir: str | os.PathLike) -> Location:
-    return out_dir if storage.is_uri(out_dir) else os.fspath(out_dir)

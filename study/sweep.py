@@ -167,6 +167,11 @@ def make_parser() -> argparse.ArgumentParser:
     w.add_argument("--out", type=_results_folder, default="results",
                    help="results folder (Parquet tables): a local path, or a URI pyarrow's file "
                    "systems take (s3://BUCKET/PREFIX) so that results outlive the driver's node")
+    w.add_argument("--shared-out", action="store_true",
+                   help="the local --out folder is one every node of the cluster sees (a shared file "
+                   "system): each trial writes its own rows there, and only its status goes through "
+                   "the driver. A URI (s3://) always is; without either, every row goes through the "
+                   "driver, which writes them on its node")
     w.add_argument("--name", default=None, help="study name (default: the preset's)")
     w.add_argument("--gpus", type=_positive_int("--gpus", 0), default=0,
                    help="total GPUs the study may use; trials get 1/--trials-per-gpu GPU each")
@@ -234,6 +239,9 @@ def run(args: argparse.Namespace) -> int:
                   f"{param} ({', '.join(owners)})", file=sys.stderr)
     if args.probe_etas and not args.probe_every:
         print("note: --probe-etas has no effect without --probe-every", file=sys.stderr)
+    if args.shared_out and storage.is_uri(args.out):
+        print("note: --shared-out has no effect with a URI --out: its trials write their own rows "
+              "anyway", file=sys.stderr)
     if args.cuda_graph and not args.gpus:
         print("note: --cuda-graph has no effect without --gpus (CPU trials train eagerly)",
               file=sys.stderr)
@@ -310,6 +318,7 @@ def run(args: argparse.Namespace) -> int:
                                          max_concurrent=args.gpus * args.trials_per_gpu or None,
                                          max_failures=args.max_failures,
                                          continuing=args.resume or args.extend,
+                                         trials_write_rows=storage.is_uri(out) or args.shared_out,
                                          wait_for_cluster=None if address == "local"
                                          else args.wait_for_cluster))
         finally:

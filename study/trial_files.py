@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from study import results, storage
+from study import epoch_parts, results, storage
 from study.storage import Location
 
 #: The tables a finished trial must hold rows in (``probes`` only where it was probed).
@@ -17,7 +17,7 @@ REQUIRED_TABLES: tuple[str, ...] = ("epochs", "layers", "steps")
 def has_rows(out_dir: str | os.PathLike, table: str, trial_id: str) -> bool:
     """Whether the results folder holds any of the trial's rows of ``table`` (either layout)."""
     return (storage.exists(results.table_path(out_dir, table, trial_id))
-            or bool(results.parts(out_dir, table, trial_id)))
+            or bool(epoch_parts.parts(out_dir, table, trial_id)))
 
 
 def trial_epochs(out_dir: str | os.PathLike, trial_id: str) -> set[int]:
@@ -26,7 +26,7 @@ def trial_epochs(out_dir: str | os.PathLike, trial_id: str) -> set[int]:
     file that cannot be read."""
     path = results.table_path(out_dir, "epochs", trial_id)
     held = {r["epoch"] for r in _read_rows(path, ["epoch"])} if storage.exists(path) else set()
-    return held | set(results.parts(out_dir, "epochs", trial_id))
+    return held | set(epoch_parts.parts(out_dir, "epochs", trial_id))
 
 
 def trial_finished(out_dir: str | os.PathLike, trial_id: str) -> bool:

@@ -58,6 +58,8 @@ class TuneSettings:
     max_failures: int  # retries of a failed trial, each from its last checkpoint
     continuing: bool  # --resume or --extend: restore Tune's saved experiment where it can
     wait_for_cluster: float | None = None  # seconds an autoscaler may take to add nodes (None: private Ray)
+    trials_write_rows: bool = False  # --out is shared storage: trials write their own rows there
+    compact_in_background: bool = True  # rows through the driver: compact ended trials off its thread
 
 
 def trial_name(trial) -> str:
@@ -91,7 +93,8 @@ def _run(study: Study, how: TuneSettings) -> int:
     from ray import tune
 
     from study.data import DataError, load_dataset
-    from study.trainable import FATAL_KEY, ParquetWriterCallback, data_to_numpy, train_trial
+    from study.results_writer import FATAL_KEY, ParquetWriterCallback
+    from study.trainable import data_to_numpy, train_trial
 
     t0 = time.time()
     p = study.preset
@@ -114,10 +117,12 @@ def _run(study: Study, how: TuneSettings) -> int:
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, data=data_to_numpy(data),
                              cpus_per_trial=how.resources["CPU"],
-                             cuda_graph=study.record["execution"]["cuda_graph"]),
+                             cuda_graph=study.record["execution"]["cuda_graph"],
+                             results_out=str(study.out) if how.trials_write_rows else None),
         {k.lower(): v for k, v in how.resources.items()},
     )
-    writer = ParquetWriterCallback(str(study.out), study.name, data.name, sizes)
+    writer = ParquetWriterCallback(str(study.out), study.name, data.name, sizes,
+                                   compact_in_background=how.compact_in_background)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # so the trimmed CLIReporter is used
     tuner = restored_tuner(study, trainable, writer) if how.continuing and not study.extending else None
     if tuner is None:
@@ -132,15 +137,16 @@ def _run(study: Study, how: TuneSettings) -> int:
     for logger in ("ray.tune.tune", "ray.tune.analysis.experiment_analysis"):
         logging.getLogger(logger).addFilter(TUNE_STOP_NOTES)  # the same object is added once
     grid = tuner.fit()  # a first Ctrl-C makes Tune save its state and return
+    writer.flush()  # the compactions still under way, before the study's state is read
     fatal = [r.metrics[FATAL_KEY] for r in grid if r.metrics and r.metrics.get(FATAL_KEY)]
     if fatal:
         print(f"study.sweep: error: trial {fatal[0]}; the study stopped (resume it with --resume "
-              "once the node's driver is fixed)", file=sys.stderr)
+              "once that is fixed)", file=sys.stderr)
         return 1
     import ray
 
     n_nodes = len([n for n in ray.nodes() if n.get("Alive")])
-    return outcome(study, grid.num_errors, time.time() - t0, n_nodes)
+    return outcome(study, grid.num_errors, time.time() - t0, n_nodes, how.trials_write_rows)
 
 
 def restored_tuner(study: Study, trainable, writer):
@@ -150,7 +156,7 @@ def restored_tuner(study: Study, trainable, writer):
     is this run's (the folder may have moved): see ParquetWriterCallback."""
     from ray import tune
 
-    from study.trainable import ParquetWriterCallback
+    from study.results_writer import ParquetWriterCallback
 
     if not tune.Tuner.can_restore(study.experiment):
         return None
@@ -209,8 +215,9 @@ def new_tuner(study: Study, how: TuneSettings, trainable, writer):
     )
 
 
-def outcome(study: Study, errors: int, seconds: float, n_nodes: int = 1) -> int:
-    """Say how the study stands after Tune's run; the exit status (1 errors, 130 stopped)."""
+def outcome(study: Study, errors: int, seconds: float, n_nodes: int = 1, shared_out: bool = False) -> int:
+    """Say how the study stands after Tune's run; the exit status (1 errors, 130 stopped).
+    ``shared_out``: every node sees the results folder (it is not only on the driver's)."""
     unfinished = [c for c in study.grid if not trial_finished(study.out, c.trial_id)]
     print(f"\nstudy {study.name!r}: {len(study.grid)} trials ({len(study.pending)} in this run), "
           f"{errors} errored, {seconds:.0f} s. Results: {study.out}")
@@ -224,7 +231,7 @@ def outcome(study: Study, errors: int, seconds: float, n_nodes: int = 1) -> int:
         print(f"study.sweep: stopped with {len(unfinished)} of the study's {len(study.grid)} trials "
               "unfinished; continue with the same command and --resume", file=sys.stderr)
         return 130
-    if n_nodes > 1 and not storage.is_uri(study.out):  # on a cluster: the head's disk
+    if n_nodes > 1 and not shared_out:  # on a cluster: the head's disk
         print(f"the results are on this node ({socket.gethostname()}), the driver's, only; from the "
               f"machine that ran `ray up`:  ray rsync-down cluster.yaml {study.out}/ results/ "
               "(or use --out s3://BUCKET/PREFIX, which outlives the node)")

@@ -33,7 +33,7 @@ from analysis import (
     tables,
 )
 from analysis.synthetic import write_synthetic_study
-from study import results
+from study import epoch_parts, results
 from study.results import trial_id
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,9 +84,9 @@ def test_load_joins_trial_configs_and_reports_incomplete_trials(study):
     assert len(s.trials) == 24
     assert s.variants == ["no BN", "BN", "noisy BN (noise 0.5)", "noisy BN (noise 1)"]
     assert s.lrs == [0.001, 0.01] and s.datasets == ["synthetic"]
-    for table in (s.epochs, s.layers, s.steps, s.probes):
+    for table in (s.epochs, s.layers, s.steps.frame(), s.probes):
         assert set(load.JOIN_COLUMNS) <= set(table.columns)
-    assert s.steps["grad_norm"].dtype == np.float32
+    assert s.steps.frame()["grad_norm"].dtype == np.float32
     # Every trial's rows carry its own config.
     by_id = s.trials.set_index("trial_id")
     sample = s.epochs.drop_duplicates("trial_id")
@@ -103,8 +103,9 @@ def test_load_joins_trial_configs_and_reports_incomplete_trials(study):
 
 def test_load_reads_only_requested_step_columns(study):
     s = load.load_study(study["folder"], step_columns=["grad_norm"])
-    assert "loss" not in s.steps.columns and "grad_norm" in s.steps.columns
-    assert len(s.steps) == 100 * (3 * 21 + 2 + 2 + 1)
+    steps = s.steps.frame()
+    assert "loss" not in steps.columns and "grad_norm" in steps.columns
+    assert len(steps) == 100 * (3 * 21 + 2 + 2 + 1) == sum(s.steps.rows.values())
 
 
 def test_planned_trials_without_rows_are_reported(tmp_path):
@@ -136,7 +137,7 @@ def test_files_of_trials_study_json_does_not_list_are_left_out(tmp_path):
 
     mixed, alone = load.load_study(folder), load.load_study(clean)
     for name in ("trials", "epochs", "layers", "steps", "probes"):
-        pd.testing.assert_frame_equal(getattr(mixed, name), getattr(alone, name))
+        pd.testing.assert_frame_equal(whole(mixed, name), whole(alone, name))
     opts = report.Options(results=folder, out=tmp_path / "unused", lr=0.001)
     pd.testing.assert_frame_equal(
         tables.accuracy_table(mixed, opts), tables.accuracy_table(alone, opts)
@@ -501,15 +502,16 @@ def test_missing_variant_skips_its_figure_and_draws_the_rest(tmp_path):
     assert "fig_probes_ics skipped: no probes recorded" in index
 
 
-def test_moving_average_matches_pandas_rolling():
+def test_trailing_mean_matches_pandas_rolling_whatever_the_sum_carried_in():
     rng = np.random.default_rng(0)
     frame = pd.DataFrame({"g": np.repeat([0, 1, 2], [7, 1, 12]), "v": rng.normal(size=20)})
     frame.loc[3, "v"] = np.nan
-    start = frame.groupby("g").cumcount().to_numpy()
-    group_start = np.arange(len(frame)) - start
-    got = series.moving_average(frame["v"].to_numpy(), group_start, np.full(len(frame), 4))
     ref = frame.groupby("g")["v"].transform(lambda s: s.rolling(4, min_periods=1).mean())
-    np.testing.assert_allclose(got, ref.to_numpy(), rtol=1e-12)
+    carry = 0.0
+    for g, part in frame.groupby("g"):
+        got, carry = series.trailing_mean(part["v"].to_numpy(), 4, carry)
+        np.testing.assert_allclose(got, ref[frame["g"] == g].to_numpy(), rtol=1e-12)
+    assert carry == pytest.approx(frame["v"].sum())
 
 
 def test_step_smoothing_spans_the_same_steps_whatever_grad_every():
@@ -685,7 +687,7 @@ def test_folder_without_results_is_refused(tmp_path, kind):
         (folder / "epochs").mkdir()
         (folder / "epochs" / ".a.tmp").write_bytes(b"x")
     if kind == "trials_missing":
-        results.write_epoch_rows(
+        epoch_parts.write_epoch_rows(
             folder, "epochs", "t1", results.to_arrow("epochs", [{"trial_id": "t1", "epoch": 1}])
         )
     code, _, err = run_main([str(folder)])
@@ -839,6 +841,11 @@ def test_log_axes_draw_over_any_range(lo, hi):
     plt.close(fig)
 
 
+def whole(study: load.Study, table: str) -> pd.DataFrame:
+    """``study``'s ``table`` as one DataFrame (the steps table is read a trial at a time)."""
+    return study.steps.frame() if table == "steps" else getattr(study, table)
+
+
 def _tables_of(folder: Path, out: Path) -> dict[str, bytes]:
     """accuracy_table.csv, gradient_stability.csv and comparisons.csv of ``folder``, as
     ``python -m analysis.figures`` writes them (its ``run`` without the figures)."""
@@ -868,17 +875,17 @@ def test_a_study_left_in_per_epoch_files_reads_and_tables_as_its_compacted_copy(
     tid = trial_id("batch", 0.0, 1e-3, 0)
     for table in results.EPOCH_TABLES:  # its last epoch again, now as a part
         rows = results.read_table_file(results.table_path(tmp_path / "resumed", table, tid))
-        results.write_epoch_rows(tmp_path / "resumed", table, tid,
+        epoch_parts.write_epoch_rows(tmp_path / "resumed", table, tid,
                                      rows.filter(pa.compute.equal(rows["epoch"], 3)))
     assert not list((tmp_path / "parts" / "steps").glob("*.parquet"))
     assert not [p for p in (tmp_path / "compacted" / "steps").iterdir() if p.is_dir()]
 
     reference = load.load_study(tmp_path / "compacted")
-    assert len(reference.steps) and len(reference.probes)
+    assert len(whole(reference, "steps")) and len(reference.probes)
     for name in ("parts", "resumed"):
         got = load.load_study(tmp_path / name)
         for table in ("trials", "epochs", "layers", "steps", "probes"):
-            pd.testing.assert_frame_equal(getattr(got, table), getattr(reference, table),
+            pd.testing.assert_frame_equal(whole(got, table), whole(reference, table),
                                           check_exact=True, obj=f"{name}: {table}")
         assert got.notices == reference.notices
     expected = _tables_of(tmp_path / "compacted", tmp_path / "out-compacted")
@@ -898,4 +905,4 @@ def test_two_folders_of_one_study_left_in_per_epoch_files_read_as_their_compacte
     reference = load.load_studies([tmp_path / "compacted" / "a", tmp_path / "compacted" / "b"])
     assert sorted(got.trials["seed"].unique()) == [0, 1, 2]
     for table in ("trials", "epochs", "layers", "steps"):
-        pd.testing.assert_frame_equal(getattr(got, table), getattr(reference, table), check_exact=True)
+        pd.testing.assert_frame_equal(whole(got, table), whole(reference, table), check_exact=True)

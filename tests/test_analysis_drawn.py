@@ -241,7 +241,7 @@ def test_fig3_panels_are_smoothed_binned_gradient_norms_with_t_band_over_seeds(d
     Reference: the steps table at the lr, pandas rolling mean per trial, bins averaged per
     trial, then t interval across seeds per bin."""
     study, figs = drawn
-    steps = at_lr_ok(study.steps)
+    steps = at_lr_ok(study.steps.frame())
     axes = grid(figs["fig3_gradients"])
     panels = ["grad_norm", *(f"grad_norm_{name}" for name in results.GRAD_LAYERS)]
     names = ["all weights (global)", *results.GRAD_LAYERS]

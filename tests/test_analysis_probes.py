@@ -14,7 +14,7 @@ from scipy import stats
 from analysis import layout, load, plots_probes, probe_summary, report, style
 from analysis.report import Skip, StepWindow
 from analysis.synthetic import write_synthetic_study
-from study import results
+from study import epoch_parts, results
 from study.results import trial_id
 
 NAN = float("nan")
@@ -36,7 +36,7 @@ def _probes(folder, tid: str, rows: list[tuple]) -> None:
                             ics_cos=0.5, loss_min=lmin, loss_max=lmax, loss_dev_min=dmin,
                             loss_dev_max=dmax, grad_pred=2 * beta, beta_smooth=beta,
                             weight_norm=wn if layer == "conv1" else 1.0))
-    results.write_epoch_rows(folder, "probes", tid, results.to_arrow("probes", out))
+    epoch_parts.write_epoch_rows(folder, "probes", tid, results.to_arrow("probes", out))
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from study import results
+from study import epoch_parts, results
 from tests.conftest import ROOT, assert_tables_equal, read_tables, run_sweep, sweep_cmd, sweep_env
 
 #: Long enough epochs (50 steps) that a kill lands mid-trial, short enough for CI.
@@ -82,6 +82,19 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path, fault_refe
     assert_tables_equal(fault_reference, after)
     killed = [r for r in reported(out) if r["trial_id"] == first["trial_id"]]
     assert len({r["pid"] for r in killed}) == 2  # it really ran in a second process
+
+
+def test_a_killed_trial_that_writes_its_own_rows_is_retried_with_whole_epochs_only(tmp_path, fault_reference):
+    """--shared-out: the trial writes its rows itself, so the kill may land between its writes
+    of an epoch; the retry from its checkpoint replaces that epoch's parts and the study equals
+    the reference (rows through the driver), with no epoch twice and nothing left in parts."""
+    out = tmp_path / "results"
+    code, output, first = sweep_killing_a_worker([*FAULT, "--shared-out"], out)
+    assert code == 0, output[-3000:]
+    assert_tables_equal(fault_reference, read_tables(out))
+    killed = [r for r in reported(out) if r["trial_id"] == first["trial_id"]]
+    assert len({r["pid"] for r in killed}) == 2
+    assert not [p for p in (out / "steps").iterdir() if p.is_dir()]
 
 
 def test_a_trial_out_of_retries_errors_and_resume_retries_it_from_its_checkpoint(tmp_path,
@@ -217,7 +230,7 @@ def test_stray_temporary_parquet_file_is_ignored(tmp_path):
     row = dict(trial_id="batch-lr0.01-seed0", study="t", norm="batch", noise=0.0, lr=0.01,
                seed=0, epochs=1, dataset="synthetic", status="done", epochs_done=1)
     results.write_trial_row(out, row)
-    results.write_epoch_rows(out, "epochs", row["trial_id"], results.to_arrow("epochs", [
+    epoch_parts.write_epoch_rows(out, "epochs", row["trial_id"], results.to_arrow("epochs", [
         dict(trial_id=row["trial_id"], epoch=1, train_acc=0.5, test_acc=0.5, val_acc=0.5)]))
     (out / "epochs" / ".batch-lr0.01-seed0.abc123.tmp").write_bytes(b"PAR1 half a file")
     study = load_study(out)

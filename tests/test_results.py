@@ -18,11 +18,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from analysis.synthetic import trial_records, write_synthetic_study
-from study import results, trial_files
+from study import epoch_parts, results, trial_files
 from study.config import TrialConfig
-from study.trainable import ROWS_KEY, ParquetWriterCallback
+from study.results_writer import ROWS_KEY, ParquetWriterCallback, status_record, write_epoch_record
 from tests.conftest import tiny_data
 from tests.test_train import collect
 
@@ -32,14 +33,14 @@ def _epochs(tid: str, rows: list[tuple[int, float]]):
 
 
 def test_an_epoch_written_again_replaces_its_rows(tmp_path):
-    results.write_epoch_rows(tmp_path, "epochs", "t", _epochs("t", [(1, 1.0)]))
-    results.write_epoch_rows(tmp_path, "epochs", "t", _epochs("t", [(1, 0.5)]))
-    results.write_epoch_rows(tmp_path, "epochs", "t", _epochs("t", [(2, 0.25)]))
+    epoch_parts.write_epoch_rows(tmp_path, "epochs", "t", _epochs("t", [(1, 1.0)]))
+    epoch_parts.write_epoch_rows(tmp_path, "epochs", "t", _epochs("t", [(1, 0.5)]))
+    epoch_parts.write_epoch_rows(tmp_path, "epochs", "t", _epochs("t", [(2, 0.25)]))
     assert sorted(p.name for p in (tmp_path / "epochs" / "t").iterdir()) == [
         "epoch=0001.parquet", "epoch=0002.parquet"]
-    got = results.read_trial_table(tmp_path, "epochs", "t").to_pandas()
+    got = epoch_parts.read_trial_table(tmp_path, "epochs", "t").to_pandas()
     assert got[["epoch", "train_loss"]].values.tolist() == [[1, 0.5], [2, 0.25]]
-    results.compact_trial(tmp_path, "t")
+    epoch_parts.compact_trial(tmp_path, "t")
     assert not (tmp_path / "epochs" / "t").exists()
     got = results.read_table_file(results.table_path(tmp_path, "epochs", "t")).to_pandas()
     assert got[["epoch", "train_loss"]].values.tolist() == [[1, 0.5], [2, 0.25]]
@@ -57,8 +58,8 @@ def test_a_file_written_before_a_column_was_added_takes_new_rows(tmp_path):
     pq.write_table(old, path)
     new = results.to_arrow("layers", [dict(trial_id="t", epoch=2, layer="conv1", site="weight",
                                            weight_norm=3.0)])
-    results.write_epoch_rows(tmp_path, "layers", "t", new)
-    results.compact_trial(tmp_path, "t")
+    epoch_parts.write_epoch_rows(tmp_path, "layers", "t", new)
+    epoch_parts.compact_trial(tmp_path, "t")
     got = results.read_table_file(path).to_pylist()
     assert [(r["epoch"], r["site"], r["mean"], r["weight_norm"]) for r in got] == [
         (1, "conv", 0.5, None), (2, "weight", None, 3.0)]
@@ -112,10 +113,10 @@ def test_results_files_are_readable_as_the_umask_allows_not_only_by_their_owner(
 
     old = os.umask(0o027)
     try:
-        results.write_epoch_rows(tmp_path, "epochs", "t", _epochs("t", [(1, 1.0)]))
+        epoch_parts.write_epoch_rows(tmp_path, "epochs", "t", _epochs("t", [(1, 1.0)]))
         results.write_trial_row(tmp_path, dict(trial_id="t", status="running"))
-        part = stat.S_IMODE(os.stat(results.part_path(tmp_path, "epochs", "t", 1)).st_mode)
-        results.compact_trial(tmp_path, "t")
+        part = stat.S_IMODE(os.stat(epoch_parts.part_path(tmp_path, "epochs", "t", 1)).st_mode)
+        epoch_parts.compact_trial(tmp_path, "t")
     finally:
         os.umask(old)
     assert part == 0o640, oct(part)
@@ -163,7 +164,7 @@ def _expected(table: str, tid: str, records_by_epoch: dict[int, dict]) -> pd.Dat
 
 
 def _held(out, table: str, tid: str) -> pd.DataFrame:
-    return results.read_trial_table(out, table, tid).to_pandas()
+    return epoch_parts.read_trial_table(out, table, tid).to_pandas()
 
 
 def test_a_report_neither_reads_nor_rewrites_the_earlier_epochs(tmp_path, monkeypatch):
@@ -201,7 +202,7 @@ def test_compaction_is_idempotent_and_a_stopped_one_is_finished_by_the_next(tmp_
                 .sort_values(list(results.SORT_KEYS[t]), kind="stable").reset_index(drop=True)
                 for t in tables}
 
-    results.compact_trial(out, tid)
+    epoch_parts.compact_trial(out, tid)
     compacted = {t: results.table_path(out, t, tid) for t in tables}
     first = {t: p.read_bytes() for t, p in compacted.items()}
     for t in tables:
@@ -209,7 +210,7 @@ def test_compaction_is_idempotent_and_a_stopped_one_is_finished_by_the_next(tmp_
         pd.testing.assert_frame_equal(pq.read_table(compacted[t]).to_pandas(), expected[t], check_exact=True)
 
     stamps = {t: p.stat().st_mtime_ns for t, p in compacted.items()}
-    results.compact_trial(out, tid)  # nothing left to merge: nothing is written
+    epoch_parts.compact_trial(out, tid)  # nothing left to merge: nothing is written
     assert {t: p.stat().st_mtime_ns for t, p in compacted.items()} == stamps
 
     for path, data in saved.items():  # stopped after writing the compacted files, parts not yet removed
@@ -217,7 +218,7 @@ def test_compaction_is_idempotent_and_a_stopped_one_is_finished_by_the_next(tmp_
         path.write_bytes(data)
     for t in tables:
         pd.testing.assert_frame_equal(_held(out, t, tid), expected[t], check_exact=True)
-    results.compact_trial(out, tid)
+    epoch_parts.compact_trial(out, tid)
     assert {t: p.read_bytes() for t, p in compacted.items()} == first
     assert not any((out / t / tid).exists() for t in tables)
 
@@ -242,7 +243,7 @@ def test_a_trial_resumed_after_compaction_appends_and_replaces_its_own_epochs(tm
         _report(resumed, cfg, record)
     mixed = {1: first[0], 2: second[1], 3: second[2]}
     for table in ("epochs", "layers", "steps"):
-        assert sorted(results.parts(tmp_path, table, tid)) == [2, 3]
+        assert sorted(epoch_parts.parts(tmp_path, table, tid)) == [2, 3]
         pd.testing.assert_frame_equal(_held(tmp_path, table, tid), _expected(table, tid, mixed))
     row = results.read_table_file(results.table_path(tmp_path, "trials", tid)).to_pylist()[0]
     assert (row["status"], row["epochs_done"]) == ("running", 3)
@@ -260,21 +261,26 @@ def test_a_trial_resumed_after_compaction_appends_and_replaces_its_own_epochs(tm
     assert trial_files.trial_finished(tmp_path, tid)
 
 
-def _write_until_killed(out: str, ready) -> None:
-    """A driver process writing a long trial's epochs, full-size, until it is killed."""
+def _write_until_killed(out: str, ready, writes: str) -> None:
+    """A process writing a long trial's epochs, full-size, until it is killed: a driver
+    (``writes="driver"``: through the callback) or the trial itself (``"trial"``)."""
     cfg = TrialConfig(norm="batch", lr=0.01, epochs=200)
     records = trial_records("batch", 0.0, 0.01, 0, epochs=200, rng=np.random.default_rng(0),
                             steps_per_epoch=2500, hist_bins=128)
     writer = _writer(out)
     ready.set()
     for record in records:
-        _report(writer, cfg, record)
+        if writes == "trial":
+            write_epoch_record(out, cfg.trial_id, record)
+        else:
+            _report(writer, cfg, record)
 
 
-def test_a_killed_writer_leaves_every_table_readable_with_whole_epochs_only(tmp_path):
-    """SIGKILL at three moments in a writing driver: every table reads, through the writer's
-    reader and the analysis', and holds each epoch it holds whole, the epochs table no epoch
-    the other tables lack (its row is written last)."""
+@pytest.mark.parametrize("writes", ["driver", "trial"])
+def test_a_killed_writer_leaves_every_table_readable_with_whole_epochs_only(tmp_path, writes):
+    """SIGKILL at three moments in a writing driver, or in a trial that writes its own rows:
+    every table reads, through the writer's reader and the analysis', and holds each epoch it
+    holds whole, the epochs table no epoch the other tables lack (its row is written last)."""
     from analysis import folder as analysis_folder
 
     tid = TrialConfig(norm="batch", lr=0.01, epochs=200).trial_id
@@ -282,12 +288,12 @@ def test_a_killed_writer_leaves_every_table_readable_with_whole_epochs_only(tmp_
     for n, (after, delay) in enumerate(((1, 0.0), (5, 0.003), (12, 0.007))):
         out = tmp_path / f"killed{n}"
         ready = context.Event()
-        child = context.Process(target=_write_until_killed, args=(str(out), ready))
+        child = context.Process(target=_write_until_killed, args=(str(out), ready, writes))
         child.start()
         assert ready.wait(60)
         # kill once `after` epochs are written, then a moment later: mid-epoch, at any speed
         deadline = time.monotonic() + 60
-        while len(results.parts(out, "epochs", tid)) < after and time.monotonic() < deadline:
+        while len(epoch_parts.parts(out, "epochs", tid)) < after and time.monotonic() < deadline:
             time.sleep(0.001)
         time.sleep(delay)
         os.kill(child.pid, signal.SIGKILL)
@@ -318,7 +324,7 @@ def test_whether_a_trial_is_whole_is_read_from_either_layout(tmp_path):
     tid = results.trial_id("batch", 0.0, 0.01, 0)
     write_synthetic_study(tmp_path / "parts", compact=False, **kw)
     write_synthetic_study(tmp_path / "compacted", **kw)
-    results.write_epoch_rows(tmp_path / "compacted", "epochs", tid, results.read_trial_table(
+    epoch_parts.write_epoch_rows(tmp_path / "compacted", "epochs", tid, epoch_parts.read_trial_table(
         tmp_path / "parts", "epochs", tid).slice(2, 1))
     for out in (tmp_path / "parts", tmp_path / "compacted"):
         assert trial_files.trial_gap(out, tid) is None
@@ -341,3 +347,59 @@ def test_an_epoch_without_a_recorded_step_still_leaves_the_trial_whole(tmp_path)
         _report(writer, cfg, record)
     assert results.read_table_file(results.table_path(tmp_path, "steps", cfg.trial_id)).num_rows == 0
     assert trial_files.trial_gap(tmp_path, cfg.trial_id) is None
+
+
+def _compacted(out, tid: str, tables=("trials", *results.EPOCH_TABLES)) -> dict[str, pd.DataFrame]:
+    return {t: results.read_table_file(results.table_path(out, t, tid)).to_pandas() for t in tables}
+
+
+def test_a_trial_that_writes_its_own_rows_leaves_the_driver_only_its_trials_row(tmp_path, monkeypatch):
+    """The trial writes each epoch (and compacts at its end) and sends its status record; the
+    driver writes no epoch rows and compacts nothing, and the files equal those of the same
+    records sent whole through the driver, trials row included."""
+    cfg = TrialConfig(norm="batch", lr=0.01, epochs=3)
+    tid, records = cfg.trial_id, trial_records("batch", 0.0, 0.01, 0, epochs=3, rng=np.random.default_rng(0),
+                                               steps_per_epoch=STEPS, hist_bins=8, probe_every=7)
+    through = _writer(tmp_path / "driver")
+    for record in records:
+        _report(through, cfg, record)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the driver wrote or compacted a trial's epoch rows")
+
+    driver = _writer(tmp_path / "trial")
+    for record in records:
+        write_epoch_record(str(tmp_path / "trial"), tid, record)
+        if record["status"] == "done":
+            epoch_parts.compact_trial(str(tmp_path / "trial"), tid)
+        with monkeypatch.context() as m:
+            m.setattr(epoch_parts, "write_epoch_rows", forbidden)
+            m.setattr(epoch_parts, "compact_trial", forbidden)
+            _report(driver, cfg, status_record(record))
+    expected, got = _compacted(tmp_path / "driver", tid), _compacted(tmp_path / "trial", tid)
+    assert len(got["probes"])
+    for table in expected:
+        pd.testing.assert_frame_equal(got[table], expected[table], check_exact=True, obj=table)
+
+
+def test_compaction_off_the_drivers_thread_gives_the_same_files(tmp_path):
+    """compact_in_background: the ended trials' compactions and final trials rows run on the
+    writer's worker thread; after flush the files equal those written inline."""
+    trials = [TrialConfig(norm="batch", lr=0.01, epochs=3, seed=s) for s in (0, 1)]
+    writers = {"inline": _writer(tmp_path / "inline"),
+               "background": ParquetWriterCallback(str(tmp_path / "background"), "s", "synthetic",
+                                                   dict(train=256, val=64, test=64),
+                                                   compact_in_background=True)}
+    for seed, cfg in enumerate(trials):
+        for record in _made_up(3, seed=seed):
+            for writer in writers.values():
+                _report(writer, cfg, record)
+    writers["background"].flush()
+    for cfg in trials:
+        tables = ("trials", "epochs", "layers", "steps")  # made-up trials without probes
+        expected = _compacted(tmp_path / "inline", cfg.trial_id, tables)
+        got = _compacted(tmp_path / "background", cfg.trial_id, tables)
+        assert got["trials"]["status"].tolist() == ["done"]
+        assert not (tmp_path / "background" / "steps" / cfg.trial_id).exists()
+        for table in tables:
+            pd.testing.assert_frame_equal(got[table], expected[table], check_exact=True, obj=table)

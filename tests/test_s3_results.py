@@ -88,7 +88,7 @@ def test_per_epoch_files_on_s3_are_compacted_and_leave_no_prefix_behind(s3):
     folders): an epoch written again replaces its object, compaction leaves one object per
     table and nothing under the trial's prefix, and a second compaction changes nothing."""
 
-    from study import results
+    from study import epoch_parts, results
 
     out, tid = f"s3://{s3.bucket}/parts", "t"
 
@@ -96,14 +96,14 @@ def test_per_epoch_files_on_s3_are_compacted_and_leave_no_prefix_behind(s3):
         return results.to_arrow("epochs", [dict(trial_id=tid, epoch=e, train_loss=v) for e, v in rows])
 
     for rows in ([(1, 1.0)], [(2, 2.0)], [(2, 0.5)]):
-        results.write_epoch_rows(out, "epochs", tid, epochs(*rows))
-    assert sorted(results.parts(out, "epochs", tid)) == [1, 2]
+        epoch_parts.write_epoch_rows(out, "epochs", tid, epochs(*rows))
+    assert sorted(epoch_parts.parts(out, "epochs", tid)) == [1, 2]
     assert storage.folder_names(f"{out}/epochs") == [tid]
     expected = epochs((1, 1.0), (2, 0.5))
-    assert results.read_trial_table(out, "epochs", tid).equals(expected)
-    results.compact_trial(out, tid)
-    assert storage.folder_names(f"{out}/epochs") == [] and not results.parts(out, "epochs", tid)
+    assert epoch_parts.read_trial_table(out, "epochs", tid).equals(expected)
+    epoch_parts.compact_trial(out, tid)
+    assert storage.folder_names(f"{out}/epochs") == [] and not epoch_parts.parts(out, "epochs", tid)
     data = storage.read_bytes(f"{out}/epochs/{tid}.parquet")
     assert results.read_table_file(f"{out}/epochs/{tid}.parquet").equals(expected)
-    results.compact_trial(out, tid)
+    epoch_parts.compact_trial(out, tid)
     assert storage.read_bytes(f"{out}/epochs/{tid}.parquet") == data

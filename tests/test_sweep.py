@@ -62,6 +62,17 @@ def test_local_sweep_writes_every_table(tiny_reference):
                                       cpu_channels_last=True)
 
 
+def test_trials_writing_their_own_rows_give_the_tables_written_through_the_driver(tiny_reference, tmp_path):
+    """--shared-out: each trial writes its rows where it runs and compacts them at its end, the
+    driver only its trials row; the tables equal those of the rows that went through the
+    driver, and no trial is left in parts."""
+    out = tmp_path / "results"
+    run_sweep(*TINY, "--out", str(out), "--shared-out")
+    assert_tables_equal(tiny_reference[1], read_tables(out))
+    assert not [p for t in results.EPOCH_TABLES if (out / t).exists()
+                for p in (out / t).iterdir() if p.is_dir()]
+
+
 def read_steps_columns(out: Path) -> list[str]:
     return pq.read_schema(next((out / "steps").glob("*.parquet"))).names
 
@@ -384,7 +395,7 @@ def test_a_finished_trial_run_again_by_tune_does_not_replace_its_results(tiny_re
     from types import SimpleNamespace
 
     from study.config import TrialConfig
-    from study.trainable import ROWS_KEY, ParquetWriterCallback
+    from study.results_writer import ROWS_KEY, ParquetWriterCallback
 
     out = _copy_study(tiny_reference[0], tmp_path / "results")
     study = json.loads((out / "study.json").read_text())

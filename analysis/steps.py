@@ -1,0 +1,111 @@
+"""The steps table, read one trial at a time: with ~2,500 rows an epoch per trial it is the
+table that outgrows memory as a study grows (issue 24), so its consumers (figure 3, the
+gradient-stability table) take each trial's rows in turn instead of the whole table.
+
+Trials come in the order the whole table would hold them (its files' order), so that per-trial
+results concatenate into what the whole-table computation gave.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.folder import read_table, to_pandas, trial_of
+from analysis.join import attach, orphan_notice
+from study import results
+
+#: Columns every read of the steps table includes, besides those asked for.
+KEY_COLUMNS: tuple[str, ...] = ("trial_id", "step", "epoch")
+
+
+@dataclass
+class StepTable:
+    """The steps table of a study, read lazily: ``frames`` yields one trial's rows at a time,
+    ``frame`` the whole table (for small studies and tests)."""
+
+    groups: dict[str, list[Path]]  # a trial's files (a compacted file, its parts), in read order
+    columns: tuple[str, ...]  # the columns read: ``KEY_COLUMNS`` and the steps columns asked for
+    trials: pd.DataFrame  # the study's trials, whose columns are copied onto every row
+    rows: dict[str, int] = field(default_factory=dict)  # trial id -> its rows (with a trials row)
+    holds: dict[str, tuple[str, ...]] = field(default_factory=dict)  # group -> the trials it holds
+
+    def __contains__(self, column: str) -> bool:
+        return column in self.columns
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.rows.values())
+
+    @property
+    def trial_ids(self) -> list[str]:
+        """The trials with rows, in the table's order."""
+        return [t for t, n in self.rows.items() if n]
+
+    def frames(self, ids: Iterable[str] | None = None,
+               columns: Sequence[str] | None = None) -> Iterator[pd.DataFrame]:
+        """Each trial's rows (of ``ids``, default all) with the trial columns, one DataFrame a
+        trial, in the table's order; ``columns``: the steps columns to read (default all read)."""
+        wanted = None if ids is None else set(ids)
+        cols = list(dict.fromkeys([*KEY_COLUMNS, *(self.columns if columns is None else columns)]))
+        for group, paths in self.groups.items():
+            held = self.holds.get(group, (group,))
+            if wanted is not None and not wanted.intersection(held):
+                continue
+            df = attach(to_pandas(read_table(paths, "steps", cols)), self.trials, "steps", [])
+            if wanted is not None and not wanted.issuperset(held):
+                df = df[df["trial_id"].astype(str).isin(wanted)].reset_index(drop=True)
+            yield from _by_trial(df)
+
+    def frame(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """The whole table as one DataFrame (every row in memory: for small studies)."""
+        cols = list(dict.fromkeys([*KEY_COLUMNS, *(self.columns if columns is None else columns)]))
+        arrow = read_table([p for paths in self.groups.values() for p in paths], "steps", cols)
+        return attach(to_pandas(arrow), self.trials, "steps", [])
+
+    def select(self, ids: set[str]) -> StepTable:
+        """The part of the table of trials ``ids`` (their trials rows kept for the join)."""
+        groups = {g: p for g, p in self.groups.items() if ids.intersection(self.holds.get(g, (g,)))}
+        return StepTable(groups, self.columns, self.trials, {t: n for t, n in self.rows.items() if t in ids},
+                         {g: self.holds.get(g, (g,)) for g in groups})
+
+
+def _by_trial(df: pd.DataFrame) -> Iterator[pd.DataFrame]:
+    """``df``'s rows per trial (one file's rows are normally all of one trial's)."""
+    ids = df["trial_id"].cat.remove_unused_categories()
+    if len(ids.cat.categories) <= 1:
+        if len(df):
+            yield df
+        return
+    for _, rows in df.groupby(ids, observed=True, sort=True):
+        yield rows.reset_index(drop=True)
+
+
+def read_steps(paths: Sequence[Path], trials: pd.DataFrame, columns: Sequence[str] | None,
+               notices: list[str]) -> StepTable:
+    """The steps table of ``paths`` (every folder's steps files, in the order the whole table is
+    read) joined with ``trials``; only the ``trial_id`` column is read now, to count each
+    trial's rows and note those without a trials row, as ``analysis.load`` does for every table."""
+
+    groups: dict[str, list[Path]] = {}
+    for p in paths:
+        groups.setdefault(trial_of(p), []).append(p)
+    names = list(results.TABLES["steps"].names) if columns is None else list(columns)
+    cols = tuple(dict.fromkeys([*KEY_COLUMNS, *names]))
+    table = StepTable(groups, cols, trials)
+    for group, found in groups.items():
+        ids = to_pandas(read_table(found, "steps", ["trial_id"]))["trial_id"]
+        counts = ids.value_counts(sort=False)
+        counts = counts[counts > 0]
+        table.holds[group] = tuple(str(t) for t in counts.index)
+        for trial_id, n in counts.items():
+            table.rows[str(trial_id)] = table.rows.get(str(trial_id), 0) + int(n)
+    known = set(trials["trial_id"])
+    missing = {t: n for t, n in table.rows.items() if t not in known}
+    if missing:  # the notice ``analysis.load`` gives for the other tables' rows
+        notices.append(orphan_notice("steps", sum(missing.values()), sorted(missing)))
+    table.rows = {t: n for t, n in table.rows.items() if t in known}
+    return table
