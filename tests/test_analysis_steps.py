@@ -11,7 +11,7 @@ import pytest
 from analysis import load, series, tables
 from analysis.stability import gradient_stability
 from analysis.synthetic import write_synthetic_study
-from study import results
+from study import epoch_parts, results
 from study.results import trial_id
 
 VARIANTS = (("none", 0.0), ("batch", 0.0), ("noisy_batch", 1.0))
@@ -31,7 +31,7 @@ def study(request, tmp_path_factory) -> load.Study:
                           hist_bins=8, compact=request.param == "compacted", study_json=False, random_state=1)
     stray = results.to_arrow("steps", {"trial_id": [STRAY] * 7, "step": list(range(7)), "epoch": [1] * 7,
                                        "grad_norm": [1.0] * 7})
-    results.write_epoch_rows(folder, "steps", STRAY, stray)
+    epoch_parts.write_epoch_rows(folder, "steps", STRAY, stray)
     return load.load_study(folder)
 
 
