@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,18 +23,10 @@ import pyarrow.fs as pafs
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from _common import timed_module  # noqa: E402
 from s3_server import s3_server  # noqa: E402
 
 TABLES = ("trials", "epochs", "layers", "steps", "probes")
-
-
-def timed(args: list[str], env: dict) -> float:
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "analysis.figures", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"analysis failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -46,7 +37,7 @@ def main() -> None:
     print(f"load average at start {os.getloadavg()[0]:.2f}; {files} table files", flush=True)
     with tempfile.TemporaryDirectory(prefix="s3-analysis-", dir="/tmp") as tmp:
         env = dict(os.environ, XDG_CACHE_HOME=f"{tmp}/cache")
-        local = timed([str(opts.folder), "--out", f"{tmp}/local"], env)
+        local = timed_module("analysis.figures", [str(opts.folder), "--out", f"{tmp}/local"], env)
         print(f"local disk: {local:.1f} s", flush=True)
         with s3_server() as s3:
             fs = pafs.S3FileSystem(endpoint_override=s3.endpoint, access_key="testing",
@@ -59,7 +50,8 @@ def main() -> None:
             with fs.open_output_stream(f"{s3.bucket}/study/study.json") as out:
                 out.write((opts.folder / "study.json").read_bytes())
             print(f"uploaded in {time.perf_counter() - t0:.1f} s (not timed below)", flush=True)
-            on_s3 = timed([f"s3://{s3.bucket}/study", "--out", f"{tmp}/s3"], dict(env, **s3.env))
+            on_s3 = timed_module("analysis.figures", [f"s3://{s3.bucket}/study", "--out", f"{tmp}/s3"],
+                                 dict(env, **s3.env))
     print(f"analysis.figures, wall time: local disk {local:.1f} s, S3 (moto on 127.0.0.1) {on_s3:.1f} s; "
           f"S3 / local = {on_s3 / local:.2f} (load average at end {os.getloadavg()[0]:.1f})")
 

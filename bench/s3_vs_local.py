@@ -13,25 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from _common import timed_module  # noqa: E402
 from s3_server import s3_server  # noqa: E402
-
-
-def timed_sweep(args: list[str], env: dict) -> float:
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "study.sweep", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"sweep failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -41,9 +31,9 @@ def main() -> None:
     common = ["--preset", opts.preset, "--dataset", "synthetic", "--address", "local"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with tempfile.TemporaryDirectory() as tmp:
-        local = timed_sweep([*common, "--out", f"{tmp}/results"], env)
+        local = timed_module("study.sweep", [*common, "--out", f"{tmp}/results"], env)
         with s3_server() as s3:
-            on_s3 = timed_sweep([*common, "--out", f"s3://{s3.bucket}/results",
+            on_s3 = timed_module("study.sweep", [*common, "--out", f"s3://{s3.bucket}/results",
                                  "--storage", f"s3://{s3.bucket}/tune"], dict(env, **s3.env))
     print(f"{opts.preset} sweep, wall time: local disk {local:.1f} s, S3 (moto on 127.0.0.1) "
           f"{on_s3:.1f} s; S3 / local = {on_s3 / local:.2f}  (load average {os.getloadavg()[0]:.1f})")
