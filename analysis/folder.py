@@ -9,7 +9,8 @@ reads it, so the analysis never needs torch or Ray.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,22 +159,64 @@ def _read_trial(paths: list[Path], table: str, wanted: list[str]) -> pa.Table:
     return merged.select([c for c in wanted if c in merged.column_names])
 
 
-def _read_file(path: Path, table: str, columns: list[str]) -> pa.Table:
+def trial_rows(paths: list[Path], table: str) -> dict[str, int]:
+    """Rows per trial id in ``paths`` (one trial's files, or a folder's), as ``read_table``
+    would return them. A trial's single compacted file is counted from its footer (its
+    ``trial_id`` statistics name that trial alone), without reading a column."""
+    if len(paths) == 1 and epoch_parts.part_epoch(paths[0].name) is None:
+        with _reading(paths[0]):
+            meta = _open(paths[0], table).metadata
+            if _holds_only(meta, trial_of(paths[0])):
+                return {trial_of(paths[0]): meta.num_rows} if meta.num_rows else {}
+    ids = to_pandas(read_table(paths, table, ["trial_id"]))["trial_id"]
+    counts = ids.value_counts(sort=False)
+    return {str(t): int(n) for t, n in counts.items() if n > 0}
+
+
+def _holds_only(meta: pq.FileMetaData, trial_id: str) -> bool:
+    """Whether every row group's ``trial_id`` statistics say it holds ``trial_id`` only."""
+    names = meta.schema.to_arrow_schema().names
+    if "trial_id" not in names:
+        return False
+    column = names.index("trial_id")
+    for g in range(meta.num_row_groups):
+        stats = meta.row_group(g).column(column).statistics
+        if (stats is None or not stats.has_min_max or stats.null_count != 0
+                or stats.min != trial_id or stats.max != trial_id):
+            return False
+    return True
+
+
+def _open(path: Path, table: str) -> pq.ParquetFile:
+    """``path`` opened, its schema version and table checked (``_reading`` turns errors into
+    :class:`ResultsError`)."""
+    pf = pq.ParquetFile(path, read_dictionary=["trial_id"])
+    meta = pf.schema_arrow.metadata
+    results.check_version(path, meta)
+    stored = (meta or {}).get(results.TABLE_KEY)
+    if stored is not None and stored.decode() != table:
+        raise ResultsError(f"{path}: holds table {stored.decode()!r}, not {table!r}")
+    return pf
+
+
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """What goes wrong reading ``path``, as one :class:`ResultsError` naming it."""
     try:
-        pf = pq.ParquetFile(path, read_dictionary=["trial_id"])
-        meta = pf.schema_arrow.metadata
-        results.check_version(path, meta)
-        stored = (meta or {}).get(results.TABLE_KEY)
-        if stored is not None and stored.decode() != table:
-            raise ResultsError(f"{path}: holds table {stored.decode()!r}, not {table!r}")
-        present = [c for c in columns if c in pf.schema_arrow.names]
-        data = pf.read(columns=present)
+        yield
     except results.SchemaVersionError as exc:
         raise ResultsError(str(exc)) from exc
     except KeyError as exc:  # read_dictionary names a column the file lacks: a foreign file
         raise ResultsError(f"{path}: not a bnstudy results file (no trial_id column)") from exc
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise ResultsError(f"{path}: not a readable Parquet file ({exc})") from exc
+
+
+def _read_file(path: Path, table: str, columns: list[str]) -> pa.Table:
+    with _reading(path):
+        pf = _open(path, table)
+        present = [c for c in columns if c in pf.schema_arrow.names]
+        data = pf.read(columns=present)
     # Unify the trial_id type so files with and without a dictionary concatenate.
     if "trial_id" in data.column_names:
         col = data.column("trial_id")
