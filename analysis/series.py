@@ -48,9 +48,11 @@ def smoothed_step_curves(
     are shared by all trials). ``present`` gets, per column, whether any row has a value.
     """
     trials = steps if callable(steps) else _trial_frames(steps)
-    unique = np.empty(0, dtype=np.int64)
+    distinct: dict[bytes, np.ndarray] = {}  # each distinct set of a trial's steps (most trials share one)
     for part in trials(()):
-        unique = np.union1d(unique, part["step"].to_numpy())
+        steps_here = np.unique(part["step"].to_numpy()).astype(np.int64)
+        distinct.setdefault(steps_here.tobytes(), steps_here)
+    unique = np.unique(np.concatenate([np.empty(0, dtype=np.int64), *distinct.values()]))
     lo, hi = int(unique[0]), int(unique[-1])
     nbins = int(min(max_points, len(unique)))
     bin_sum, bin_n = np.zeros(nbins), np.zeros(nbins, dtype=np.int64)

@@ -8,7 +8,10 @@ results concatenate into what the whole-table computation gave.
 
 from __future__ import annotations
 
+import itertools
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -22,6 +25,8 @@ from study import results
 
 #: Rows of the steps table read and joined at once (~10 full-size trials, ~20 MB).
 BATCH_ROWS = 250_000
+#: Reads under way while one is used (each ~``BATCH_ROWS`` rows in memory).
+READS_AHEAD = 1
 #: Columns every read of the steps table includes, besides those asked for.
 KEY_COLUMNS: tuple[str, ...] = ("trial_id", "step", "epoch")
 
@@ -36,6 +41,7 @@ class StepTable:
     trials: pd.DataFrame  # the study's trials, whose columns are copied onto every row
     rows: dict[str, int] = field(default_factory=dict)  # trial id -> its rows (with a trials row)
     holds: dict[str, tuple[str, ...]] = field(default_factory=dict)  # group -> the trials it holds
+    batch_rows: int = BATCH_ROWS  # rows read and joined at once (``_reads``)
 
     @cached_property
     def _join(self) -> pd.DataFrame:
@@ -61,39 +67,53 @@ class StepTable:
         A frame's categorical columns may list values of other trials read with it."""
         wanted = None if ids is None else set(ids)
         cols = list(dict.fromkeys([*KEY_COLUMNS, *(self.columns if columns is None else columns)]))
-        batch: list[list[Path]] = []  # the files of whole trials, read together
+        reads = iter(self._reads(wanted))
+        # the next read's files decode on a thread (pyarrow lets go of the GIL) while this one's
+        # rows are used: a read is ~half a trial's time in the analysis
+        with ThreadPoolExecutor(1) as pool:
+            ahead = deque()
+            for _ in range(READS_AHEAD):
+                ahead.extend((r, pool.submit(_read, r, cols)) for r in itertools.islice(reads, 1))
+            while ahead:
+                (batch, whole), read = ahead.popleft()
+                ahead.extend((r, pool.submit(_read, r, cols)) for r in itertools.islice(reads, 1))
+                parts = read.result()
+                df = attach(to_pandas(pa.concat_tables(parts)), self._join, "steps", [])
+                if whole:  # each part one trial's rows
+                    start = 0
+                    for part in parts:
+                        if part.num_rows:
+                            yield df.iloc[start:start + part.num_rows].reset_index(drop=True)
+                        start += part.num_rows
+                    continue
+                if wanted is not None:
+                    df = df[df["trial_id"].astype(str).isin(wanted)].reset_index(drop=True)
+                yield from _by_trial(df)
+
+    def _reads(self, wanted: set[str] | None) -> Iterator[tuple[list[list[Path]], bool]]:
+        """The files to read, in the table's order, a read at a time: (a list of groups' files,
+        whether each group is one trial with a trials row). Such groups are read ~``batch_rows``
+        rows together, as reading, converting and joining costs ~3 ms a call whatever its size;
+        any other group alone, its rows split by trial after the join."""
+        batch: list[list[Path]] = []
         rows = 0
         for group, paths in self.groups.items():
             held = self.holds.get(group, (group,))
             if wanted is not None and not wanted.intersection(held):
                 continue
-            if len(held) == 1 and held[0] in self.rows:  # one trial, with a trials row: the usual
+            if len(held) == 1 and held[0] in self.rows:  # the usual
                 batch.append(paths)
                 rows += self.rows[held[0]]
-                if rows >= BATCH_ROWS:
-                    yield from self._batch(batch, cols)
+                if rows >= self.batch_rows:
+                    yield batch, True
                     batch, rows = [], 0
                 continue
-            yield from self._batch(batch, cols)
-            batch, rows = [], 0
-            df = attach(to_pandas(read_table(paths, "steps", cols)), self._join, "steps", [])
-            if wanted is not None and not wanted.issuperset(held):
-                df = df[df["trial_id"].astype(str).isin(wanted)].reset_index(drop=True)
-            yield from _by_trial(df)
-        yield from self._batch(batch, cols)
-
-    def _batch(self, batch: list[list[Path]], cols: list[str]) -> Iterator[pd.DataFrame]:
-        """The rows of ``batch`` (each the files of one trial with a trials row), a trial at a
-        time: read, converted and joined as one table, as each costs ~3 ms a call whatever its size."""
-        if not batch:
-            return
-        parts = [read_table(paths, "steps", cols) for paths in batch]
-        df = attach(to_pandas(pa.concat_tables(parts)), self._join, "steps", [])
-        start = 0
-        for part in parts:
-            if part.num_rows:
-                yield df.iloc[start:start + part.num_rows].reset_index(drop=True)
-            start += part.num_rows
+            if batch:
+                yield batch, True
+                batch, rows = [], 0
+            yield [paths], False
+        if batch:
+            yield batch, True
 
     def frame(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
         """The whole table as one DataFrame (every row in memory: for small studies)."""
@@ -105,7 +125,12 @@ class StepTable:
         """The part of the table of trials ``ids`` (their trials rows kept for the join)."""
         groups = {g: p for g, p in self.groups.items() if ids.intersection(self.holds.get(g, (g,)))}
         return StepTable(groups, self.columns, self.trials, {t: n for t, n in self.rows.items() if t in ids},
-                         {g: self.holds.get(g, (g,)) for g in groups})
+                         {g: self.holds.get(g, (g,)) for g in groups}, self.batch_rows)
+
+
+def _read(item: tuple[list[list[Path]], bool], cols: list[str]) -> list[pa.Table]:
+    """The steps rows of each group of files in a ``StepTable._reads`` item."""
+    return [read_table(paths, "steps", cols) for paths in item[0]]
 
 
 def _by_trial(df: pd.DataFrame) -> Iterator[pd.DataFrame]:

@@ -4,11 +4,15 @@ them trial by trial is what the whole-table computation gives, to the last bit."
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from analysis import load, series, tables
+from analysis.folder import ResultsError, trial_rows
 from analysis.stability import gradient_stability
 from analysis.synthetic import write_synthetic_study
 from study import epoch_parts, results
@@ -53,6 +57,19 @@ def test_trial_frames_are_the_whole_tables_rows_in_its_order(study):
     np.testing.assert_array_equal(got["grad_norm"], expected["grad_norm"])
 
 
+@pytest.mark.parametrize("batch_rows", [1, 1000])
+def test_trials_read_in_batches_of_any_size_are_the_same_frames(study, batch_rows):
+    """Trials read a few at a time (and the one without a trials row between them) give each
+    trial's frame as a read of one trial at a time does."""
+    one_by_one = [f.astype({c: "object" for c in ("trial_id", "status", "norm", "dataset")})
+                  for f in replace(study.steps, batch_rows=1).frames()]
+    got = [f.astype({c: "object" for c in ("trial_id", "status", "norm", "dataset")})
+           for f in replace(study.steps, batch_rows=batch_rows).frames()]
+    assert len(got) == len(one_by_one) == len(study.steps.trial_ids)
+    for a, b in zip(got, one_by_one, strict=True):
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
+
+
 def test_rows_of_a_trial_without_a_trials_row_are_noted_and_left_out(study):
     assert f"steps: 7 rows of 1 trial(s) without a trials row were ignored ({STRAY})" in study.notices
     assert STRAY not in study.steps.rows and STRAY not in set(study.steps.frame()["trial_id"])
@@ -89,3 +106,22 @@ def test_stability_read_a_trial_at_a_time_equals_the_whole_table_computation(stu
     expected = gradient_stability(whole, 1, tuple(results.GRAD_LAYERS)).set_index("trial_id")
     got = runs.set_index("trial_id")[expected.columns]
     pd.testing.assert_frame_equal(got.sort_index(), expected.sort_index(), check_exact=True)
+
+
+def test_rows_are_counted_from_the_footer_only_where_it_names_the_files_trial_alone(tmp_path):
+    """A compacted file's rows per trial, counted from its footer or (where its statistics
+    name another trial too) from its ``trial_id`` column, are the rows it holds."""
+    one, other = trial_id("none", 0.0, 1e-3, 0), trial_id("batch", 0.0, 1e-3, 0)
+
+    def rows(ids: list[str]) -> pa.Table:
+        return results.to_arrow("steps", {"trial_id": ids, "step": list(range(len(ids))),
+                                          "epoch": [1] * len(ids), "grad_norm": [1.0] * len(ids)})
+
+    alone, mixed = tmp_path / "alone" / f"{one}.parquet", tmp_path / "mixed" / f"{one}.parquet"
+    for path, ids in ((alone, [one] * 5), (mixed, [one] * 3 + [other] * 4)):
+        path.parent.mkdir()
+        results.write_atomic(rows(ids), path)
+    assert trial_rows([alone], "steps") == {one: 5}
+    assert trial_rows([mixed], "steps") == {one: 3, other: 4}
+    with pytest.raises(ResultsError, match="holds table 'steps', not 'epochs'"):
+        trial_rows([alone], "epochs")
