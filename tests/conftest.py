@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,15 @@ os.environ["MPLBACKEND"] = "Agg"
 # Every Ray the tests start (and the sweeps they run) listens on 127.0.0.1 only: with this,
 # Ray takes the loopback address as the node's instead of the machine's network address.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# Each pytest process (xdist runs two side by side) keeps its Rays' files, and the "latest
+# cluster" pointer that a sweep without --address follows, in a dir of its own: two workers'
+# clusters never meet, and a test cluster never overwrites the pointer to the developer's own.
+RAY_TMPDIR = tempfile.mkdtemp(prefix="rayt", dir="/tmp")  # short: Ray's socket paths
+os.environ["RAY_TMPDIR"] = RAY_TMPDIR
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(RAY_TMPDIR, ignore_errors=True)
 
 
 def as_from_a_terminal() -> None:
