@@ -41,7 +41,8 @@ def attach(df: pd.DataFrame, trials: pd.DataFrame, table: str, notices: list[str
         df = df[~orphan]
         row_pos = row_pos[~orphan]
     codes = ids.codes.to_numpy()
-    used_trials = pos[np.unique(codes)] if len(ids.categories) > 1 else pos[:1]  # few: the trials
+    # the trials the rows hold (a handful; one needs no sort of the codes)
+    used_trials = pos[np.unique(codes)] if len(ids.categories) > 1 else pos[:1]
     columns = {}
     for col in JOIN_COLUMNS:
         source = trials[col]

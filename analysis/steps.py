@@ -1,6 +1,7 @@
-"""The steps table, read one trial at a time: with ~2,500 rows an epoch per trial it is the
-table that outgrows memory as a study grows (issue 24), so its consumers (figure 3, the
-gradient-stability table) take each trial's rows in turn instead of the whole table.
+"""The steps table, streamed: with ~2,500 rows an epoch per trial it is the table that outgrows
+memory as a study grows (issue 24), so it is read in batches of ~BATCH_ROWS rows (a few trials,
+only the columns asked for) and its consumers (figure 3, the gradient-stability table) take
+each trial's rows in turn instead of the whole table.
 
 Trials come in the order the whole table would hold them (its files' order), so that per-trial
 results concatenate into what the whole-table computation gave.
