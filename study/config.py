@@ -33,6 +33,11 @@ def _shown(value: object) -> str:
     return repr(value)
 
 
+#: The paper's step-size grid, as multiples of the learning rate: 8 log-spaced points in [0.5, 4]
+#: (the sweep's default for --probe-etas). Here, not in study.probes: the driver needs no torch.
+DEFAULT_ETA_MULTIPLES: tuple[float, ...] = tuple(0.5 * 8 ** (i / 7) for i in range(8))
+
+
 @dataclass(frozen=True)
 class TrialConfig:
     """Everything that determines one trial's numbers. The defaults are the seed notebook's

@@ -55,13 +55,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from study.config import DEFAULT_ETA_MULTIPLES
 from study.model import SeedCNN
 from study.results import PROBE_LAYERS
 from study.sync_debug import syncs_allowed
-
-#: The paper's step-size grid, as multiples of the learning rate: 8 log-spaced points in [0.5, 4]
-#: (the sweep's default for --probe-etas).
-DEFAULT_ETA_MULTIPLES: tuple[float, ...] = tuple(0.5 * 8 ** (i / 7) for i in range(8))
 
 #: Keys of a probe result that hold one number per step (the loss-landscape measures).
 LANDSCAPE_KEYS = ("loss_min", "loss_max", "loss_dev_min", "loss_dev_max", "grad_pred", "beta_smooth")

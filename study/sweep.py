@@ -31,10 +31,9 @@ from study.cluster import (  # noqa: E402
     resolve_address,
     trial_resources,
 )
-from study.config import ConfigError  # noqa: E402
+from study.config import DEFAULT_ETA_MULTIPLES, ConfigError  # noqa: E402
 from study.grid import PARAM_LISTS, PRESETS, Preset, build_grid, dry_run_text  # noqa: E402
 from study.plan import check_out_dir, out_lock, plan_run, study_record  # noqa: E402
-from study.probes import DEFAULT_ETA_MULTIPLES  # noqa: E402
 from study.results import DamagedFileError  # noqa: E402
 from study.tune_run import Study, TuneSettings, run_tune  # noqa: E402
 from study.variants import NOISE_SCOPES, NORMS, VARIANTS  # noqa: E402

@@ -12,11 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from study import results
-from study.config import TrialConfig
+from study.config import DEFAULT_ETA_MULTIPLES, TrialConfig
 from study.data import DataArrays
 from study.model import SeedCNN
 from study.probes import (
-    DEFAULT_ETA_MULTIPLES,
     LANDSCAPE_KEYS,
     Block,
     StepProber,
