@@ -20,7 +20,7 @@ from dataclasses import replace
 
 from common.cli import EXIT_USAGE, Parser, UsageError, first_few, python_interrupts, quiet_until_main
 
-if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line, not a traceback
+if __name__ == "__main__":  # Ctrl-C while its libraries load: one line, not a traceback
     quiet_until_main("study.sweep")
 
 from study import storage  # noqa: E402

@@ -152,7 +152,7 @@ def test_files_of_trials_study_json_does_not_list_are_left_out(tmp_path):
     assert set(extra_ids) <= set(load.load_study(folder).trials["trial_id"])
     # A study.json listing none of the folder's trials: refused, not an empty study.
     (folder / "study.json").write_text(json.dumps({**config, "trial_ids": ["ghost"]}))
-    code, _, err = run_main([str(folder)])
+    code, _, err = run_main([str(folder), "--format", "png"])
     assert_refused(code, err, "trial_ids", str(folder / "study.json"))
 
 
@@ -293,7 +293,7 @@ def test_a_cell_over_fewer_runs_than_n_gives_its_own_n(tmp_path):
         rows = results.read_table_file(path).to_pylist()
         rows[-1]["test_acc"] = float("nan")
         results.write_atomic(results.to_arrow("epochs", rows), path)
-    code, _, err = run_main([str(folder), "--out", str(tmp_path / "fig")])
+    code, _, err = run_main([str(folder), "--out", str(tmp_path / "fig"), "--format", "png"])
     assert code == 0, err
     table = pd.read_csv(tmp_path / "fig" / "accuracy_table.csv").iloc[0]
     assert table["n"] == 3 and table["test_n"] == 1 and table["train_n"] == 3
@@ -306,7 +306,7 @@ def test_a_cell_over_fewer_runs_than_n_gives_its_own_n(tmp_path):
 def test_bootstrap_table_shows_its_interval_not_a_half_width(study, tmp_path):
     """A percentile bootstrap interval need not be symmetric about the mean: the table shows it."""
     out = tmp_path / "boot"
-    code, _, err = run_main([str(study["folder"]), "--ci", "bootstrap", "--out", str(out)])
+    code, _, err = run_main([str(study["folder"]), "--ci", "bootstrap", "--out", str(out), "--format", "png"])
     assert code == 0, err
     table = pd.read_csv(out / "accuracy_table.csv")
     md = (out / "accuracy_table.md").read_text()
@@ -364,7 +364,7 @@ def test_one_epoch_gets_an_error_bar_and_one_whole_tick(tmp_path):
     plt.close(fig)
     folder = tmp_path / "one_epoch"  # and the whole command on a one-epoch study
     write_synthetic_study(folder, epochs=1, steps_per_epoch=20, hist_bins=16, probe_every=0)
-    code, _, err = run_main([str(folder)])
+    code, _, err = run_main([str(folder), "--format", "png"])
     assert code == 0, err
 
 
@@ -390,7 +390,7 @@ def test_a_missing_epochs_table_is_named_in_the_skip_notice(study, tmp_path):
     folder = tmp_path / "no_epochs"
     shutil.copytree(study["folder"], folder, ignore=shutil.ignore_patterns("figures"))
     shutil.rmtree(folder / "epochs")
-    code, out, err = run_main([str(folder)])
+    code, out, err = run_main([str(folder), "--format", "png"])
     assert code == 0, err
     notice = next(line for line in (out + err).splitlines() if "fig2_noisy_bn skipped" in line)
     assert "epochs table" in notice and "diverged" not in notice
@@ -422,7 +422,7 @@ def test_a_variant_with_no_finished_run_is_named_as_not_drawn(tmp_path):
     outcome = {trial_id("none", 0.0, 0.001, s): ("diverged", 1) for s in range(3)}
     write_synthetic_study(folder, epochs=2, steps_per_epoch=20, hist_bins=16, probe_every=0,
                           outcome=outcome)
-    code, _, err = run_main([str(folder)])
+    code, _, err = run_main([str(folder), "--format", "png"])
     assert code == 0, err
     index = (folder / "figures" / "index.md").read_text()
     fig1 = index[index.index("Figure 1"):index.index("Figure 2")]
@@ -704,7 +704,7 @@ def test_an_output_that_cannot_be_written_is_one_line_and_exit_2(study, tmp_path
     assert blocker.read_text() == "precious"
     out = tmp_path / "figs"
     (out / "accuracy_table.csv").mkdir(parents=True)
-    code, _, err = run_main([str(study["folder"]), "--out", str(out)])
+    code, _, err = run_main([str(study["folder"]), "--out", str(out), "--format", "png"])
     assert_refused(code, err, "cannot write", "accuracy_table.csv")
 
 
@@ -766,7 +766,7 @@ def test_ctrl_c_gives_one_line_exit_130_and_keeps_what_was_written(study, tmp_pa
         (name, interrupted if name == "fig2_noisy_bn" else draw) for name, draw in figures.FIGURES))
     out = tmp_path / "figs"
     try:
-        code, _, err = run_main([str(study["folder"]), "--out", str(out)])
+        code, _, err = run_main([str(study["folder"]), "--out", str(out), "--format", "png"])
     except KeyboardInterrupt:
         pytest.fail("KeyboardInterrupt escaped figures.main")
     assert code == 130 and "Traceback" not in err

@@ -326,10 +326,16 @@ def test_data_arrays_checks_its_arrays() -> None:
 # ---------------------------------------------------------------------------- real images
 
 
-def test_real_cifar10_jpegs(cifar10_jpeg_dir: Path, tmp_path: Path, monkeypatch) -> None:
+@pytest.fixture(scope="module")
+def cifar10_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One --data-dir for the real images' tests: the 60,000 JPEGs are decoded once (~15 s)."""
+    return tmp_path_factory.mktemp("cifar10-cache")
+
+
+def test_real_cifar10_jpegs(cifar10_jpeg_dir: Path, cifar10_cache: Path, monkeypatch) -> None:
     logs: list[str] = []
     spec = f"imagefolder:{cifar10_jpeg_dir}"
-    d = load_dataset(spec, data_dir=tmp_path, log=logs.append)
+    d = load_dataset(spec, data_dir=cifar10_cache, log=logs.append)
     assert d.classes == CIFAR10_CLASSES
     assert (len(d.train_y), len(d.test_y)) == (50_000, 10_000)
     np.testing.assert_array_equal(np.bincount(d.train_y), [5000] * 10)
@@ -338,16 +344,16 @@ def test_real_cifar10_jpegs(cifar10_jpeg_dir: Path, tmp_path: Path, monkeypatch)
     ref = np.asarray(Image.open(cifar10_jpeg_dir / "test/ship/0007.jpg").convert("RGB"))
     np.testing.assert_array_equal(d.test_x[8 * 1000 + 7], ref.transpose(2, 0, 1))
     monkeypatch.setattr(Image, "open", None)  # the second load must not decode anything
-    again = load_dataset(spec, data_dir=tmp_path, log=logs.append)
+    again = load_dataset(spec, data_dir=cifar10_cache, log=logs.append)
     np.testing.assert_array_equal(again.train_x, d.train_x)
 
 
-def test_real_cifar10_images_are_learnable_with_bn(cifar10_jpeg_dir: Path, tmp_path: Path) -> None:
+def test_real_cifar10_images_are_learnable_with_bn(cifar10_jpeg_dir: Path, cifar10_cache: Path) -> None:
     """One short epoch on 2,400 real images: the BN network clearly beats chance (10%)."""
     from study.config import TrialConfig
     from study.train import RunOptions, run_trial
 
-    data = load_dataset(f"imagefolder:{cifar10_jpeg_dir}", data_dir=tmp_path, subset=3000,
+    data = load_dataset(f"imagefolder:{cifar10_jpeg_dir}", data_dir=cifar10_cache, subset=3000,
                         log=lambda s: None)
     cfg = TrialConfig(norm="batch", lr=0.02, epochs=1, batch_size=16)
     summary = run_trial(cfg, data, options=RunOptions(device="cpu", threads=1))

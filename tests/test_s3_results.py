@@ -51,14 +51,16 @@ def test_a_study_on_s3_killed_and_resumed_gives_the_local_runs_tables(s3, tiny_r
     assert not storage.exists(f"{out}/.sweep-lock")
 
     figures = tmp_path / "figures"
-    drawn = subprocess.run([*sweep_cmd()[:2], "analysis.figures", out, "--out", str(figures)],
+    drawn = subprocess.run([*sweep_cmd()[:2], "analysis.figures", out, "--out", str(figures),
+                           "--format", "png"],
                            cwd=tmp_path, env=sweep_env(**s3.env, XDG_CACHE_HOME=str(tmp_path / "cache")),
                            capture_output=True, text=True, timeout=300)
     assert drawn.returncode == 0, drawn.stderr[-2000:]
     copy = tmp_path / "cache" / "bnstudy" / "results" / "s3" / s3.bucket / "studies" / "tiny"
     assert_tables_equal(reference, read_tables(copy))
     local = tmp_path / "local-figures"
-    subprocess.run([*sweep_cmd()[:2], "analysis.figures", str(ref_out), "--out", str(local)],
+    subprocess.run([*sweep_cmd()[:2], "analysis.figures", str(ref_out), "--out", str(local),
+                    "--format", "png"],
                    cwd=tmp_path, env=sweep_env(), check=True, capture_output=True, timeout=300)
     for table in ("accuracy_table.csv", "comparisons.csv"):
         assert (figures / table).read_bytes() == (local / table).read_bytes(), table
