@@ -10,6 +10,7 @@ directly or around a circle.
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -101,16 +102,16 @@ def test_the_rules_catch_what_they_forbid(tmp_path):
     assert {"study.config", "torch.nn"} <= imports_of(source)
 
 
+def test_the_sweep_cli_loads_without_torch():
+    """The driver never trains: `--help`, a dry run and a refused flag answer without torch's
+    two-second import (a running study's driver still loads it, with the trainable and Tune's
+    TensorBoard logger)."""
+    code = "import sys, study.sweep; print(sorted({'torch', 'torchvision'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 if __name__ == "__main__":
     for module, deps in import_graph().items():
         print(f"{module:<26} -> {', '.join(sorted(deps)) or '(none)'}")
 
-
-def test_the_sweep_cli_loads_without_torch():
-    """The driver never trains: `--help`, a dry run and a refused flag answer without torch's
-    two-second import (it comes with the trainable, when trials are started)."""
-    import subprocess
-
-    code = "import sys, study.sweep; print(sorted({'torch', 'torchvision'} & set(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]", out.stdout
